@@ -1,0 +1,192 @@
+"""Call latency and throughput: atoll next to a raw pyzmq floor, in one run.
+
+    python benchmarks/bench_calls.py [--calls N] [--rounds R]
+
+Rows:
+  zmq floor, blocking   DEALER/ROUTER round trip, blocking pyzmq both ends
+  zmq floor, anyio/X    same echo server; client on atoll's AnyIO socket
+  atoll no-op, X        ``await ref.noop()`` through a real actor process
+  atoll 100 in flight   calls/s with 100 concurrent callers on one ref
+
+Each latency row is the median (and p99) of per-call times, best median over
+``--rounds`` rounds so that a noisy neighbour inflates fewer numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import anyio
+import zmq
+
+import atoll
+from atoll.transport import AsyncSocket
+
+
+def _echo_server(endpoint: str, ready: Any) -> None:
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.ROUTER)
+    sock.bind(endpoint)
+    ready.set()
+    while True:
+        frames = sock.recv_multipart()
+        if frames[1] == b"stop":
+            break
+        sock.send_multipart(frames)
+    sock.close(linger=0)
+    ctx.term()
+
+
+class EchoServer:
+    """A blocking pyzmq ROUTER echo in its own process: the floor's far end."""
+
+    def __init__(self, endpoint: str) -> None:
+        self.endpoint = endpoint
+        mp = multiprocessing.get_context("spawn")
+        ready = mp.Event()
+        self.proc = mp.Process(target=_echo_server, args=(endpoint, ready), daemon=True)
+        self.proc.start()
+        ready.wait(10)
+
+    def stop(self) -> None:
+        ctx = zmq.Context.instance()
+        s = ctx.socket(zmq.DEALER)
+        s.connect(self.endpoint)
+        s.send(b"stop")
+        self.proc.join(5)
+        s.close(linger=0)
+
+
+def _summary(samples: list[float]) -> tuple[float, float]:
+    samples = sorted(samples)
+    return statistics.median(samples), samples[int(len(samples) * 0.99) - 1]
+
+
+def raw_blocking(endpoint: str, n: int) -> list[float]:
+    ctx = zmq.Context.instance()
+    s = ctx.socket(zmq.DEALER)
+    s.connect(endpoint)
+    for _ in range(200):
+        s.send(b"x")
+        s.recv()
+    out = []
+    clock = time.perf_counter
+    for _ in range(n):
+        t = clock()
+        s.send(b"x")
+        s.recv()
+        out.append(clock() - t)
+    s.close(linger=0)
+    return out
+
+
+async def raw_anyio(endpoint: str, n: int) -> list[float]:
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.DEALER)
+    sock.connect(endpoint)
+    s = AsyncSocket(sock)
+    got = anyio.Event()
+
+    def on_message(frames: list[zmq.Frame]) -> None:
+        got.set()
+
+    out = []
+    clock = time.perf_counter
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(s.serve, on_message)
+        for i in range(n + 200):
+            t = clock()
+            s.send([b"x"])
+            await got.wait()
+            got = anyio.Event()
+            if i >= 200:
+                out.append(clock() - t)
+        tg.cancel_scope.cancel()
+    s.close()
+    return out
+
+
+class Noop(atoll.Actor):
+    async def noop(self) -> None:
+        return None
+
+
+async def atoll_latency(n: int) -> list[float]:
+    async with atoll.open_host() as host:
+        ref = await host.spawn(Noop)
+        for _ in range(200):
+            await ref.noop()
+        out = []
+        clock = time.perf_counter
+        for _ in range(n):
+            t = clock()
+            await ref.noop()
+            out.append(clock() - t)
+        return out
+
+
+async def atoll_throughput(n: int, in_flight: int = 100) -> float:
+    async with atoll.open_host() as host:
+        ref = await host.spawn(Noop)
+        per_task = n // in_flight
+
+        async def worker() -> None:
+            for _ in range(per_task):
+                await ref.noop()
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(in_flight):
+                tg.start_soon(worker)  # warm-up
+        t = time.perf_counter()
+        async with anyio.create_task_group() as tg:
+            for _ in range(in_flight):
+                tg.start_soon(worker)
+        return per_task * in_flight / (time.perf_counter() - t)
+
+
+def best_of(rounds: int, fn: Callable[[], list[float]]) -> tuple[float, float]:
+    return min((_summary(fn()) for _ in range(rounds)), key=lambda r: r[0])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--calls", type=int, default=5000)
+    parser.add_argument("--rounds", type=int, default=3)
+    opts = parser.parse_args()
+    n, rounds = opts.calls, opts.rounds
+
+    endpoint = f"ipc:///tmp/atoll-bench-echo-{os.getpid()}"
+    server = EchoServer(endpoint)
+    rows: list[tuple[str, float, float]] = []
+    try:
+        floor, p99 = best_of(rounds, lambda: raw_blocking(endpoint, n))
+        rows.append(("zmq floor, blocking", floor, p99))
+        for backend in ("asyncio", "trio"):
+            med, p99 = best_of(
+                rounds, lambda b=backend: anyio.run(raw_anyio, endpoint, n, backend=b)
+            )
+            rows.append((f"zmq floor, atoll AsyncSocket/{backend}", med, p99))
+    finally:
+        server.stop()
+    for backend in ("asyncio", "trio"):
+        med, p99 = best_of(rounds, lambda b=backend: anyio.run(atoll_latency, n, backend=b))
+        rows.append((f"atoll no-op call, {backend}", med, p99))
+
+    print(f"python {sys.version.split()[0]}, pyzmq {zmq.__version__}, libzmq {zmq.zmq_version()}")
+    print(f"{'':42} {'median':>10} {'p99':>10} {'x floor':>8}")
+    for label, med, p99 in rows:
+        print(f"{label:42} {med * 1e6:8.1f}us {p99 * 1e6:8.1f}us {med / floor:8.2f}")
+    for backend in ("asyncio", "trio"):
+        rate = max(anyio.run(atoll_throughput, n * 4, backend=backend) for _ in range(rounds))
+        print(f"{'atoll 100 calls in flight, ' + backend:42} {rate:10,.0f} calls/s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,118 @@
+"""The whole atoll exception hierarchy.
+
+Every error atoll raises derives from :class:`AtollError`. The split follows
+whose fault it is: a *closed* actor or host is one your own code shut down
+(:class:`ActorClosedError`); a *dead* actor is one that went away on its own
+(:class:`ActorDiedError`); a *remote* error is one the actor's code raised
+(:class:`RemoteError`, when its type cannot be rebuilt here).
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ActorClosedError",
+    "ActorDiedError",
+    "AtollError",
+    "ProtocolError",
+    "RemoteError",
+    "RemoteTraceback",
+    "SerializationError",
+    "SpawnError",
+    "TransportError",
+]
+
+
+class AtollError(Exception):
+    """Base class of every error atoll raises."""
+
+
+class RemoteTraceback(Exception):
+    """Carries the traceback text of an exception raised in another process.
+
+    It is attached as ``__cause__`` of a re-raised remote exception, so the
+    remote frames print after the local ones.
+    """
+
+    def __init__(self, text: str) -> None:
+        super().__init__(text)
+        self.text = text
+
+    def __str__(self) -> str:
+        return "\n" + self.text
+
+
+class RemoteError(AtollError):
+    """An actor raised an exception whose type cannot be rebuilt in this process.
+
+    The original type's qualified name, its message, the remote traceback text
+    and the actor's name are kept as attributes.
+    """
+
+    def __init__(self, type_name: str, message: str, traceback: str, actor: str) -> None:
+        super().__init__(f"{type_name}: {message} (raised in actor {actor!r})")
+        self.type_name = type_name
+        self.message = message
+        self.remote_traceback = traceback
+        self.actor = actor
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (self.type_name, self.message, self.remote_traceback, self.actor))
+
+
+class ActorDiedError(AtollError):
+    """The actor's process ended without being asked to.
+
+    ``exitcode`` is the process's exit status (negative: the signal that
+    killed it) and ``stderr_tail`` the last lines it wrote to stderr.
+    """
+
+    def __init__(
+        self, actor: str, exitcode: int | None = None, stderr_tail: str = "", detail: str = ""
+    ) -> None:
+        if exitcode is None:
+            how = "is gone"
+        elif exitcode < 0:
+            how = f"was killed by signal {-exitcode}"
+        else:
+            how = f"exited with code {exitcode}"
+        text = f"actor {actor!r} {how}{': ' + detail if detail else ''}"
+        if stderr_tail:
+            text += "\nlast lines of its stderr:\n" + stderr_tail
+        super().__init__(text)
+        self.actor = actor
+        self.exitcode = exitcode
+        self.stderr_tail = stderr_tail
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_rebuild_died, (self.actor, self.exitcode, self.stderr_tail, str(self)))
+
+
+def _rebuild_died(actor: str, exitcode: int | None, tail: str, text: str) -> ActorDiedError:
+    err = ActorDiedError(actor, exitcode, tail)
+    err.args = (text,)
+    return err
+
+
+class ActorClosedError(AtollError):
+    """The actor, or the host that owns it, was closed by this program.
+
+    Raised for calls made after ``stop()`` or after leaving ``open_host()``, and
+    for calls that were still in flight when that happened.
+    """
+
+
+class SpawnError(AtollError):
+    """An actor could not be started: its class failed to import or its
+    constructor raised. The underlying error is the ``__cause__``."""
+
+
+class SerializationError(AtollError):
+    """A value could not be pickled for sending, or unpickled on arrival."""
+
+
+class ProtocolError(AtollError):
+    """A peer broke the wire protocol (malformed frames, wrong version)."""
+
+
+class TransportError(AtollError):
+    """The ZeroMQ transport failed underneath atoll; details in ``__cause__``."""

@@ -1,0 +1,129 @@
+"""Entry point of an actor process: ``python -m atoll.actors._child``.
+
+The host writes one JSON line to our stdin (hub endpoint, identity, the
+per-spawn secret, sys.path) and keeps the pipe open. EOF on stdin means the
+host is gone, and we exit at once: no orphans, whatever killed the host.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from typing import Any
+
+import anyio
+import zmq
+
+from .._errors import ActorClosedError
+from ..transport import _messages as m
+from ..transport._codec import Codec
+from ..transport._hub import HOST, remove_hub_dir
+from ..transport._socket import AsyncSocket
+from ._errors_wire import pack_error
+from ._node import Node
+from ._ref import ACTOR_OID
+
+_STOP_HOOK_TIMEOUT = 5.0
+
+
+def _read_boot() -> dict[str, Any]:
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = os.read(0, 65536)
+        if not chunk:
+            sys.exit(0)  # the host went away before telling us anything
+        data += chunk
+    boot: dict[str, Any] = json.loads(data)
+    return boot
+
+
+class _Child:
+    def __init__(self, boot: dict[str, Any]) -> None:
+        self.boot = boot
+        self.name: str = boot["name"]
+        self.ctx: zmq.Context[Any] = zmq.Context()
+        sock = self.ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.IDENTITY, boot["identity"].encode())
+        sock.connect(boot["hub"])
+        self.socket = AsyncSocket(sock)
+        self.node = Node(boot["identity"].encode(), boot["node"], self.name, self._transmit)
+        self.stop = anyio.Event()
+        self.node.on_bye = self.stop.set
+        self.actor: Any = None
+
+    def _transmit(self, dest: bytes, frames: Any) -> None:
+        self.socket.send([dest, *frames])
+
+    def _on_message(self, frames: list[zmq.Frame]) -> None:
+        if len(frames) < 2:
+            self.node.dropped["malformed"] += 1
+            return
+        src = frames[0].bytes
+        if self.actor is None and src == HOST:
+            try:
+                msg = m.decode(frames[1])
+            except m.DecodeError:
+                self.node.dropped["malformed"] += 1
+                return
+            if type(msg) is m.Init:
+                self.tg.start_soon(self._init, msg, frames[2:])
+                return
+        self.node.on_message(src, frames[1:])
+
+    async def _init(self, msg: m.Init, buffers: list[zmq.Frame]) -> None:
+        reply: m.Result | m.Error
+        try:
+            cls_bytes, args, kwargs = self.node._load(msg.payload, buffers, "actor arguments")
+            cls = Codec.loads(cls_bytes, [], "actor class")
+            actor = cls(*args, **kwargs)
+            await actor.on_start()
+        except Exception as exc:
+            reply = m.Error(msg.call_id, pack_error(exc, self.name))
+        else:
+            self.actor = actor
+            self.node.export(actor, self.name, oid=ACTOR_OID, actor=True)
+            reply = m.Result(msg.call_id, Codec().dumps(None)[0])
+        self.socket.send([HOST, m.encode(reply)])
+
+    async def _watch_host(self) -> None:
+        while True:
+            await anyio.wait_readable(0)
+            if not os.read(0, 4096):
+                # The host died without saying goodbye: nobody is left to
+                # answer, so leave at once, whatever the actor is doing, and
+                # take the host's private directory along.
+                remove_hub_dir(self.boot["hub"])
+                os._exit(0)
+
+    async def run(self) -> None:
+        async with anyio.create_task_group() as tg:
+            self.tg = tg
+            self.node.start(tg)
+            tg.start_soon(self.socket.serve, self._on_message)
+            tg.start_soon(self._watch_host)
+            hello = m.Hello(bytes.fromhex(self.boot["secret"]), os.getpid(), m.WIRE_VERSION)
+            self.socket.send([HOST, m.encode(hello)])
+            await self.stop.wait()
+            self.node.close(lambda: ActorClosedError(f"actor {self.name!r} is stopping"))
+            if self.actor is not None:
+                with anyio.move_on_after(_STOP_HOOK_TIMEOUT):
+                    await self.actor.on_stop()
+            tg.cancel_scope.cancel()
+        self.socket.close()
+        self.ctx.term()
+
+
+def main() -> None:
+    # Ctrl-C in a terminal reaches the whole process group; the host decides
+    # when actors stop, so the signal is the host's to handle, not ours.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    boot = _read_boot()
+    wanted: list[str] = boot["sys_path"]
+    sys.path[:] = wanted + [p for p in sys.path if p not in wanted]
+    anyio.run(_Child(boot).run, backend="asyncio")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,41 @@
+"""Exceptions across the wire: raised remotely, re-raised here as their own type."""
+
+from __future__ import annotations
+
+import pickle
+import traceback
+
+from .._errors import RemoteError, RemoteTraceback
+
+
+def pack_error(exc: BaseException, actor: str) -> bytes:
+    """Serialize ``exc`` with its traceback text and the name of the actor."""
+    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    try:
+        exc_bytes: bytes | None = pickle.dumps(exc, protocol=5)
+    except Exception:
+        exc_bytes = None
+    type_name = f"{type(exc).__module__}.{type(exc).__qualname__}"
+    return pickle.dumps((exc_bytes, type_name, str(exc), text, actor), protocol=5)
+
+
+def unpack_error(payload: bytes) -> Exception:
+    """Rebuild the exception packed by :func:`pack_error`.
+
+    It comes back as its own type when that type can be unpickled here,
+    otherwise as :class:`RemoteError`. Either way the remote traceback is the
+    ``__cause__`` and a note names the actor.
+    """
+    exc_bytes, type_name, message, text, actor = pickle.loads(payload)
+    exc: object = None
+    if exc_bytes is not None:
+        try:
+            exc = pickle.loads(exc_bytes)
+        except Exception:
+            exc = None
+    if not isinstance(exc, Exception):
+        exc = RemoteError(type_name, message, text, actor)
+    exc.__cause__ = RemoteTraceback(text)
+    if hasattr(exc, "add_note"):
+        exc.add_note(f"(raised in actor {actor!r})")
+    return exc

@@ -1,0 +1,688 @@
+"""The RPC engine of one process, shared by the host and every actor process.
+
+A :class:`Node` makes calls (to a peer identity and an object id there) and
+serves calls to the objects it exports: the actor itself (object 0 in an actor
+process) and callables passed along as callbacks. It knows nothing about
+sockets: it is given a ``transmit(dest, frames)`` function and fed incoming
+messages through :meth:`Node.on_message`.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import threading
+import types
+import weakref
+from collections import Counter, deque
+from collections.abc import Callable, Sequence
+from contextlib import aclosing
+from contextvars import ContextVar
+from typing import Any
+
+import anyio
+import anyio.from_thread
+import anyio.lowlevel
+import zmq
+from anyio.abc import TaskGroup
+
+from .._errors import ActorClosedError, AtollError, SerializationError, TransportError
+from ..transport import _messages as m
+from ..transport._codec import Codec, prepare, prepare_args
+from ._actor import Kind, kind_of
+from ._errors_wire import pack_error, unpack_error
+from ._turns import TurnGate
+
+STREAM_WINDOW = 16
+"""Stream items a producer may send ahead of the consumer."""
+
+_EXPORT_WEIGHT = 1 << 20
+"""Reference weight handed out with each export (weighted reference counting:
+a proxy forwarded to a third process splits its weight, with no message to
+the owner, and the owner frees the object when all weight has come back)."""
+
+CallContext = tuple[int, int]
+"""``(call_id, chain)`` of the call a task is serving."""
+
+current_call: ContextVar[CallContext | None] = ContextVar("atoll_current_call", default=None)
+_loading: ContextVar[Node] = ContextVar("atoll_loading_node")
+
+ExcFactory = Callable[[], Exception]
+
+
+class _Pending:
+    __slots__ = ("dest", "error", "event", "frames", "header")
+
+    def __init__(self, dest: bytes) -> None:
+        self.dest = dest
+        self.event = anyio.Event()
+        self.header: m.Result | m.Error | None = None
+        self.frames: list[zmq.Frame] = []
+        self.error: Exception | None = None
+
+    def fail(self, exc: Exception) -> None:
+        self.error = exc
+        self.event.set()
+
+
+class _StreamIn:
+    """Caller side of a stream: items received and not yet consumed."""
+
+    __slots__ = ("consumed", "dest", "done", "error", "event", "items")
+
+    def __init__(self, dest: bytes) -> None:
+        self.dest = dest
+        self.items: deque[tuple[m.StreamItem, list[zmq.Frame]]] = deque()
+        self.event: anyio.Event | None = None
+        self.done = False
+        self.error: Exception | None = None
+        self.consumed = 0
+
+    def wake(self) -> None:
+        if self.event is not None:
+            self.event.set()
+
+    def fail(self, exc: Exception) -> None:
+        self.error = exc
+        self.done = True
+        self.wake()
+
+
+class _StreamOut:
+    """Producer side of a stream: credit left to send."""
+
+    __slots__ = ("credit", "event")
+
+    def __init__(self, credit: int) -> None:
+        self.credit = credit
+        self.event: anyio.Event | None = None
+
+
+class _Export:
+    __slots__ = ("gate", "kind", "kinds", "name", "obj", "weight")
+
+    def __init__(
+        self, obj: Any, name: str, kinds: dict[str, Kind] | None, gate: TurnGate | None
+    ) -> None:
+        self.obj = obj
+        self.name = name
+        self.kinds = kinds
+        self.kind = kind_of(obj) if kinds is None else Kind.ASYNC
+        self.gate = gate
+        self.weight = 0
+
+
+class Node:
+    """Calls out, serves calls in, for one process."""
+
+    def __init__(
+        self,
+        identity: bytes,
+        node_no: int,
+        name: str,
+        transmit: Callable[[bytes, Sequence[Any]], None],
+    ) -> None:
+        self.identity = identity
+        self.name = name
+        self._transmit = transmit
+        self._next_id = itertools.count((node_no << 40) + 1).__next__
+        self._next_oid = itertools.count(1).__next__
+        self._pending: dict[int, _Pending | _StreamIn] = {}
+        self._running: dict[tuple[bytes, int], anyio.CancelScope] = {}
+        self._streams_out: dict[tuple[bytes, int], _StreamOut] = {}
+        self._exports: dict[int, _Export] = {}
+        self._export_keys: dict[Any, int] = {}
+        self._proxies: weakref.WeakValueDictionary[tuple[bytes, int], RemoteCallable] = (
+            weakref.WeakValueDictionary()
+        )
+        self._deferred: deque[tuple[bytes, list[bytes]]] = deque()
+        self._gone: dict[bytes, ExcFactory] = {}
+        self._closed: ExcFactory | None = None
+        self._tg: TaskGroup | None = None
+        self._token: anyio.lowlevel.EventLoopToken | None = None
+        self._loop_thread = 0
+        self.peer_names: dict[bytes, str] = {}
+        self.dropped: Counter[str] = Counter()
+        self.on_bye: Callable[[], None] | None = None
+        self.codec = Codec(self._reduce)
+
+    # -- lifecycle ---------------------------------------------------------
+
+    def start(self, tg: TaskGroup) -> None:
+        """Serve incoming calls as tasks of ``tg``, on the current event loop."""
+        self._tg = tg
+        self._token = anyio.lowlevel.current_token()
+        self._loop_thread = threading.get_ident()
+
+    def export(self, obj: Any, name: str, *, oid: int | None = None, actor: bool = False) -> int:
+        """Make ``obj`` callable by peers; an actor gets turns and a method table."""
+        from ._actor import method_kinds
+
+        if oid is None:
+            oid = self._next_oid()
+        kinds = method_kinds(type(obj)) if actor else None
+        gate = TurnGate(getattr(obj, "max_concurrency", 1)) if actor else None
+        self._exports[oid] = _Export(obj, name, kinds, gate)
+        return oid
+
+    def close(self, make_exc: ExcFactory) -> None:
+        """Fail every pending call and stream with ``make_exc()``; refuse new ones."""
+        self._closed = make_exc
+        pending, self._pending = self._pending, {}
+        for p in pending.values():
+            p.fail(make_exc())
+        for scope in self._running.values():
+            scope.cancel()
+
+    def peer_gone(self, peer: bytes, make_exc: ExcFactory) -> None:
+        """``peer`` is gone: fail what waits on it, cancel what it asked for."""
+        self._gone[peer] = make_exc
+        for call_id, p in list(self._pending.items()):
+            if p.dest == peer:
+                del self._pending[call_id]
+                p.fail(make_exc())
+        for (src, _), scope in list(self._running.items()):
+            if src == peer:
+                scope.cancel()
+
+    def check_open(self, dest: bytes) -> None:
+        if self._closed is not None:
+            raise self._closed()
+        gone = self._gone.get(dest)
+        if gone is not None:
+            raise gone()
+
+    # -- outgoing calls ----------------------------------------------------
+
+    def invoke(
+        self, dest: bytes, target: int, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        """A call as the caller's thread needs it: a coroutine on the event
+        loop's thread, the result itself (blocking) on any other thread."""
+        if threading.get_ident() == self._loop_thread:
+            return self.call(dest, target, method, args, kwargs)
+        return anyio.from_thread.run(
+            self._call_from_thread,
+            dest,
+            target,
+            method,
+            args,
+            kwargs,
+            current_call.get(),
+            token=self._token,
+        )
+
+    async def _call_from_thread(
+        self,
+        dest: bytes,
+        target: int,
+        method: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        ctx: CallContext | None,
+    ) -> Any:
+        current_call.set(ctx)
+        return await self.call(dest, target, method, args, kwargs)
+
+    async def call(
+        self, dest: bytes, target: int, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        """Call ``method`` of object ``target`` in peer ``dest`` and return its result."""
+        if self._closed is not None or dest in self._gone:
+            self.check_open(dest)
+        if self._deferred:
+            self._flush_deferred()
+        call_id = self._next_id()
+        ctx = current_call.get()
+        parent, chain = (0, call_id) if ctx is None else ctx
+        payload, buffers = self.codec.dumps(
+            prepare_args(args, kwargs, self.mark), f"arguments of {method}()"
+        )
+        header = m.encode(m.Call(call_id, parent, chain, target, method, payload))
+        pending = _Pending(dest)
+        self._pending[call_id] = pending
+        try:
+            self._transmit(dest, [header, *buffers])
+        except TransportError:
+            del self._pending[call_id]
+            self.check_open(dest)
+            raise
+        try:
+            await pending.event.wait()
+        except BaseException:
+            if self._pending.pop(call_id, None) is not None:
+                self._send_quietly(dest, [m.encode(m.Cancel(call_id))])
+            raise
+        if pending.error is not None:
+            raise pending.error
+        reply = pending.header
+        if type(reply) is m.Result:
+            return self._load(reply.payload, pending.frames, f"result of {method}()")
+        assert reply is not None
+        raise unpack_error(reply.payload)
+
+    def stream(
+        self,
+        dest: bytes,
+        target: int,
+        method: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        window: int = STREAM_WINDOW,
+    ) -> Any:
+        """Iterate the items that an async-generator method yields: an async
+        iterator on the event loop's thread, a blocking one on other threads."""
+        stream = RemoteStream(self, dest, target, method, args, kwargs, window)
+        if threading.get_ident() == self._loop_thread:
+            return stream
+        return _BlockingStream(stream, self._token)
+
+    def _load(self, payload: bytes, frames: Sequence[Any], what: str) -> Any:
+        token = _loading.set(self)
+        try:
+            return self.codec.loads(payload, frames, what)
+        finally:
+            _loading.reset(token)
+
+    def _send_quietly(self, dest: bytes, frames: Sequence[Any]) -> None:
+        """Send a message whose loss only matters to a peer that is gone."""
+        try:
+            self._transmit(dest, frames)
+        except TransportError:
+            pass
+
+    def _flush_deferred(self) -> None:
+        deferred = self._deferred
+        while deferred:
+            dest, frames = deferred.popleft()
+            if dest not in self._gone:
+                self._send_quietly(dest, frames)
+
+    def defer(self, dest: bytes, frames: list[bytes]) -> None:
+        """Queue a message from any thread (a finalizer); sent with the next traffic."""
+        self._deferred.append((dest, frames))
+
+    # -- incoming messages -------------------------------------------------
+
+    def on_message(self, src: bytes, frames: list[zmq.Frame]) -> None:
+        """Handle one message from ``src``: ``[header, *buffers]``."""
+        try:
+            msg = m.decode(frames[0])
+        except m.DecodeError:
+            self.dropped["malformed"] += 1
+            return
+        kind = type(msg)
+        if kind is m.Result or kind is m.Error:
+            self._on_reply(msg, frames)  # type: ignore[arg-type]
+        elif kind is m.Call:
+            self._on_call(src, msg, frames)  # type: ignore[arg-type]
+        elif kind is m.StreamItem:
+            stream = self._pending.get(msg.call_id)  # type: ignore[union-attr]
+            if type(stream) is _StreamIn:
+                stream.items.append((msg, frames[1:]))  # type: ignore[arg-type]
+                stream.wake()
+        elif kind is m.StreamEnd:
+            stream = self._pending.pop(msg.call_id, None)  # type: ignore[union-attr]
+            if type(stream) is _StreamIn:
+                stream.done = True
+                stream.wake()
+        elif kind is m.Credit:
+            out = self._streams_out.get((src, msg.call_id))  # type: ignore[union-attr]
+            if out is not None:
+                out.credit += msg.n  # type: ignore[union-attr]
+                if out.event is not None:
+                    out.event.set()
+        elif kind is m.Cancel:
+            scope = self._running.get((src, msg.call_id))  # type: ignore[union-attr]
+            if scope is not None:
+                scope.cancel()
+        elif kind is m.Release:
+            self._release(msg.oid, msg.count)  # type: ignore[union-attr]
+        elif kind is m.Died:
+            exc = unpack_error(msg.payload)  # type: ignore[union-attr]
+            self.peer_gone(msg.actor, lambda: _fresh(exc))  # type: ignore[union-attr]
+        elif kind is m.Bye and self.on_bye is not None:
+            self.on_bye()
+        else:
+            self.dropped["unexpected"] += 1
+        if self._deferred:
+            self._flush_deferred()
+
+    def _on_reply(self, msg: m.Result | m.Error, frames: list[zmq.Frame]) -> None:
+        pending = self._pending.pop(msg.call_id, None)
+        if pending is None:
+            return  # the caller gave up (cancelled) before the reply came
+        if type(pending) is _Pending:
+            pending.header = msg
+            pending.frames = frames[1:]
+            pending.event.set()
+        elif type(msg) is m.Error:
+            pending.fail(unpack_error(msg.payload))
+
+    def _on_call(self, src: bytes, msg: m.Call, frames: list[zmq.Frame]) -> None:
+        export = self._exports.get(msg.target)
+        if export is None or self._tg is None:
+            exc = ActorClosedError(
+                f"{self.name!r} has no object #{msg.target} (it was stopped or released)"
+            )
+            self._send_quietly(src, [m.encode(m.Error(msg.call_id, pack_error(exc, self.name)))])
+            return
+        self._tg.start_soon(self._serve_call, src, msg, frames, export)
+
+    async def _serve_call(
+        self, src: bytes, msg: m.Call, frames: list[zmq.Frame], export: _Export
+    ) -> None:
+        key = (src, msg.call_id)
+        gate = export.gate
+        with anyio.CancelScope() as scope:
+            self._running[key] = scope
+            try:
+                if gate is not None and not gate.try_enter(msg.chain):
+                    await gate.enter(msg.chain)
+                try:
+                    current_call.set((msg.call_id, msg.chain))
+                    result = await self._invoke(src, export, msg, frames)
+                finally:
+                    if gate is not None:
+                        gate.leave(msg.chain)
+            except Exception as exc:
+                self._send_quietly(
+                    src, [m.encode(m.Error(msg.call_id, pack_error(exc, export.name)))]
+                )
+            else:
+                if not msg.credit:
+                    self._reply(src, msg.call_id, result, export.name)
+            finally:
+                del self._running[key]
+
+    async def _invoke(
+        self, src: bytes, export: _Export, msg: m.Call, frames: list[zmq.Frame]
+    ) -> Any:
+        method = msg.method
+        if export.kinds is None:
+            fn, kind = export.obj, export.kind
+        else:
+            kind = export.kinds.get(method)  # type: ignore[assignment]
+            if kind is None:
+                raise AttributeError(
+                    f"actor {export.name!r} ({type(export.obj).__qualname__}) has no public "
+                    f"method {method!r}"
+                )
+            fn = getattr(export.obj, method)
+        args, kwargs = self._load(msg.payload, frames[1:], f"arguments of {method}()")
+        if msg.credit:
+            if kind is not Kind.STREAM:
+                raise TypeError(f"{method}() is not an async generator: await it, do not iterate")
+            await self._produce(src, msg, fn(*args, **kwargs))
+            return None
+        if kind is Kind.ASYNC:
+            return await fn(*args, **kwargs)
+        if kind is Kind.SYNC:
+            return await anyio.to_thread.run_sync(functools.partial(fn, *args, **kwargs))
+        raise TypeError(f"{method}() is an async generator: iterate it with `async for`")
+
+    def _reply(self, dest: bytes, call_id: int, result: Any, name: str) -> None:
+        try:
+            payload, buffers = self.codec.dumps(prepare(result, self.mark), "result")
+        except SerializationError as exc:
+            self._send_quietly(dest, [m.encode(m.Error(call_id, pack_error(exc, name)))])
+            return
+        self._send_quietly(dest, [m.encode(m.Result(call_id, payload)), *buffers])
+
+    async def _produce(self, dest: bytes, msg: m.Call, agen: Any) -> None:
+        key = (dest, msg.call_id)
+        out = _StreamOut(msg.credit)
+        self._streams_out[key] = out
+        try:
+            async with aclosing(agen):
+                async for item in agen:
+                    while out.credit <= 0:
+                        out.event = anyio.Event()
+                        await out.event.wait()
+                    out.credit -= 1
+                    payload, buffers = self.codec.dumps(prepare(item, self.mark), "stream item")
+                    self._transmit(dest, [m.encode(m.StreamItem(msg.call_id, payload)), *buffers])
+            self._transmit(dest, [m.encode(m.StreamEnd(msg.call_id))])
+        finally:
+            del self._streams_out[key]
+
+    # -- callbacks: exported callables and their proxies -------------------
+
+    def mark(self, value: Any) -> Any:
+        """Mark a callable sent as an argument or result: it becomes a callback."""
+        t = type(value)
+        if (
+            t is types.FunctionType
+            or t is types.MethodType
+            or (t is types.BuiltinMethodType and not isinstance(value.__self__, types.ModuleType))
+        ):
+            return _Callback(value)
+        return value
+
+    def _reduce(self, obj: Any) -> Any:
+        t = type(obj)
+        if t is _Callback:
+            return self._export_callable(obj.fn)
+        if t is RemoteCallable:
+            return obj._forward()
+        return NotImplemented
+
+    def _export_callable(self, fn: Any) -> tuple[Any, ...]:
+        try:
+            key: Any = fn
+            oid = self._export_keys.get(key)
+        except TypeError:  # a bound method of an unhashable object
+            key = ("id", id(fn))
+            oid = self._export_keys.get(key)
+        if oid is None:
+            oid = self.export(fn, getattr(fn, "__qualname__", repr(fn)))
+            self._export_keys[key] = oid
+        export = self._exports[oid]
+        export.weight += _EXPORT_WEIGHT
+        return (_rebuild_callable, (self.identity, oid, _EXPORT_WEIGHT, export.name, export.kind))
+
+    def _release(self, oid: int, weight: int) -> None:
+        export = self._exports.get(oid)
+        if export is None or export.kinds is not None:
+            return
+        export.weight -= weight
+        if export.weight <= 0:
+            del self._exports[oid]
+            for key, value in list(self._export_keys.items()):
+                if value == oid:
+                    del self._export_keys[key]
+
+
+class _Callback:
+    """A callable marked to be sent by reference to its owner."""
+
+    __slots__ = ("fn",)
+
+    def __init__(self, fn: Any) -> None:
+        self.fn = fn
+
+
+def _fresh(exc: Exception) -> Exception:
+    """A new exception like ``exc``, so concurrent raisers never share one."""
+    new = type(exc).__new__(type(exc))
+    new.__dict__.update(exc.__dict__)
+    new.args = exc.args
+    return new
+
+
+class RemoteCallable:
+    """A callable that lives in another process; calling it runs it there.
+
+    On the event loop's thread a call returns an awaitable; on any other thread
+    (inside a sync actor method, say) it blocks and returns the result.
+    """
+
+    __slots__ = ("__weakref__", "_kind", "_name", "_node", "_oid", "_owner", "_weight")
+
+    def __init__(
+        self, node: Node, owner: bytes, oid: int, weight: int, name: str, kind: Kind
+    ) -> None:
+        self._node = node
+        self._owner = owner
+        self._oid = oid
+        self._weight = weight
+        self._name = name
+        self._kind = kind
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self._kind is Kind.STREAM:
+            return self._node.stream(self._owner, self._oid, "__call__", args, kwargs)
+        return self._node.invoke(self._owner, self._oid, "__call__", args, kwargs)
+
+    def __repr__(self) -> str:
+        owner = self._node.peer_names.get(self._owner, self._owner.decode(errors="replace"))
+        return f"<remote callable {self._name} in {owner!r}>"
+
+    def _forward(self) -> tuple[Any, ...]:
+        give = self._weight // 2
+        self._weight -= give
+        return (_rebuild_callable, (self._owner, self._oid, give, self._name, self._kind))
+
+    def __del__(self) -> None:
+        if self._weight:
+            self._node.defer(self._owner, [m.encode(m.Release(self._oid, self._weight))])
+
+
+def _rebuild_callable(owner: bytes, oid: int, weight: int, name: str, kind: Kind) -> Any:
+    node = _loading.get()
+    if owner == node.identity:
+        export = node._exports.get(oid)
+        if export is None:
+            raise AtollError(f"callback {name} was sent back to {node.name!r}, which released it")
+        node._release(oid, weight)
+        return export.obj
+    proxy = node._proxies.get((owner, oid))
+    if proxy is None:
+        proxy = RemoteCallable(node, owner, oid, weight, name, kind)
+        node._proxies[(owner, oid)] = proxy
+    else:
+        proxy._weight += weight
+    return proxy
+
+
+class RemoteStream:
+    """Async iterator over the items a remote async generator yields.
+
+    Backpressure is by credit: the producer may run ``window`` items ahead;
+    the consumer grants more as it takes items. Leaving the loop early (or
+    ``aclose()``) cancels the producer.
+    """
+
+    def __init__(
+        self,
+        node: Node,
+        dest: bytes,
+        target: int,
+        method: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        window: int,
+    ) -> None:
+        if window < 2:
+            raise ValueError(f"stream window must be at least 2, got {window}")
+        self._node = node
+        self._dest = dest
+        self._request = (target, method, args, kwargs)
+        self._window = window
+        self._call_id = 0
+        self._state: _StreamIn | None = None
+
+    def __aiter__(self) -> RemoteStream:
+        return self
+
+    def __await__(self) -> Any:
+        raise TypeError(
+            f"{self._request[1]}() is an async generator method: iterate it with "
+            "`async for`, do not await it"
+        )
+
+    def _open(self) -> _StreamIn:
+        node = self._node
+        node.check_open(self._dest)
+        target, method, args, kwargs = self._request
+        call_id = node._next_id()
+        ctx = current_call.get()
+        parent, chain = (0, call_id) if ctx is None else ctx
+        payload, buffers = node.codec.dumps(
+            prepare_args(args, kwargs, node.mark), f"arguments of {method}()"
+        )
+        header = m.encode(m.Call(call_id, parent, chain, target, method, payload, self._window))
+        state = _StreamIn(self._dest)
+        node._pending[call_id] = state
+        self._call_id = call_id
+        self._state = state
+        try:
+            node._transmit(self._dest, [header, *buffers])
+        except TransportError:
+            del node._pending[call_id]
+            node.check_open(self._dest)
+            raise
+        return state
+
+    async def __anext__(self) -> Any:
+        state = self._state
+        if state is None:
+            state = self._open()
+        while not state.items:
+            if state.done:
+                if state.error is not None:
+                    raise state.error
+                raise StopAsyncIteration
+            state.event = anyio.Event()
+            try:
+                await state.event.wait()
+            except BaseException:
+                self._abort()
+                raise
+        item, frames = state.items.popleft()
+        state.consumed += 1
+        if state.consumed * 2 >= self._window and not state.done:
+            self._node._send_quietly(
+                self._dest, [m.encode(m.Credit(self._call_id, state.consumed))]
+            )
+            state.consumed = 0
+        return self._node._load(item.payload, frames, f"item of {self._request[1]}()")
+
+    def _abort(self) -> None:
+        state = self._state
+        if state is not None and not state.done:
+            state.done = True
+            if self._node._pending.pop(self._call_id, None) is not None:
+                self._node._send_quietly(self._dest, [m.encode(m.Cancel(self._call_id))])
+
+    async def aclose(self) -> None:
+        """Stop the stream; the producer's generator is closed in its process."""
+        self._abort()
+        await anyio.lowlevel.checkpoint()
+
+    def __del__(self) -> None:
+        state = self._state
+        if state is not None and not state.done:
+            state.done = True
+            self._node._pending.pop(self._call_id, None)
+            self._node.defer(self._dest, [m.encode(m.Cancel(self._call_id))])
+
+
+class _BlockingStream:
+    """A :class:`RemoteStream` iterated from a thread outside the event loop."""
+
+    def __init__(self, stream: RemoteStream, token: Any) -> None:
+        self._stream = stream
+        self._token = token
+
+    def __iter__(self) -> _BlockingStream:
+        return self
+
+    def __next__(self) -> Any:
+        try:
+            return anyio.from_thread.run(self._stream.__anext__, token=self._token)
+        except StopAsyncIteration:
+            raise StopIteration from None
+
+    def close(self) -> None:
+        anyio.from_thread.run(self._stream.aclose, token=self._token)

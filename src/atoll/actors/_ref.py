@@ -1,0 +1,82 @@
+"""ActorRef: the handle through which an actor is called, from any process."""
+
+from __future__ import annotations
+
+from typing import Any, Generic, TypeVar
+
+from ._actor import Kind
+from ._node import Node, _loading
+
+A = TypeVar("A")
+
+ACTOR_OID = 0
+"""Object id of the actor inside its own process."""
+
+
+class ActorRef(Generic[A]):
+    """A handle on an actor; ``ref.method(...)`` calls it in its process.
+
+    ``await ref.method(*args)`` runs an ``async def`` or plain method remotely
+    and returns its result; ``async for x in ref.method(*args)`` iterates an
+    async-generator method. Refs are made by :meth:`Host.spawn`, never built
+    by hand; they can be passed to other actors as arguments or results, and
+    many tasks may share one.
+
+    For type checkers, :meth:`Host.spawn` returns the actor class itself, so
+    method signatures and return types are checked as the class declares them.
+    """
+
+    __slots__ = ("_id", "_kinds", "_methods", "_name", "_node")
+
+    def __init__(self, node: Node, actor_id: bytes, name: str, kinds: dict[str, Kind]) -> None:
+        self._node = node
+        self._id = actor_id
+        self._name = name
+        self._kinds = kinds
+        self._methods: dict[str, _Method] = {}
+
+    def __getattr__(self, name: str) -> _Method:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        kind = self._kinds.get(name)
+        if kind is None:
+            raise AttributeError(f"actor {self._name!r} has no public method {name!r}")
+        method = self._methods[name] = _Method(self, name, kind)
+        return method
+
+    def __repr__(self) -> str:
+        return f"<ActorRef {self._name!r}>"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ActorRef) and other._id == self._id
+
+    def __hash__(self) -> int:
+        return hash(self._id)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild_ref, (self._id, self._name, {k: int(v) for k, v in self._kinds.items()}))
+
+
+class _Method:
+    __slots__ = ("_kind", "_name", "_node", "_ref")
+
+    def __init__(self, ref: ActorRef[Any], name: str, kind: Kind) -> None:
+        self._ref = ref
+        self._node = ref._node
+        self._name = name
+        self._kind = kind
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Sent along, ``ref.method`` stays a method of the same actor.
+        return (getattr, (self._ref, self._name))
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self._kind is Kind.STREAM:
+            return self._node.stream(self._ref._id, ACTOR_OID, self._name, args, kwargs)
+        return self._node.invoke(self._ref._id, ACTOR_OID, self._name, args, kwargs)
+
+
+def _rebuild_ref(actor_id: bytes, name: str, kinds: dict[str, int]) -> ActorRef[Any]:
+    node = _loading.get()
+    node.peer_names.setdefault(actor_id, name)
+    return ActorRef(node, actor_id, name, {k: Kind(v) for k, v in kinds.items()})

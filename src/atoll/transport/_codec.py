@@ -1,0 +1,186 @@
+"""Encoding of arguments and results: pickle protocol 5, buffers out of band.
+
+Buffers of at least ``OOB_THRESHOLD`` bytes (numpy arrays, ``PickleBuffer``,
+``memoryview``, large ``bytes``/``bytearray``) leave the pickle stream and
+travel as extra ZeroMQ frames, sent without a copy. cloudpickle is used only
+where plain pickle cannot work: lambdas, closures, and classes or functions
+defined in ``__main__`` (which the receiving process cannot import).
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+import types
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from .._errors import SerializationError
+
+OOB_THRESHOLD = 8192
+"""Buffers smaller than this stay inside the pickle stream (a frame costs more)."""
+
+_LIFT_SCAN_LIMIT = 64
+"""Containers longer than this are not scanned for large ``bytes`` to lift."""
+
+Reducer = Callable[[Any], Any]
+"""A hook returning a ``__reduce__`` tuple for runtime objects, or ``NotImplemented``."""
+
+
+class _NeedsCloudpickle(Exception):
+    pass
+
+
+def _rebuild_bytes(buf: Any) -> bytes:
+    return bytes(buf)
+
+
+def _rebuild_bytearray(buf: Any) -> bytearray:
+    return bytearray(buf)
+
+
+class _Lifted:
+    """Stands in for a large ``bytes``/``bytearray`` so it goes out of band.
+
+    C pickle saves exact ``bytes`` and ``bytearray`` in-band without asking
+    ``reducer_override``, so large ones near the top of a payload are wrapped.
+    """
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes | bytearray) -> None:
+        self.data = data
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        rebuild = _rebuild_bytes if type(self.data) is bytes else _rebuild_bytearray
+        return (rebuild, (pickle.PickleBuffer(self.data),))
+
+
+def _is_big_bytes(x: object) -> bool:
+    return (type(x) is bytes or type(x) is bytearray) and len(x) >= OOB_THRESHOLD  # type: ignore[arg-type]
+
+
+Marker = Callable[[Any], Any]
+"""Replaces a value the runtime must treat specially (a callback), else returns it."""
+
+
+def _no_mark(x: Any) -> Any:
+    return x
+
+
+def _prepare_one(x: Any, mark: Marker) -> Any:
+    if _is_big_bytes(x):
+        return _Lifted(x)
+    return mark(x)
+
+
+def prepare(x: Any, mark: Marker = _no_mark) -> Any:
+    """Mark ``x`` for sending: large byte strings go out of band, and ``mark``
+    sees ``x`` itself and the items of a short list, tuple or dict ``x``."""
+    t = type(x)
+    if (t is list or t is tuple) and len(x) <= _LIFT_SCAN_LIMIT:
+        items = [_prepare_one(v, mark) for v in x]
+        if any(a is not b for a, b in zip(items, x, strict=True)):
+            return t(items)
+        return x
+    if t is dict and len(x) <= _LIFT_SCAN_LIMIT:
+        marked = {k: _prepare_one(v, mark) for k, v in x.items()}
+        if any(marked[k] is not v for k, v in x.items()):
+            return marked
+        return x
+    return _prepare_one(x, mark)
+
+
+def prepare_args(
+    args: tuple[Any, ...], kwargs: dict[str, Any], mark: Marker = _no_mark
+) -> tuple[Any, ...]:
+    """:func:`prepare` applied to each argument; returns ``(args, kwargs)``."""
+    return (
+        tuple([prepare(a, mark) for a in args]),
+        {k: prepare(v, mark) for k, v in kwargs.items()} if kwargs else kwargs,
+    )
+
+
+def _main_defined(obj: object) -> bool:
+    return (
+        isinstance(obj, (type, types.FunctionType))
+        and getattr(obj, "__module__", None) == "__main__"
+    )
+
+
+class Codec:
+    """Pickles values with out-of-band buffers; ``reducer`` handles runtime objects."""
+
+    def __init__(self, reducer: Reducer | None = None) -> None:
+        self._reducer = reducer
+        codec = self
+
+        class _Pickler(pickle.Pickler):
+            def reducer_override(self, obj: Any) -> Any:
+                return codec._reduce(obj, cloud=False)
+
+        self._pickler_cls = _Pickler
+        self._cloud_pickler_cls: type[pickle.Pickler] | None = None
+
+    def _reduce(self, obj: Any, *, cloud: bool) -> Any:
+        if self._reducer is not None:
+            reduced = self._reducer(obj)
+            if reduced is not NotImplemented:
+                return reduced
+        if type(obj) is memoryview:
+            return (
+                _rebuild_bytes,
+                (pickle.PickleBuffer(obj if obj.contiguous else obj.tobytes()),),
+            )
+        if not cloud and _main_defined(obj):
+            raise _NeedsCloudpickle
+        return NotImplemented
+
+    def _cloud_pickler(self) -> type[pickle.Pickler]:
+        if self._cloud_pickler_cls is None:
+            import cloudpickle  # imported only when plain pickle cannot do the job
+
+            codec = self
+
+            class _CloudPickler(cloudpickle.Pickler):  # type: ignore[misc]
+                def reducer_override(self, obj: Any) -> Any:
+                    reduced = codec._reduce(obj, cloud=True)
+                    if reduced is NotImplemented:
+                        return super().reducer_override(obj)
+                    return reduced
+
+            self._cloud_pickler_cls = _CloudPickler
+        return self._cloud_pickler_cls
+
+    def dumps(self, obj: Any, what: str = "value") -> tuple[bytes, list[pickle.PickleBuffer]]:
+        """Pickle ``obj``; return the stream and its out-of-band buffers."""
+        buffers: list[pickle.PickleBuffer] = []
+
+        def keep(buf: pickle.PickleBuffer) -> bool:
+            if buf.raw().nbytes < OOB_THRESHOLD:
+                return True  # in-band
+            buffers.append(buf)
+            return False
+
+        f = io.BytesIO()
+        try:
+            self._pickler_cls(f, protocol=5, buffer_callback=keep).dump(obj)
+        except (_NeedsCloudpickle, pickle.PicklingError, AttributeError, TypeError):
+            buffers.clear()
+            f = io.BytesIO()
+            try:
+                self._cloud_pickler()(f, protocol=5, buffer_callback=keep).dump(obj)
+            except Exception as exc2:
+                raise SerializationError(
+                    f"cannot pickle the {what}: {exc2}. Send picklable values, or wrap "
+                    "the object in an actor and pass its ref instead."
+                ) from exc2
+        return f.getvalue(), buffers
+
+    @staticmethod
+    def loads(data: bytes, buffers: Sequence[Any], what: str = "value") -> Any:
+        """Unpickle a stream produced by :meth:`dumps` with its buffers."""
+        try:
+            return pickle.loads(data, buffers=buffers)
+        except Exception as exc:
+            raise SerializationError(f"cannot unpickle the {what}: {exc!r}") from exc

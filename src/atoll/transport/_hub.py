@@ -1,0 +1,169 @@
+"""The hub: the host's ROUTER socket, which authenticates and routes.
+
+Frames on the wire (the ROUTER adds or strips the identity frame):
+
+* a peer's DEALER sends ``[dest, header, *buffers]``;
+* the hub receives ``[src, dest, header, *buffers]``;
+* a message for the host itself (``dest == HOST``) is handed to ``deliver``;
+  any other is forwarded as ``[dest, src, header, *buffers]``, so the receiving
+  DEALER reads ``[src, header, *buffers]``.
+
+A peer is known only after the host announced it with :meth:`Hub.expect`, and
+trusted only after its first message, a :class:`Hello` carrying the per-spawn
+secret. Anything else (unknown identities, frames before the Hello, malformed
+messages) is dropped and counted in :attr:`Hub.dropped`.
+"""
+
+from __future__ import annotations
+
+import glob
+import hmac
+import os
+import shutil
+import tempfile
+from collections import Counter
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import zmq
+
+from ._messages import DecodeError, Hello, decode
+from ._socket import AsyncSocket, PeerUnreachableError
+
+HOST = b"@"
+"""Identity under which the host itself is addressed."""
+
+Deliver = Callable[[bytes, list[zmq.Frame]], None]
+Unroutable = Callable[[bytes, bytes, list[zmq.Frame]], None]
+
+
+def sweep_dead_hosts() -> None:
+    """Remove hub directories left by hosts that died without cleaning up."""
+    for path in glob.glob(os.path.join(tempfile.gettempdir(), "atoll-*-*")):
+        try:
+            pid = int(os.path.basename(path).split("-")[1])
+        except ValueError:
+            continue
+        if not _alive(pid):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def remove_hub_dir(endpoint: str) -> None:
+    """Remove the private directory of a hub at ``endpoint`` (its host is dead)."""
+    if endpoint.startswith("ipc://"):
+        path = os.path.dirname(endpoint[len("ipc://") :])
+        if os.path.basename(path).startswith("atoll-"):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class _Peer:
+    __slots__ = ("on_hello", "secret", "trusted")
+
+    def __init__(self, secret: bytes, on_hello: Callable[[Hello], None]) -> None:
+        self.secret = secret
+        self.on_hello = on_hello
+        self.trusted = False
+
+
+class Hub:
+    """The host's ROUTER on an ``ipc://`` path inside a private 0700 directory."""
+
+    def __init__(self, ctx: zmq.Context[Any]) -> None:
+        sweep_dead_hosts()
+        # mkdtemp makes it 0700; the pid in the name lets a sweeper tell
+        # whether the owner is still alive.
+        self._dir = tempfile.mkdtemp(prefix=f"atoll-{os.getpid()}-")
+        sock = ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        sock.setsockopt(zmq.LINGER, 0)
+        try:
+            self.endpoint = f"ipc://{os.path.join(self._dir, 'hub')}"
+            sock.bind(self.endpoint)
+        except zmq.ZMQError:
+            # No ipc transport here (or the path is too long): loopback TCP.
+            port = sock.bind_to_random_port("tcp://127.0.0.1")
+            self.endpoint = f"tcp://127.0.0.1:{port}"
+        self.socket = AsyncSocket(sock)
+        self._peers: dict[bytes, _Peer] = {}
+        self.dropped: Counter[str] = Counter()
+        """Dropped messages by reason: ``unknown``, ``untrusted``, ``malformed``."""
+
+    def expect(self, identity: bytes, secret: bytes, on_hello: Callable[[Hello], None]) -> None:
+        """Announce a peer that will connect as ``identity`` and prove ``secret``."""
+        self._peers[identity] = _Peer(secret, on_hello)
+
+    def forget(self, identity: bytes) -> None:
+        """Stop routing to and from ``identity``."""
+        self._peers.pop(identity, None)
+
+    def is_routable(self, identity: bytes) -> bool:
+        peer = self._peers.get(identity)
+        return peer is not None and peer.trusted
+
+    def send(self, dest: bytes, frames: Sequence[Any]) -> None:
+        """Send ``frames`` (header first) from the host to peer ``dest``."""
+        self.socket.send([dest, HOST, *frames])
+
+    async def serve(self, deliver: Deliver, unroutable: Unroutable) -> None:
+        """Route until cancelled.
+
+        ``deliver(src, frames)`` gets messages for the host (header first);
+        ``unroutable(src, dest, frames)`` gets messages for a peer that is not
+        (or no longer) connected, so the host can answer the sender.
+        """
+        peers = self._peers
+        send = self.socket.send
+
+        def on_message(frames: list[zmq.Frame]) -> None:
+            if len(frames) < 3:
+                self.dropped["malformed"] += 1
+                return
+            src = frames[0].bytes
+            peer = peers.get(src)
+            if peer is None:
+                self.dropped["unknown"] += 1
+                return
+            if not peer.trusted:
+                self._admit(src, peer, frames[2])
+                return
+            dest = frames[1].bytes
+            if dest == HOST:
+                deliver(src, frames[2:])
+                return
+            target = peers.get(dest)
+            if target is None or not target.trusted:
+                unroutable(src, dest, frames[2:])
+                return
+            try:
+                send([frames[1], frames[0], *frames[2:]])
+            except PeerUnreachableError:
+                unroutable(src, dest, frames[2:])
+
+        await self.socket.serve(on_message)
+
+    def _admit(self, src: bytes, peer: _Peer, header: zmq.Frame) -> None:
+        try:
+            hello = decode(header)
+        except DecodeError:
+            self.dropped["malformed"] += 1
+            return
+        if not isinstance(hello, Hello) or not hmac.compare_digest(hello.secret, peer.secret):
+            self.dropped["untrusted"] += 1
+            return
+        peer.trusted = True
+        peer.on_hello(hello)
+
+    def close(self) -> None:
+        """Close the socket and remove the private directory."""
+        self.socket.close()
+        shutil.rmtree(self._dir, ignore_errors=True)

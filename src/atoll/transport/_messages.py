@@ -1,0 +1,118 @@
+"""Wire messages: the header frame of every multipart message.
+
+A message is ``[header, *buffers]``; the header is one of the structs below,
+msgpack-encoded as a tagged array. ``payload`` fields hold a pickle stream whose
+out-of-band buffers are the message's remaining frames.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+
+WIRE_VERSION = 1
+
+
+class _Msg(msgspec.Struct, tag=True, frozen=True, array_like=True, gc=False):
+    pass
+
+
+class Hello(_Msg, frozen=True):
+    """First message of a child: proves it is the process the host started."""
+
+    secret: bytes
+    pid: int
+    version: int
+
+
+class Init(_Msg, frozen=True):
+    """Host to child: build the actor (class, arguments) and report back."""
+
+    call_id: int
+    payload: bytes
+
+
+class Call(_Msg, frozen=True):
+    """Run ``method`` on object ``target`` of the receiving process.
+
+    ``parent`` is the call this one was made from (0: none) and ``chain`` the
+    root of the whole call chain, which decides re-entrancy. ``credit`` > 0
+    asks for a stream and is its initial window.
+    """
+
+    call_id: int
+    parent: int
+    chain: int
+    target: int
+    method: str
+    payload: bytes
+    credit: int = 0
+
+
+class Result(_Msg, frozen=True):
+    call_id: int
+    payload: bytes
+
+
+class Error(_Msg, frozen=True):
+    call_id: int
+    payload: bytes
+
+
+class Cancel(_Msg, frozen=True):
+    call_id: int
+
+
+class StreamItem(_Msg, frozen=True):
+    call_id: int
+    payload: bytes
+
+
+class StreamEnd(_Msg, frozen=True):
+    call_id: int
+
+
+class Credit(_Msg, frozen=True):
+    call_id: int
+    n: int
+
+
+class Release(_Msg, frozen=True):
+    """The sender dropped ``count`` references to exported object ``oid``."""
+
+    oid: int
+    count: int
+
+
+class Died(_Msg, frozen=True):
+    """Host to children: an actor process is gone; fail what waits on it."""
+
+    actor: bytes
+    payload: bytes
+
+
+class Bye(_Msg, frozen=True):
+    """Host to child: stop now. Child to host: stopping."""
+
+
+Message = (
+    Hello
+    | Init
+    | Call
+    | Result
+    | Error
+    | Cancel
+    | StreamItem
+    | StreamEnd
+    | Credit
+    | Release
+    | Died
+    | Bye
+)
+
+encode = msgspec.msgpack.Encoder().encode
+decode: Callable[[Any], Message] = msgspec.msgpack.Decoder(Message).decode
+"""Decode a header from any buffer (bytes, a zmq.Frame)."""
+DecodeError = msgspec.DecodeError

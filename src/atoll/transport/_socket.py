@@ -1,0 +1,190 @@
+"""A ZeroMQ socket driven by AnyIO, for asyncio and trio alike.
+
+``zmq.asyncio`` is asyncio-only, so readiness comes from the socket's file
+descriptor through :func:`anyio.wait_readable`. That descriptor is
+edge-triggered and shared by reads and writes, which sets the rules here:
+
+* only the owner task (the one running :meth:`AsyncSocket.serve`) ever waits
+  on the descriptor: a second waiter would raise ``BusyResourceError``;
+* after every wake-up the owner reads ``zmq.EVENTS`` and drains until a recv
+  returns EAGAIN, because no new edge comes before that, and wake-ups can be
+  spurious (at connect, for instance);
+* a ``send`` (or the ``EVENTS`` read after it) from another task can consume
+  the edge while messages wait; nobody would wake the owner for them, so the
+  sending task handles what it uncovered itself: it drains pending input (and
+  flushes the backlog) on the spot, synchronously, as the owner would have;
+* closing first wakes the owner (``notify_closing``) so no waiter hangs.
+
+Sends are made directly from the calling task: ``send_multipart`` with
+``NOBLOCK`` completes without yielding, so frames of different messages never
+interleave, and the hot path pays no task hop. A message the socket cannot
+take at once goes to a bounded backlog, flushed on ``POLLOUT``. All of this
+runs on the event loop's thread; only the owner task ever waits.
+"""
+
+from __future__ import annotations
+
+import errno
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, cast
+
+import anyio
+import anyio.lowlevel
+import zmq
+
+from .._errors import TransportError
+
+# Plain ints: pyzmq's IntFlag members make every ``&`` and option lookup go
+# through ``enum``, which shows on the per-call path.
+_EVENTS = int(zmq.EVENTS)
+_POLLIN = int(zmq.POLLIN)
+_POLLOUT = int(zmq.POLLOUT)
+_NOBLOCK = int(zmq.NOBLOCK)
+
+_RECV_BATCH = 256
+"""Messages handled per wake-up before yielding to other tasks."""
+
+
+class PeerUnreachableError(TransportError):
+    """A ROUTER was asked to send to an identity that is not connected."""
+
+
+@contextmanager
+def map_zmq_errors(what: str) -> Iterator[None]:
+    """Turn ZeroMQ errors into :class:`TransportError` (the cause is kept)."""
+    try:
+        yield
+    except zmq.ZMQError as exc:
+        if exc.errno == errno.EHOSTUNREACH:
+            raise PeerUnreachableError(f"{what}: peer is not connected") from exc
+        raise TransportError(f"{what}: {exc.strerror}") from exc
+
+
+class AsyncSocket:
+    """Owns one ZeroMQ socket: one task reads it, any task of its thread sends."""
+
+    def __init__(self, sock: zmq.Socket[Any], *, backlog_limit: int = 100_000) -> None:
+        self._sock = sock
+        self._fd = cast(int, sock.getsockopt(zmq.FD))
+        self._backlog: deque[Sequence[Any]] = deque()
+        self._backlog_limit = backlog_limit
+        self._on_message: Callable[[list[zmq.Frame]], None] | None = None
+        self._busy = False  # inside _catch_up: do not recurse into it
+        self._closed = False
+
+    @property
+    def zmq_socket(self) -> zmq.Socket[Any]:
+        return self._sock
+
+    def send(self, frames: Sequence[Any]) -> None:
+        """Send one multipart message without waiting.
+
+        Raises :class:`TransportError` if the socket is closed or its backlog
+        is full (the peer stopped reading), and :class:`PeerUnreachableError`
+        for a ROUTER whose peer is gone (``ROUTER_MANDATORY``).
+        """
+        if self._closed:
+            raise TransportError("send on a closed socket")
+        sock = self._sock
+        if self._backlog:
+            self._enqueue(frames)
+        else:
+            try:
+                sock.send_multipart(frames, _NOBLOCK, copy=False)
+            except zmq.Again:
+                self._enqueue(frames)
+            except zmq.ZMQError as exc:
+                with map_zmq_errors("send"):
+                    raise exc
+        if self._on_message is not None and not self._busy:
+            self._catch_up()
+
+    def _enqueue(self, frames: Sequence[Any]) -> None:
+        if len(self._backlog) >= self._backlog_limit:
+            raise TransportError(
+                f"send backlog is full ({self._backlog_limit} messages): the peer is not reading"
+            )
+        self._backlog.append(frames)
+
+    def _flush(self) -> None:
+        sock = self._sock
+        backlog = self._backlog
+        while backlog:
+            try:
+                sock.send_multipart(backlog[0], _NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            except zmq.ZMQError as exc:
+                if exc.errno != errno.EHOSTUNREACH:
+                    with map_zmq_errors("send"):
+                        raise
+                # A ROUTER's peer left while its message waited: nobody to tell.
+            backlog.popleft()
+
+    def _catch_up(self) -> bool:
+        """Handle every event pending now; return False if some input is left
+        for later (a batch limit was hit).
+
+        Called by the owner after each wake-up, and by any task after a zmq
+        call that may have consumed the descriptor's edge.
+        """
+        sock = self._sock
+        get = cast("Callable[[int], int]", sock.get)
+        on_message = self._on_message
+        assert on_message is not None
+        self._busy = True
+        try:
+            for _ in range(_RECV_BATCH):
+                events = get(_EVENTS)
+                if self._backlog and events & _POLLOUT:
+                    self._flush()
+                    continue
+                if not events & _POLLIN:
+                    return True
+                try:
+                    frames = sock.recv_multipart(_NOBLOCK, copy=False)
+                except zmq.Again:
+                    continue
+                on_message(frames)
+            return False
+        finally:
+            self._busy = False
+
+    async def serve(self, on_message: Callable[[list[zmq.Frame]], None]) -> None:
+        """Read forever, calling ``on_message(frames)`` for each message.
+
+        Runs until cancelled; this task is the socket's owner, the only one
+        that waits on it. ``on_message`` is called synchronously (also from
+        :meth:`send`, see the module's notes); an exception from it ends the
+        loop and propagates: a reader never swallows errors.
+        """
+        if self._on_message is not None:
+            raise RuntimeError("this socket already has an owner task")
+        self._on_message = on_message
+        fd = self._fd
+        try:
+            with map_zmq_errors("receive"):
+                while not self._closed:
+                    if self._catch_up():
+                        try:
+                            await anyio.wait_readable(fd)
+                        except anyio.ClosedResourceError:
+                            if not self._closed:
+                                raise
+                    else:
+                        await anyio.lowlevel.checkpoint()  # let other tasks run
+        finally:
+            self._on_message = None
+
+    def close(self, linger: int = 0) -> None:
+        """Close the socket; ``linger`` ms is how long unsent messages may wait."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            anyio.notify_closing(self._fd)
+        except RuntimeError:
+            pass  # no event loop running in this thread: nobody can be waiting
+        self._sock.close(linger=linger)

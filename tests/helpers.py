@@ -1,0 +1,176 @@
+"""Actor classes shared by the tests (importable by actor processes)."""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import anyio
+
+import atoll
+
+
+class Counter(atoll.Actor):
+    def __init__(self, start: int = 0) -> None:
+        self.n = start
+
+    async def add(self, k: int) -> int:
+        self.n += k
+        return self.n
+
+    def add_sync(self, k: int) -> int:
+        self.n += k
+        return self.n
+
+    async def get(self) -> int:
+        return self.n
+
+
+class Echo(atoll.Actor):
+    async def echo(self, value: Any) -> Any:
+        return value
+
+    def echo_sync(self, value: Any) -> Any:
+        return value
+
+    async def pid(self) -> int:
+        return os.getpid()
+
+    async def call(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> Any:
+        return await fn(*args)
+
+    def call_sync(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return fn(*args)
+
+    async def call_method(self, ref: Any, method: str, *args: Any) -> Any:
+        return await getattr(ref, method)(*args)
+
+    async def kill_self(self) -> None:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    async def write_stderr_and_die(self, text: str) -> None:
+        import sys
+
+        sys.stderr.write(text + "\n")
+        sys.stderr.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+class Sleeper(atoll.Actor):
+    """Parks calls until cancelled, and reports what happened to them."""
+
+    def __init__(self) -> None:
+        self.cancelled = 0
+        self.started = 0
+
+    async def park(self, on_started: Callable[[], Awaitable[None]] | None = None) -> None:
+        self.started += 1
+        try:
+            if on_started is not None:
+                await on_started()
+            await anyio.sleep_forever()
+        except anyio.get_cancelled_exc_class():
+            self.cancelled += 1
+            raise
+
+    async def park_via(self, other: Any, on_started: Callable[[], Awaitable[None]]) -> None:
+        """Park in ``other`` (a Sleeper): cancelling us must cancel that call too."""
+        try:
+            await other.park(on_started)
+        except anyio.get_cancelled_exc_class():
+            self.cancelled += 1
+            raise
+
+    async def stats(self) -> tuple[int, int]:
+        return self.started, self.cancelled
+
+
+class Ping(atoll.Actor):
+    """Recursion partner: bounce(n) calls the peer with n-1 until 0."""
+
+    def __init__(self) -> None:
+        self.peer: Any = None
+
+    async def set_peer(self, peer: Any) -> None:
+        self.peer = peer
+
+    async def bounce(self, n: int, trail: list[str]) -> list[str]:
+        trail = [*trail, f"{os.getpid()}"]
+        if n == 0:
+            return trail
+        result: list[str] = await self.peer.bounce(n - 1, trail)
+        return result
+
+
+class Turns(atoll.Actor):
+    """Records how many calls run at once."""
+
+    def __init__(self) -> None:
+        self.running = 0
+        self.peak = 0
+
+    async def hold(self, release: Callable[[], Awaitable[None]]) -> int:
+        self.running += 1
+        self.peak = max(self.peak, self.running)
+        try:
+            await release()
+        finally:
+            self.running -= 1
+        return self.peak
+
+    async def peak_seen(self) -> int:
+        return self.peak
+
+
+class Wide(Turns):
+    max_concurrency = 4
+
+
+class Streamer(atoll.Actor):
+    def __init__(self) -> None:
+        self.closed = False
+
+    async def count(self, n: int) -> AsyncIterator[int]:
+        for i in range(n):
+            yield i
+
+    async def endless(self, report: Callable[[int], Awaitable[None]]) -> AsyncIterator[int]:
+        i = 0
+        try:
+            while True:
+                await report(i)
+                yield i
+                i += 1
+        finally:
+            self.closed = True
+
+    async def fail_after_items(self, n: int) -> AsyncIterator[int]:
+        for i in range(n):
+            yield i
+        raise KeyError("stream broke")
+
+    async def was_closed(self) -> bool:
+        return self.closed
+
+
+class Broken(atoll.Actor):
+    def __init__(self) -> None:
+        raise RuntimeError("constructor failed on purpose")
+
+
+class LocalError(atoll.Actor):
+    async def raise_local(self) -> None:
+        class Unimportable(Exception):
+            pass
+
+        raise Unimportable("from a class defined inside a method")
+
+    async def unpicklable_result(self) -> Any:
+        import threading
+
+        return threading.Lock()
+
+    async def value_error(self) -> None:
+        raise ValueError("bad value 42")

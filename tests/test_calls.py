@@ -1,0 +1,108 @@
+"""Spawning actors and calling them: the basic contract."""
+
+from __future__ import annotations
+
+import os
+
+import anyio
+import pytest
+
+import atoll
+from helpers import Counter, Echo
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_async_method_runs_in_another_process() -> None:
+    async with atoll.open_host() as host:
+        counter = await host.spawn(Counter, 10)
+        assert await counter.add(5) == 15
+        assert await counter.get() == 15
+        echo = await host.spawn(Echo)
+        assert await echo.pid() != os.getpid()
+
+
+async def test_sync_method_is_callable_and_keeps_state() -> None:
+    async with atoll.open_host() as host:
+        counter = await host.spawn(Counter, 1)
+        assert await counter.add_sync(2) == 3
+        assert await counter.add(1) == 4
+
+
+async def test_keyword_arguments_and_names() -> None:
+    async with atoll.open_host() as host:
+        counter = await host.spawn(Counter, start=7, name="seven")
+        assert repr(counter) == "<ActorRef 'seven'>"
+        assert await counter.add(k=1) == 8
+        with pytest.raises(ValueError, match="seven"):
+            await host.spawn(Counter, name="seven")
+
+
+async def test_unknown_method_is_an_attribute_error() -> None:
+    async with atoll.open_host() as host:
+        counter = await host.spawn(Counter)
+        with pytest.raises(AttributeError, match=r"no public method 'nope'$"):
+            counter.nope  # noqa: B018
+        with pytest.raises(AttributeError):
+            counter._private  # noqa: B018
+
+
+async def test_spawn_needs_an_actor_class() -> None:
+    async with atoll.open_host() as host:
+        with pytest.raises(TypeError, match=r"subclass of atoll\.Actor"):
+            await host.spawn(dict)  # type: ignore[type-var]
+
+
+async def test_many_concurrent_callers_share_one_ref() -> None:
+    async with atoll.open_host() as host:
+        counter = await host.spawn(Counter)
+        results: list[int] = []
+
+        async def caller() -> None:
+            for _ in range(20):
+                results.append(await counter.add(1))
+
+        with anyio.fail_after(30):
+            async with anyio.create_task_group() as tg:
+                for _ in range(25):
+                    tg.start_soon(caller)
+        assert sorted(results) == list(range(1, 501))
+        assert await counter.get() == 500
+
+
+async def test_calls_after_host_closed_fail_clearly() -> None:
+    async with atoll.open_host() as host:
+        counter = await host.spawn(Counter)
+    with pytest.raises(atoll.ActorClosedError):
+        await counter.add(1)
+    with pytest.raises(atoll.ActorClosedError, match="open_host"):
+        await host.spawn(Counter)
+
+
+async def test_stop_one_actor_leaves_others_running() -> None:
+    async with atoll.open_host() as host:
+        a = await host.spawn(Counter)
+        b = await host.spawn(Counter)
+        await host.stop(a)
+        with pytest.raises(atoll.ActorClosedError, match="stopped"):
+            await a.add(1)
+        assert await b.add(1) == 1
+
+
+async def test_large_bytes_round_trip() -> None:
+    payload = os.urandom(3 * 1024 * 1024)
+    async with atoll.open_host() as host:
+        echo = await host.spawn(Echo)
+        assert await echo.echo(payload) == payload
+        assert await echo.echo([payload, bytearray(payload)]) == [payload, bytearray(payload)]
+        assert await echo.echo(memoryview(payload)) == payload
+
+
+async def test_numpy_arrays_round_trip() -> None:
+    np = pytest.importorskip("numpy")
+    async with atoll.open_host() as host:
+        echo = await host.spawn(Echo)
+        big = np.arange(1_000_000, dtype=np.float64).reshape(1000, 1000)
+        back = await echo.echo(big)
+        assert back.dtype == big.dtype and np.array_equal(back, big)
+        assert np.array_equal(await echo.echo(big.T), big.T)

@@ -1,0 +1,88 @@
+"""A cancelled caller cancels the remote call, and every call it made in turn."""
+
+from __future__ import annotations
+
+import anyio
+import pytest
+
+import atoll
+from helpers import Sleeper
+
+pytestmark = pytest.mark.anyio
+
+
+async def _started_event() -> tuple[anyio.Event, object]:
+    started = anyio.Event()
+
+    async def on_started() -> None:
+        started.set()
+
+    return started, on_started
+
+
+async def test_timeout_cancels_remote_task_and_its_subcalls() -> None:
+    async with atoll.open_host() as host:
+        outer = await host.spawn(Sleeper)
+        inner = await host.spawn(Sleeper)
+        started, on_started = await _started_event()
+        with anyio.fail_after(10):
+            with anyio.move_on_after(60) as scope:
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(outer.park_via, inner, on_started)
+                    await started.wait()
+                    scope.cancel()
+            assert scope.cancelled_caught
+            # Both levels saw the cancellation before answering anything else.
+            while await inner.stats() != (1, 1) or await outer.stats() != (0, 1):
+                await anyio.wait_all_tasks_blocked()
+        assert await inner.stats() == (1, 1)
+        assert await outer.stats() == (0, 1)
+
+
+async def test_fail_after_raises_timeout_in_caller() -> None:
+    async with atoll.open_host() as host:
+        sleeper = await host.spawn(Sleeper)
+        with pytest.raises(TimeoutError):
+            with anyio.fail_after(0.2):
+                await sleeper.park()
+        with anyio.fail_after(10):
+            while (await sleeper.stats())[1] != 1:
+                await anyio.wait_all_tasks_blocked()
+
+
+async def test_native_cancellation(anyio_backend: str) -> None:
+    async with atoll.open_host() as host:
+        sleeper = await host.spawn(Sleeper)
+        started, on_started = await _started_event()
+        if anyio_backend == "asyncio":
+            import asyncio
+
+            task = asyncio.ensure_future(sleeper.park(on_started))
+            with anyio.fail_after(10):
+                await started.wait()
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        else:
+            import trio
+
+            with trio.CancelScope() as scope:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(sleeper.park, on_started)
+                    with anyio.fail_after(10):
+                        await started.wait()
+                    scope.cancel()
+            assert scope.cancelled_caught
+        with anyio.fail_after(10):
+            while (await sleeper.stats())[1] != 1:
+                await anyio.wait_all_tasks_blocked()
+
+
+async def test_actor_serves_new_calls_after_a_cancelled_one() -> None:
+    async with atoll.open_host() as host:
+        sleeper = await host.spawn(Sleeper)
+        with anyio.move_on_after(0.1):
+            await sleeper.park()
+        with anyio.fail_after(10):
+            assert (await sleeper.stats())[0] == 1
+        assert isinstance(host, atoll.Host)

@@ -1,0 +1,45 @@
+"""Property-based: arbitrary picklable payloads come back equal through an actor."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+
+import atoll
+from atoll.testing.strategies import arrays, payloads
+from helpers import Echo
+
+_settings = settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+
+
+@pytest.fixture(scope="module", params=["asyncio", "trio"])
+def echo(request: pytest.FixtureRequest) -> Iterator[Any]:
+    with atoll.blocking_host(request.param) as host:
+        yield host.spawn(Echo)
+
+
+@pytest.fixture(autouse=True)
+def _no_leaks() -> None:
+    """The module-scoped host outlives single tests; its own exit is checked."""
+
+
+@_settings
+@given(value=payloads())
+def test_payloads_round_trip(echo: Any, value: Any) -> None:
+    assert echo.echo(value) == value
+    assert echo.echo_sync(value) == value
+
+
+@_settings
+@given(array=arrays())
+def test_numpy_arrays_round_trip(echo: Any, array: Any) -> None:
+    np = pytest.importorskip("numpy")
+    back = echo.echo(array)
+    assert back.dtype == array.dtype
+    assert back.shape == array.shape
+    assert np.array_equal(back, array, equal_nan=array.dtype.kind in "fc")

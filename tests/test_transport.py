@@ -1,0 +1,188 @@
+"""The AnyIO ZeroMQ socket, the codec, and the hub's defences."""
+
+from __future__ import annotations
+
+import pickle
+
+import anyio
+import pytest
+import zmq
+
+import atoll
+from atoll.transport import AsyncSocket, Codec
+from atoll.transport._codec import OOB_THRESHOLD, prepare
+from helpers import Counter
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def pair() -> object:
+    ctx = zmq.Context()
+    a = ctx.socket(zmq.DEALER)
+    b = ctx.socket(zmq.DEALER)
+    port = a.bind_to_random_port("tcp://127.0.0.1")
+    b.connect(f"tcp://127.0.0.1:{port}")
+    sa, sb = AsyncSocket(a), AsyncSocket(b)
+    yield sa, sb
+    sa.close()
+    sb.close()
+    ctx.term()
+
+
+async def test_messages_flow_both_ways_without_loss(pair: tuple[AsyncSocket, AsyncSocket]) -> None:
+    """Sends from other tasks consume the descriptor's edge; nothing may be lost."""
+    a, b = pair
+    n = 2000
+    got_a: list[bytes] = []
+    got_b: list[bytes] = []
+    done = anyio.Event()
+
+    def on_a(frames: list[zmq.Frame]) -> None:
+        got_a.append(frames[0].bytes)
+        if len(got_a) == n and len(got_b) == n:
+            done.set()
+
+    def on_b(frames: list[zmq.Frame]) -> None:
+        got_b.append(frames[0].bytes)
+        a_reply = frames[0].bytes  # echo back to a while a is sending too
+        b.send([a_reply])
+        if len(got_a) == n and len(got_b) == n:
+            done.set()
+
+    with anyio.fail_after(20):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(a.serve, on_a)
+            tg.start_soon(b.serve, on_b)
+
+            async def sender() -> None:
+                for i in range(n):
+                    a.send([b"%d" % i])
+                    if i % 50 == 0:
+                        await anyio.lowlevel.checkpoint()
+
+            tg.start_soon(sender)
+            await done.wait()
+            tg.cancel_scope.cancel()
+    assert got_b == [b"%d" % i for i in range(n)]
+    assert got_a == got_b
+
+
+async def test_second_owner_is_refused(pair: tuple[AsyncSocket, AsyncSocket]) -> None:
+    a, _ = pair
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(a.serve, lambda frames: None)
+        await anyio.wait_all_tasks_blocked()
+        with pytest.raises(RuntimeError, match="owner"):
+            await a.serve(lambda frames: None)
+        tg.cancel_scope.cancel()
+
+
+async def test_close_wakes_the_owner() -> None:
+    ctx = zmq.Context()
+    s = AsyncSocket(ctx.socket(zmq.DEALER))
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(s.serve, lambda frames: None)
+            await anyio.wait_all_tasks_blocked()
+            s.close()
+    ctx.term()
+
+
+async def test_send_before_peer_connects_is_kept_until_it_does() -> None:
+    ctx = zmq.Context()
+    a = AsyncSocket(ctx.socket(zmq.DEALER))
+    a.send([b"early"])  # no peer yet: goes to the backlog
+    raw = ctx.socket(zmq.DEALER)
+    port = raw.bind_to_random_port("tcp://127.0.0.1")
+    a.zmq_socket.connect(f"tcp://127.0.0.1:{port}")
+    b = AsyncSocket(raw)
+    got = anyio.Event()
+    seen: list[bytes] = []
+
+    def on_b(frames: list[zmq.Frame]) -> None:
+        seen.append(frames[0].bytes)
+        got.set()
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(a.serve, lambda frames: None)
+            tg.start_soon(b.serve, on_b)
+            await got.wait()
+            tg.cancel_scope.cancel()
+    assert seen == [b"early"]
+    a.close()
+    b.close()
+    ctx.term()
+
+
+def test_codec_sends_large_buffers_out_of_band() -> None:
+    codec = Codec()
+    big = b"x" * OOB_THRESHOLD
+    data, buffers = codec.dumps(prepare([big, bytearray(big), memoryview(big)]))
+    assert len(buffers) == 3
+    assert len(data) < 200
+    assert Codec.loads(data, buffers) == [big, bytearray(big), big]
+    small, none = codec.dumps(prepare(b"y" * 10))
+    assert none == [] and Codec.loads(small, []) == b"y" * 10
+
+
+def test_codec_uses_cloudpickle_only_when_needed() -> None:
+    codec = Codec()
+    plain, _ = codec.dumps({"a": 1})
+    assert b"cloudpickle" not in plain
+    fn = lambda x: x + 1  # noqa: E731
+    data, _ = codec.dumps(fn)
+    assert Codec.loads(data, [])(1) == 2
+    assert pickle.loads(plain) == {"a": 1}
+
+
+def test_codec_reports_what_it_cannot_pickle() -> None:
+    import threading
+
+    with pytest.raises(atoll.SerializationError, match="cannot pickle the thing"):
+        Codec().dumps(threading.Lock(), "thing")
+
+
+async def test_hub_drops_unknown_and_malformed_frames() -> None:
+    async with atoll.open_host() as host:
+        counter = await host.spawn(Counter)
+        ctx = zmq.Context()
+        intruder = ctx.socket(zmq.DEALER)
+        intruder.setsockopt(zmq.IDENTITY, b"intruder")
+        intruder.connect(host.endpoint)
+        intruder.send_multipart([b"@", b"not msgpack at all"])
+        intruder.send_multipart([b"only-one-frame"])
+        stranger = ctx.socket(zmq.DEALER)
+        stranger.setsockopt(zmq.IDENTITY, b"a99")
+        stranger.connect(host.endpoint)
+        stranger.send_multipart([b"@", b"\x00garbage"])
+        with anyio.fail_after(10):
+            while sum(host.dropped.values()) < 3:
+                assert await counter.add(1) > 0  # the host keeps serving meanwhile
+        intruder.close(linger=0)
+        stranger.close(linger=0)
+        ctx.term()
+        assert await counter.get() >= 1
+
+
+async def test_peer_with_wrong_secret_is_not_trusted() -> None:
+    async with atoll.open_host() as host:
+        counter = await host.spawn(Counter)
+        ctx = zmq.Context()
+        impostor = ctx.socket(zmq.DEALER)
+        impostor.setsockopt(zmq.IDENTITY, b"a7")
+        hub = host._hub
+        hub.expect(b"a7", b"right secret", lambda hello: None)
+        impostor.connect(host.endpoint)
+        from atoll.transport import _messages as m
+
+        impostor.send_multipart([b"@", m.encode(m.Hello(b"wrong secret", 1, m.WIRE_VERSION))])
+        impostor.send_multipart([b"a1", m.encode(m.Call(1, 0, 1, 0, "add", b""))])
+        with anyio.fail_after(10):
+            while host.dropped.get("untrusted", 0) < 2:
+                assert await counter.add(1) > 0
+        assert not hub.is_routable(b"a7")
+        hub.forget(b"a7")
+        impostor.close(linger=0)
+        ctx.term()
