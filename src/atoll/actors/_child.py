@@ -7,6 +7,7 @@ host is gone, and we exit at once: no orphans, whatever killed the host.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -20,7 +21,7 @@ from .._errors import ActorClosedError
 from ..transport import _messages as m
 from ..transport._codec import Codec
 from ..transport._hub import HOST, remove_hub_dir
-from ..transport._socket import AsyncSocket
+from ..transport._socket import AsyncSocket, Job
 from ._errors_wire import pack_error
 from ._node import Node
 from ._ref import ACTOR_OID
@@ -56,21 +57,20 @@ class _Child:
     def _transmit(self, dest: bytes, frames: Any) -> None:
         self.socket.send([dest, *frames])
 
-    def _on_message(self, frames: list[zmq.Frame]) -> None:
+    def _on_message(self, frames: list[zmq.Frame]) -> Job | None:
         if len(frames) < 2:
             self.node.dropped["malformed"] += 1
-            return
+            return None
         src = frames[0].bytes
         if self.actor is None and src == HOST:
             try:
                 msg = m.decode(frames[1])
             except m.DecodeError:
                 self.node.dropped["malformed"] += 1
-                return
+                return None
             if type(msg) is m.Init:
-                self.tg.start_soon(self._init, msg, frames[2:])
-                return
-        self.node.on_message(src, frames[1:])
+                return functools.partial(self._init, msg, frames[2:])
+        return self.node.on_message(src, frames[1:])
 
     async def _init(self, msg: m.Init, buffers: list[zmq.Frame]) -> None:
         reply: m.Result | m.Error

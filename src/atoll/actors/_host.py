@@ -27,6 +27,7 @@ from .._errors import (
 from ..transport import _messages as m
 from ..transport._codec import Codec, prepare_args
 from ..transport._hub import HOST, Hub
+from ..transport._socket import Job
 from ._actor import Actor, method_kinds
 from ._errors_wire import pack_error
 from ._node import ExcFactory, Node, _Pending
@@ -301,8 +302,8 @@ class Host:
         self.node.start(tg)
         tg.start_soon(self._hub.serve, self._on_message, self._unroutable)
 
-    def _on_message(self, src: bytes, frames: list[zmq.Frame]) -> None:
-        self.node.on_message(src, frames)
+    def _on_message(self, src: bytes, frames: list[zmq.Frame]) -> Job | None:
+        return self.node.on_message(src, frames)
 
     async def _shutdown(self) -> None:
         self._closed = True

@@ -29,6 +29,7 @@ from anyio.abc import TaskGroup
 from .._errors import ActorClosedError, AtollError, SerializationError, TransportError
 from ..transport import _messages as m
 from ..transport._codec import Codec, prepare, prepare_args
+from ..transport._socket import Job
 from ._actor import Kind, kind_of
 from ._errors_wire import pack_error, unpack_error
 from ._turns import TurnGate
@@ -173,6 +174,7 @@ class Node:
             p.fail(make_exc())
         for scope in self._running.values():
             scope.cancel()
+        self._drop_queued(lambda src, call_id: True)
 
     def peer_gone(self, peer: bytes, make_exc: ExcFactory) -> None:
         """``peer`` is gone: fail what waits on it, cancel what it asked for."""
@@ -184,6 +186,17 @@ class Node:
         for (src, _), scope in list(self._running.items()):
             if src == peer:
                 scope.cancel()
+        self._drop_queued(lambda src, _: src == peer)
+
+    def _drop_queued(self, matches: Callable[[bytes, int], bool]) -> None:
+        """Forget calls still waiting for their turn (their caller gave up)."""
+        for export in self._exports.values():
+            if export.gate is not None and export.gate.queue:
+                queue = export.gate.queue
+                kept = [(c, item) for c, item in queue if not matches(item[0], item[1].call_id)]
+                if len(kept) != len(queue):
+                    queue.clear()
+                    queue.extend(kept)
 
     def check_open(self, dest: bytes) -> None:
         if self._closed is not None:
@@ -304,18 +317,23 @@ class Node:
 
     # -- incoming messages -------------------------------------------------
 
-    def on_message(self, src: bytes, frames: list[zmq.Frame]) -> None:
-        """Handle one message from ``src``: ``[header, *buffers]``."""
+    def on_message(self, src: bytes, frames: list[zmq.Frame]) -> Job | None:
+        """Handle one message from ``src``: ``[header, *buffers]``.
+
+        A call is returned as a job for the transport to run in a task;
+        everything else is handled here and now.
+        """
         try:
             msg = m.decode(frames[0])
         except m.DecodeError:
             self.dropped["malformed"] += 1
-            return
+            return None
         kind = type(msg)
+        job = None
         if kind is m.Result or kind is m.Error:
             self._on_reply(msg, frames)  # type: ignore[arg-type]
         elif kind is m.Call:
-            self._on_call(src, msg, frames)  # type: ignore[arg-type]
+            job = self._on_call(src, msg, frames)  # type: ignore[arg-type]
         elif kind is m.StreamItem:
             stream = self._pending.get(msg.call_id)  # type: ignore[union-attr]
             if type(stream) is _StreamIn:
@@ -336,6 +354,8 @@ class Node:
             scope = self._running.get((src, msg.call_id))  # type: ignore[union-attr]
             if scope is not None:
                 scope.cancel()
+            else:
+                self._drop_queued(lambda s, c: s == src and c == msg.call_id)  # type: ignore[union-attr]
         elif kind is m.Release:
             self._release(msg.oid, msg.count)  # type: ignore[union-attr]
         elif kind is m.Died:
@@ -347,6 +367,7 @@ class Node:
             self.dropped["unexpected"] += 1
         if self._deferred:
             self._flush_deferred()
+        return job
 
     def _on_reply(self, msg: m.Result | m.Error, frames: list[zmq.Frame]) -> None:
         pending = self._pending.pop(msg.call_id, None)
@@ -359,32 +380,50 @@ class Node:
         elif type(msg) is m.Error:
             pending.fail(unpack_error(msg.payload))
 
-    def _on_call(self, src: bytes, msg: m.Call, frames: list[zmq.Frame]) -> None:
+    def _on_call(self, src: bytes, msg: m.Call, frames: list[zmq.Frame]) -> Job | None:
         export = self._exports.get(msg.target)
-        if export is None or self._tg is None:
+        if export is None or self._closed is not None:
             exc = ActorClosedError(
                 f"{self.name!r} has no object #{msg.target} (it was stopped or released)"
             )
             self._send_quietly(src, [m.encode(m.Error(msg.call_id, pack_error(exc, self.name)))])
-            return
-        self._tg.start_soon(self._serve_call, src, msg, frames, export)
+            return None
+        gate = export.gate
+        if gate is not None and not gate.try_enter(msg.chain):
+            # Not its turn: it waits as data, not as a parked task.
+            gate.queue.append((msg.chain, (src, msg, frames)))
+            return None
+        return functools.partial(self._serve_turns, src, msg, frames, export)
+
+    async def _serve_turns(
+        self, src: bytes, msg: m.Call, frames: list[zmq.Frame], export: _Export
+    ) -> None:
+        """Serve a call whose turn is taken, then the queued calls that the
+        end of each turn lets in, one after another in this task."""
+        gate = export.gate
+        while True:
+            try:
+                await self._serve_call(src, msg, frames, export)
+            finally:
+                if gate is not None:
+                    gate.leave(msg.chain)
+            if gate is None:
+                return
+            ready = gate.next_ready()
+            if ready is None:
+                return
+            src, msg, frames = ready
 
     async def _serve_call(
         self, src: bytes, msg: m.Call, frames: list[zmq.Frame], export: _Export
     ) -> None:
         key = (src, msg.call_id)
-        gate = export.gate
         with anyio.CancelScope() as scope:
             self._running[key] = scope
+            # Workers run one call after another: reset what this one set.
+            token = current_call.set((msg.call_id, msg.chain))
             try:
-                if gate is not None and not gate.try_enter(msg.chain):
-                    await gate.enter(msg.chain)
-                try:
-                    current_call.set((msg.call_id, msg.chain))
-                    result = await self._invoke(src, export, msg, frames)
-                finally:
-                    if gate is not None:
-                        gate.leave(msg.chain)
+                result = await self._invoke(src, export, msg, frames)
             except Exception as exc:
                 self._send_quietly(
                     src, [m.encode(m.Error(msg.call_id, pack_error(exc, export.name)))]
@@ -393,6 +432,7 @@ class Node:
                 if not msg.credit:
                     self._reply(src, msg.call_id, result, export.name)
             finally:
+                current_call.reset(token)
                 del self._running[key]
 
     async def _invoke(

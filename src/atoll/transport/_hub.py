@@ -28,12 +28,12 @@ from typing import Any
 import zmq
 
 from ._messages import DecodeError, Hello, decode
-from ._socket import AsyncSocket, PeerUnreachableError
+from ._socket import AsyncSocket, Job, PeerUnreachableError
 
 HOST = b"@"
 """Identity under which the host itself is addressed."""
 
-Deliver = Callable[[bytes, list[zmq.Frame]], None]
+Deliver = Callable[[bytes, list[zmq.Frame]], "Job | None"]
 Unroutable = Callable[[bytes, bytes, list[zmq.Frame]], None]
 
 
@@ -124,30 +124,30 @@ class Hub:
         peers = self._peers
         send = self.socket.send
 
-        def on_message(frames: list[zmq.Frame]) -> None:
+        def on_message(frames: list[zmq.Frame]) -> Job | None:
             if len(frames) < 3:
                 self.dropped["malformed"] += 1
-                return
+                return None
             src = frames[0].bytes
             peer = peers.get(src)
             if peer is None:
                 self.dropped["unknown"] += 1
-                return
+                return None
             if not peer.trusted:
                 self._admit(src, peer, frames[2])
-                return
+                return None
             dest = frames[1].bytes
             if dest == HOST:
-                deliver(src, frames[2:])
-                return
+                return deliver(src, frames[2:])
             target = peers.get(dest)
             if target is None or not target.trusted:
                 unroutable(src, dest, frames[2:])
-                return
+                return None
             try:
                 send([frames[1], frames[0], *frames[2:]])
             except PeerUnreachableError:
                 unroutable(src, dest, frames[2:])
+            return None
 
         await self.socket.serve(on_message)
 

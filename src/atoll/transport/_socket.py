@@ -26,13 +26,14 @@ from __future__ import annotations
 
 import errno
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, cast
 
 import anyio
 import anyio.lowlevel
 import zmq
+from anyio.abc import TaskGroup
 
 from .._errors import TransportError
 
@@ -45,6 +46,12 @@ _NOBLOCK = int(zmq.NOBLOCK)
 
 _RECV_BATCH = 256
 """Messages handled per wake-up before yielding to other tasks."""
+
+
+Job = Callable[[], Awaitable[None]]
+"""Work a message handler asks to run in a task."""
+
+OnMessage = Callable[[list[zmq.Frame]], "Job | None"]
 
 
 class PeerUnreachableError(TransportError):
@@ -70,8 +77,13 @@ class AsyncSocket:
         self._fd = cast(int, sock.getsockopt(zmq.FD))
         self._backlog: deque[Sequence[Any]] = deque()
         self._backlog_limit = backlog_limit
-        self._on_message: Callable[[list[zmq.Frame]], None] | None = None
+        self._on_message: OnMessage | None = None
         self._busy = False  # inside _catch_up: do not recurse into it
+        self._jobs: deque[Job] = deque()
+        self._idle: deque[anyio.Event] = deque()
+        self._reading = False
+        self._max_idle = 8
+        self._workers: TaskGroup | None = None
         self._closed = False
 
     @property
@@ -123,17 +135,21 @@ class AsyncSocket:
                 # A ROUTER's peer left while its message waited: nobody to tell.
             backlog.popleft()
 
-    def _catch_up(self) -> bool:
-        """Handle every event pending now; return False if some input is left
-        for later (a batch limit was hit).
+    def _catch_up(self, *, reader: bool = False) -> bool:
+        """Handle every event pending now; return False if input is left for
+        later (a batch limit was hit).
 
-        Called by the owner after each wake-up, and by any task after a zmq
-        call that may have consumed the descriptor's edge.
+        Called by the reader after each wake-up, and by any task after a zmq
+        call that may have consumed the descriptor's edge. Jobs that handlers
+        return are queued, and a worker is promoted for each, except one job
+        found by the reader, which it runs itself.
         """
         sock = self._sock
         get = cast("Callable[[int], int]", sock.get)
         on_message = self._on_message
         assert on_message is not None
+        jobs = self._jobs
+        queued = 0
         self._busy = True
         try:
             for _ in range(_RECV_BATCH):
@@ -147,42 +163,97 @@ class AsyncSocket:
                     frames = sock.recv_multipart(_NOBLOCK, copy=False)
                 except zmq.Again:
                     continue
-                on_message(frames)
+                job = on_message(frames)
+                if job is not None:
+                    jobs.append(job)
+                    queued += 1
             return False
         finally:
             self._busy = False
+            if reader and queued:
+                queued -= 1  # the reader runs one itself
+            for _ in range(queued):
+                self._promote()
 
-    async def serve(self, on_message: Callable[[list[zmq.Frame]], None]) -> None:
-        """Read forever, calling ``on_message(frames)`` for each message.
+    async def serve(self, on_message: OnMessage, *, max_idle_workers: int = 128) -> None:
+        """Read until cancelled, calling ``on_message(frames)`` for each message.
 
-        Runs until cancelled; this task is the socket's owner, the only one
-        that waits on it. ``on_message`` is called synchronously (also from
-        :meth:`send`, see the module's notes); an exception from it ends the
-        loop and propagates: a reader never swallows errors.
+        ``on_message`` runs synchronously (also from :meth:`send`, see the
+        module's notes). It may return a *job*, an async callable, to be run
+        in a task: a worker of this socket runs it. An exception from either
+        propagates and ends the socket's service: a reader never swallows
+        errors.
+
+        Workers take turns as the reader (leader/follower): only one waits on
+        the descriptor at a time. The reader that receives a job hands the
+        reader role to an idle worker (waking it, without creating a task),
+        then runs the job itself, so a job that does not suspend has done its
+        work before the event loop turns once.
         """
         if self._on_message is not None:
             raise RuntimeError("this socket already has an owner task")
         self._on_message = on_message
-        fd = self._fd
+        self._max_idle = max_idle_workers
         try:
             with map_zmq_errors("receive"):
-                while not self._closed:
-                    if self._catch_up():
-                        try:
-                            await anyio.wait_readable(fd)
-                        except anyio.ClosedResourceError:
-                            if not self._closed:
-                                raise
-                    else:
-                        await anyio.lowlevel.checkpoint()  # let other tasks run
+                async with anyio.create_task_group() as tg:
+                    self._workers = tg
+                    tg.start_soon(self._worker)
         finally:
             self._on_message = None
+            self._workers = None
+
+    async def _worker(self) -> None:
+        jobs = self._jobs
+        idle = self._idle
+        while not self._closed:
+            if jobs:
+                job = jobs.popleft()
+                if not self._reading:
+                    self._promote()
+                await job()
+            elif not self._reading:
+                self._reading = True
+                try:
+                    await self._read_until_job()
+                finally:
+                    self._reading = False
+            elif len(idle) < self._max_idle:
+                wake = anyio.Event()
+                idle.append(wake)
+                await wake.wait()
+            else:
+                return  # enough workers wait already
+
+    async def _read_until_job(self) -> None:
+        fd = self._fd
+        while not self._closed:
+            drained = self._catch_up(reader=True)
+            if self._jobs:
+                return
+            if drained:
+                try:
+                    await anyio.wait_readable(fd)
+                except anyio.ClosedResourceError:
+                    if not self._closed:
+                        raise
+            else:
+                await anyio.lowlevel.checkpoint()  # a full batch: let others run
+
+    def _promote(self) -> None:
+        """Get one more worker going: an idle one if any, else a new one."""
+        if self._idle:
+            self._idle.popleft().set()
+        elif self._workers is not None:
+            self._workers.start_soon(self._worker)
 
     def close(self, linger: int = 0) -> None:
         """Close the socket; ``linger`` ms is how long unsent messages may wait."""
         if self._closed:
             return
         self._closed = True
+        while self._idle:
+            self._idle.popleft().set()  # idle workers see the socket closed and leave
         try:
             anyio.notify_closing(self._fd)
         except RuntimeError:
