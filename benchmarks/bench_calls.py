@@ -7,6 +7,8 @@ Rows:
   zmq floor, anyio/X    same echo server; client on atoll's AnyIO socket
   atoll no-op, X        ``await ref.noop()`` through a real actor process
   atoll 100 in flight   calls/s with 100 concurrent callers on one ref
+  spawn to first reply  ``host.spawn`` plus the first call, per actor
+  death detected        SIGKILL of an actor to ActorDiedError in its caller
 
 Each latency row is the median (and p99) of per-call times, best median over
 ``--rounds`` rounds so that a noisy neighbour inflates fewer numbers.
@@ -17,6 +19,8 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import os
+import signal
+import tempfile
 import statistics
 import sys
 import time
@@ -151,6 +155,47 @@ async def atoll_throughput(n: int, in_flight: int = 100) -> float:
         return per_task * in_flight / (time.perf_counter() - t)
 
 
+async def spawn_to_first_reply(n: int) -> list[float]:
+    out = []
+    async with atoll.open_host() as host:
+        for _ in range(n):
+            t = time.perf_counter()
+            ref = await host.spawn(Noop)
+            await ref.noop()
+            out.append(time.perf_counter() - t)
+            await host.stop(ref)
+    return out
+
+
+class Victim(atoll.Actor):
+    async def pid(self) -> int:
+        return os.getpid()
+
+    async def hang(self) -> None:
+        await anyio.sleep_forever()
+
+
+async def death_detection(n: int) -> list[float]:
+    out = []
+    async with atoll.open_host() as host:
+        for _ in range(n):
+            ref = await host.spawn(Victim)
+            pid = await ref.pid()
+            async with anyio.create_task_group() as tg:
+
+                async def call() -> None:
+                    try:
+                        await ref.hang()
+                    except atoll.ActorDiedError:
+                        out.append(time.perf_counter() - killed)
+
+                tg.start_soon(call)
+                await anyio.wait_all_tasks_blocked()
+                killed = time.perf_counter()
+                os.kill(pid, signal.SIGKILL)
+    return out
+
+
 def best_of(rounds: int, fn: Callable[[], list[float]]) -> tuple[float, float]:
     return min((_summary(fn()) for _ in range(rounds)), key=lambda r: r[0])
 
@@ -162,7 +207,8 @@ def main() -> None:
     opts = parser.parse_args()
     n, rounds = opts.calls, opts.rounds
 
-    endpoint = f"ipc:///tmp/atoll-bench-echo-{os.getpid()}"
+    workdir = tempfile.TemporaryDirectory(prefix="atoll-bench-")
+    endpoint = f"ipc://{workdir.name}/echo"
     server = EchoServer(endpoint)
     rows: list[tuple[str, float, float]] = []
     try:
@@ -175,6 +221,7 @@ def main() -> None:
             rows.append((f"zmq floor, atoll AsyncSocket/{backend}", med, p99))
     finally:
         server.stop()
+        workdir.cleanup()
     for backend in ("asyncio", "trio"):
         med, p99 = best_of(rounds, lambda b=backend: anyio.run(atoll_latency, n, backend=b))
         rows.append((f"atoll no-op call, {backend}", med, p99))
@@ -186,6 +233,11 @@ def main() -> None:
     for backend in ("asyncio", "trio"):
         rate = max(anyio.run(atoll_throughput, n * 4, backend=backend) for _ in range(rounds))
         print(f"{'atoll 100 calls in flight, ' + backend:42} {rate:10,.0f} calls/s")
+    for backend in ("asyncio", "trio"):
+        med, p99 = _summary(anyio.run(spawn_to_first_reply, 20, backend=backend))
+        print(f"{'spawn to first reply, ' + backend:42} {med * 1e3:8.1f}ms {p99 * 1e3:8.1f}ms")
+        med, p99 = _summary(anyio.run(death_detection, 10, backend=backend))
+        print(f"{'SIGKILL to ActorDiedError, ' + backend:42} {med * 1e3:8.1f}ms {p99 * 1e3:8.1f}ms")
 
 
 if __name__ == "__main__":

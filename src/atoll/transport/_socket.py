@@ -4,22 +4,31 @@
 descriptor through :func:`anyio.wait_readable`. That descriptor is
 edge-triggered and shared by reads and writes, which sets the rules here:
 
-* only the owner task (the one running :meth:`AsyncSocket.serve`) ever waits
-  on the descriptor: a second waiter would raise ``BusyResourceError``;
-* after every wake-up the owner reads ``zmq.EVENTS`` and drains until a recv
+* the socket is served by a small pool of worker tasks, all started and
+  owned by :meth:`AsyncSocket.serve`; exactly one of them at a time is the
+  *reader*, the only task that waits on the descriptor (a second waiter would
+  raise ``BusyResourceError``);
+* after every wake-up the reader reads ``zmq.EVENTS`` and drains until a recv
   returns EAGAIN, because no new edge comes before that, and wake-ups can be
   spurious (at connect, for instance);
 * a ``send`` (or the ``EVENTS`` read after it) from another task can consume
-  the edge while messages wait; nobody would wake the owner for them, so the
+  the edge while messages wait; nobody would wake the reader for them, so the
   sending task handles what it uncovered itself: it drains pending input (and
-  flushes the backlog) on the spot, synchronously, as the owner would have;
-* closing first wakes the owner (``notify_closing``) so no waiter hangs.
+  flushes the backlog) on the spot, synchronously, as the reader would have;
+* closing first wakes the reader (``notify_closing``) so no waiter hangs.
 
 Sends are made directly from the calling task: ``send_multipart`` with
 ``NOBLOCK`` completes without yielding, so frames of different messages never
 interleave, and the hot path pays no task hop. A message the socket cannot
 take at once goes to a bounded backlog, flushed on ``POLLOUT``. All of this
-runs on the event loop's thread; only the owner task ever waits.
+runs on the event loop's thread.
+
+Why a pool rather than one owner task that spawns a task per message:
+measured on a 2-core machine, a task per incoming call added about 70 us to a
+round trip of about 60 us. Here the reader that receives work hands the
+reader role to an idle worker (an event, no new task) and runs the work
+itself, so a call that does not suspend has replied before the event loop
+turns once.
 """
 
 from __future__ import annotations
