@@ -20,9 +20,9 @@ import argparse
 import multiprocessing
 import os
 import signal
-import tempfile
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
@@ -175,25 +175,30 @@ class Victim(atoll.Actor):
         await anyio.sleep_forever()
 
 
+async def _time_death(host: atoll.Host) -> float:
+    ref = await host.spawn(Victim)
+    pid = await ref.pid()
+    killed_at = 0.0
+    detected_at = 0.0
+
+    async def call() -> None:
+        nonlocal detected_at
+        try:
+            await ref.hang()
+        except atoll.ActorDiedError:
+            detected_at = time.perf_counter()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(call)
+        await anyio.wait_all_tasks_blocked()
+        killed_at = time.perf_counter()
+        os.kill(pid, signal.SIGKILL)
+    return detected_at - killed_at
+
+
 async def death_detection(n: int) -> list[float]:
-    out = []
     async with atoll.open_host() as host:
-        for _ in range(n):
-            ref = await host.spawn(Victim)
-            pid = await ref.pid()
-            async with anyio.create_task_group() as tg:
-
-                async def call() -> None:
-                    try:
-                        await ref.hang()
-                    except atoll.ActorDiedError:
-                        out.append(time.perf_counter() - killed)
-
-                tg.start_soon(call)
-                await anyio.wait_all_tasks_blocked()
-                killed = time.perf_counter()
-                os.kill(pid, signal.SIGKILL)
-    return out
+        return [await _time_death(host) for _ in range(n)]
 
 
 def best_of(rounds: int, fn: Callable[[], list[float]]) -> tuple[float, float]:
