@@ -86,3 +86,21 @@ async def test_actor_serves_new_calls_after_a_cancelled_one() -> None:
         with anyio.fail_after(10):
             assert (await sleeper.stats())[0] == 1
         assert isinstance(host, atoll.Host)
+
+
+async def test_call_cancelled_while_waiting_for_its_turn_never_runs() -> None:
+    async with atoll.open_host() as host:
+        sleeper = await host.spawn(Sleeper)
+        started, on_started = await _started_event()
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(sleeper.park, on_started)  # holds the actor's turn
+                await started.wait()
+                with anyio.move_on_after(0.2) as queued:
+                    await sleeper.park()  # waits in the mailbox, then gives up
+                assert queued.cancelled_caught
+                tg.cancel_scope.cancel()
+            # stats() waits for its own turn: by then both parks are settled.
+            started_count, cancelled_count = await sleeper.stats()
+        assert started_count == 1, "the cancelled call still ran"
+        assert cancelled_count == 1
