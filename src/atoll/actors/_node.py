@@ -245,17 +245,11 @@ class Node:
             self.check_open(dest)
         if self._deferred:
             self._flush_deferred()
-        call_id = self._next_id()
-        ctx = current_call.get()
-        parent, chain = (0, call_id) if ctx is None else ctx
-        payload, buffers = self.codec.dumps(
-            prepare_args(args, kwargs, self.mark), f"arguments of {method}()"
-        )
-        header = m.encode(m.Call(call_id, parent, chain, target, method, payload))
+        call_id, frames = self._encode_call(target, method, args, kwargs)
         pending = _Pending(dest)
         self._pending[call_id] = pending
         try:
-            self._transmit(dest, [header, *buffers])
+            self._transmit(dest, frames)
         except TransportError:
             del self._pending[call_id]
             self.check_open(dest)
@@ -273,6 +267,25 @@ class Node:
             return self._load(reply.payload, pending.frames, f"result of {method}()")
         assert reply is not None
         raise unpack_error(reply.payload)
+
+    def _encode_call(
+        self,
+        target: int,
+        method: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        credit: int = 0,
+    ) -> tuple[int, list[Any]]:
+        """A new call id and the frames of its Call, linked to the call this
+        task is serving (if any) so that its chain can re-enter."""
+        call_id = self._next_id()
+        ctx = current_call.get()
+        parent, chain = (0, call_id) if ctx is None else ctx
+        payload, buffers = self.codec.dumps(
+            prepare_args(args, kwargs, self.mark), f"arguments of {method}()"
+        )
+        header = m.encode(m.Call(call_id, parent, chain, target, method, payload, credit))
+        return call_id, [header, *buffers]
 
     def stream(
         self,
@@ -644,20 +657,13 @@ class RemoteStream:
     def _open(self) -> _StreamIn:
         node = self._node
         node.check_open(self._dest)
-        target, method, args, kwargs = self._request
-        call_id = node._next_id()
-        ctx = current_call.get()
-        parent, chain = (0, call_id) if ctx is None else ctx
-        payload, buffers = node.codec.dumps(
-            prepare_args(args, kwargs, node.mark), f"arguments of {method}()"
-        )
-        header = m.encode(m.Call(call_id, parent, chain, target, method, payload, self._window))
+        call_id, frames = node._encode_call(*self._request, credit=self._window)
         state = _StreamIn(self._dest)
         node._pending[call_id] = state
         self._call_id = call_id
         self._state = state
         try:
-            node._transmit(self._dest, [header, *buffers])
+            node._transmit(self._dest, frames)
         except TransportError:
             del node._pending[call_id]
             node.check_open(self._dest)
