@@ -50,6 +50,8 @@ class _Child:
         sock.connect(boot["hub"])
         self.socket = AsyncSocket(sock)
         self.node = Node(boot["identity"].encode(), boot["node"], self.name, self._transmit)
+        self.node.wait_reply = self.socket.wait_for
+        self.node.wake_reader = self.socket.wake_reader
         self.stop = anyio.Event()
         self.node.on_bye = self.stop.set
         self.actor: Any = None

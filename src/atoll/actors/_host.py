@@ -73,6 +73,8 @@ class Host:
         self._ctx: zmq.Context[Any] = zmq.Context()
         self._hub = Hub(self._ctx)
         self.node = Node(HOST, 0, "host", self._hub.send)
+        self.node.wait_reply = self._hub.socket.wait_for
+        self.node.wake_reader = self._hub.socket.wake_reader
         self._actors: dict[bytes, _ActorProcess] = {}
         self._numbers = itertools.count(1)
         self._tg: TaskGroup | None = None

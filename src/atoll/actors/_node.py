@@ -15,7 +15,7 @@ import threading
 import types
 import weakref
 from collections import Counter, deque
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from contextlib import aclosing
 from contextvars import ContextVar
 from typing import Any
@@ -145,6 +145,10 @@ class Node:
         self.peer_names: dict[bytes, str] = {}
         self.dropped: Counter[str] = Counter()
         self.on_bye: Callable[[], None] | None = None
+        self.wait_reply: Callable[[anyio.Event], Awaitable[None]] | None = None
+        """Set by the transport: wait for a reply, reading the socket meanwhile."""
+        self.wake_reader: Callable[[], None] = _nothing
+        """Set by the transport: a call ended without a message (see wait_reply)."""
         self.codec = Codec(self._reduce)
 
     # -- lifecycle ---------------------------------------------------------
@@ -172,6 +176,7 @@ class Node:
         pending, self._pending = self._pending, {}
         for p in pending.values():
             p.fail(make_exc())
+        self.wake_reader()
         for scope in self._running.values():
             scope.cancel()
         self._drop_queued(lambda src, call_id: True)
@@ -183,6 +188,7 @@ class Node:
             if p.dest == peer:
                 del self._pending[call_id]
                 p.fail(make_exc())
+        self.wake_reader()
         for (src, _), scope in list(self._running.items()):
             if src == peer:
                 scope.cancel()
@@ -255,7 +261,10 @@ class Node:
             self.check_open(dest)
             raise
         try:
-            await pending.event.wait()
+            if len(self._pending) == 1 and self.wait_reply is not None:
+                await self.wait_reply(pending.event)  # the only call out: read for it
+            else:
+                await pending.event.wait()
         except BaseException:
             if self._pending.pop(call_id, None) is not None:
                 self._send_quietly(dest, [m.encode(m.Cancel(call_id))])
@@ -544,6 +553,10 @@ class Node:
             for key, value in list(self._export_keys.items()):
                 if value == oid:
                     del self._export_keys[key]
+
+
+def _nothing() -> None:
+    pass
 
 
 class _Callback:

@@ -90,7 +90,11 @@ class AsyncSocket:
         self._busy = False  # inside _catch_up: do not recurse into it
         self._jobs: deque[Job] = deque()
         self._idle: deque[anyio.Event] = deque()
-        self._reading = False
+        self._reading = False  # a task holds the reader's seat
+        self._reader_scope: anyio.CancelScope | None = None
+        self._seat_wanted = False  # a caller holds the seat or waits for it
+        self._seat_free: anyio.Event | None = None
+        self._seat_scope: anyio.CancelScope | None = None
         self._max_idle = 8
         self._workers: TaskGroup | None = None
         self._closed = False
@@ -159,6 +163,7 @@ class AsyncSocket:
         assert on_message is not None
         jobs = self._jobs
         queued = 0
+        handled = 0
         self._busy = True
         try:
             for _ in range(_RECV_BATCH):
@@ -172,6 +177,7 @@ class AsyncSocket:
                     frames = sock.recv_multipart(_NOBLOCK, copy=False)
                 except zmq.Again:
                     continue
+                handled += 1
                 job = on_message(frames)
                 if job is not None:
                     jobs.append(job)
@@ -179,6 +185,8 @@ class AsyncSocket:
             return False
         finally:
             self._busy = False
+            if handled and self._seat_scope is not None:
+                self._seat_scope.cancel()  # we may have read the seat holder's reply
             if reader and queued:
                 queued -= 1  # the reader runs one itself
             for _ in range(queued):
@@ -221,12 +229,14 @@ class AsyncSocket:
                 if not self._reading:
                     self._promote()
                 await job()
-            elif not self._reading:
+            elif not self._reading and not self._seat_wanted:
                 self._reading = True
                 try:
                     await self._read_until_job()
                 finally:
                     self._reading = False
+                    if self._seat_free is not None:
+                        self._seat_free.set()  # evicted by a caller: its turn to read
             elif len(idle) < self._max_idle:
                 wake = anyio.Event()
                 idle.append(wake)
@@ -236,18 +246,78 @@ class AsyncSocket:
 
     async def _read_until_job(self) -> None:
         fd = self._fd
-        while not self._closed:
+        while not self._closed and not self._seat_wanted:
             drained = self._catch_up(reader=True)
             if self._jobs:
                 return
             if drained:
-                try:
-                    await anyio.wait_readable(fd)
-                except anyio.ClosedResourceError:
-                    if not self._closed:
-                        raise
+                with anyio.CancelScope() as self._reader_scope:
+                    try:
+                        await anyio.wait_readable(fd)
+                    except anyio.ClosedResourceError:
+                        if not self._closed:
+                            raise
+                self._reader_scope = None
             else:
                 await anyio.lowlevel.checkpoint()  # a full batch: let others run
+
+    async def wait_for(self, done: anyio.Event) -> None:
+        """Wait until ``done`` is set, reading the socket meanwhile if no
+        other caller does.
+
+        For a caller that expects its reply soon: rather than let a worker
+        receive the reply and wake it (a task switch, on the critical path),
+        the caller takes the reader's seat and receives it itself, handling
+        whatever else arrives as the reader would. Evicting the worker happens
+        while the peer is still working on the request.
+        """
+        if self._seat_wanted or self._on_message is None or self._closed:
+            await done.wait()
+            return
+        self._seat_wanted = True
+        try:
+            if self._reading:
+                self._seat_free = free = anyio.Event()
+                if self._reader_scope is not None:
+                    self._reader_scope.cancel()
+                await free.wait()
+            self._reading = True
+            try:
+                await self._read_until_set(done)
+            finally:
+                self._reading = False
+        finally:
+            self._seat_wanted = False
+            self._seat_free = None
+            self._promote()  # a worker reads from here on
+
+    async def _read_until_set(self, done: anyio.Event) -> None:
+        fd = self._fd
+        while not done.is_set():
+            if self._closed:
+                await done.wait()  # whoever closed the socket fails the call
+                return
+            drained = self._catch_up()
+            if done.is_set():
+                return
+            if drained:
+                # Woken by input, or by wake_reader(): the call may have
+                # ended without a message reaching this task.
+                with anyio.CancelScope() as self._seat_scope:
+                    try:
+                        await anyio.wait_readable(fd)
+                    except anyio.ClosedResourceError:
+                        if not self._closed:
+                            raise
+                self._seat_scope = None
+            else:
+                await anyio.lowlevel.checkpoint()
+
+    def wake_reader(self) -> None:
+        """Make a caller that reads for its reply look at it again (its call
+        may have ended some other way: a failure, another task's read)."""
+        if self._seat_scope is not None:
+            self._seat_scope.cancel()
 
     def _promote(self) -> None:
         """Get one more worker going: an idle one if any, else a new one."""
