@@ -139,3 +139,14 @@ async def test_counter_unaffected_by_dead_neighbour() -> None:
         with pytest.raises(atoll.ActorDiedError):
             await doomed.kill_self()
         assert await counter.add(2) == 2
+
+
+async def test_name_of_a_dead_actor_can_be_used_again() -> None:
+    async with atoll.open_host() as host:
+        first = await host.spawn(Echo, name="phoenix")
+        with pytest.raises(atoll.ActorDiedError):
+            await first.kill_self()
+        second = await host.spawn(Echo, name="phoenix")
+        assert await second.pid() != os.getpid()
+        with pytest.raises(atoll.ActorDiedError):
+            await first.pid()

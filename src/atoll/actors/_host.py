@@ -105,7 +105,7 @@ class Host:
             raise TypeError(f"spawn() needs a subclass of atoll.Actor, got {cls!r}")
         number = next(self._numbers)
         name = name or f"{cls.__name__}-{number}"
-        if any(a.name == name for a in self._actors.values()):
+        if any(a.name == name and not a.exited.is_set() for a in self._actors.values()):
             raise ValueError(
                 f"an actor named {name!r} already runs in this host; pick another name"
             )

@@ -26,10 +26,16 @@ import anyio.lowlevel
 import zmq
 from anyio.abc import TaskGroup
 
-from .._errors import ActorClosedError, AtollError, SerializationError, TransportError
+from .._errors import (
+    ActorClosedError,
+    ActorDiedError,
+    AtollError,
+    SerializationError,
+    TransportError,
+)
 from ..transport import _messages as m
 from ..transport._codec import Codec, prepare, prepare_args
-from ..transport._socket import Job
+from ..transport._socket import Job, PeerUnreachableError
 from ._actor import Kind, kind_of
 from ._errors_wire import pack_error, unpack_error
 from ._turns import TurnGate
@@ -204,6 +210,13 @@ class Node:
                     queue.clear()
                     queue.extend(kept)
 
+    def _unreachable(self, dest: bytes, exc: TransportError) -> Exception:
+        if isinstance(exc, PeerUnreachableError):
+            # Gone, and the news of it (exit status, stderr) is on its way.
+            name = self.peer_names.get(dest, dest.decode(errors="replace"))
+            return ActorDiedError(name, detail="it is no longer connected")
+        return exc
+
     def check_open(self, dest: bytes) -> None:
         if self._closed is not None:
             raise self._closed()
@@ -256,10 +269,10 @@ class Node:
         self._pending[call_id] = pending
         try:
             self._transmit(dest, frames)
-        except TransportError:
+        except TransportError as exc:
             del self._pending[call_id]
             self.check_open(dest)
-            raise
+            raise self._unreachable(dest, exc) from exc
         try:
             if len(self._pending) == 1 and self.wait_reply is not None:
                 await self.wait_reply(pending.event)  # the only call out: read for it
@@ -677,10 +690,10 @@ class RemoteStream:
         self._state = state
         try:
             node._transmit(self._dest, frames)
-        except TransportError:
+        except TransportError as exc:
             del node._pending[call_id]
             node.check_open(self._dest)
-            raise
+            raise node._unreachable(self._dest, exc) from exc
         return state
 
     async def __anext__(self) -> Any:
