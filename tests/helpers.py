@@ -174,3 +174,80 @@ class LocalError(atoll.Actor):
 
     async def value_error(self) -> None:
         raise ValueError("bad value 42")
+
+
+class Tally(atoll.Actor):
+    """A shared service: counts hits by caller."""
+
+    def __init__(self) -> None:
+        self.hits: dict[str, int] = {}
+
+    async def hit(self, who: str) -> int:
+        self.hits[who] = self.hits.get(who, 0) + 1
+        return sum(self.hits.values())
+
+    async def total(self) -> int:
+        return sum(self.hits.values())
+
+    async def pid(self) -> int:
+        return os.getpid()
+
+
+class Relay(atoll.Actor):
+    """A service that holds refs to others and calls along a chain."""
+
+    def __init__(self, next_name: str | None = None) -> None:
+        self.next_name = next_name
+
+    async def next_service(self) -> Any:
+        return await atoll.lookup(self.next_name) if self.next_name else None
+
+    async def relay(self, caller: Any, depth: int) -> list[str]:
+        """Call back into ``caller`` (re-entrant), then into the next service."""
+        trail = [f"relay:{await caller.name()}"]
+        nxt = await self.next_service()
+        if nxt is not None and depth > 0:
+            trail += await nxt.relay(caller, depth - 1)
+        return trail
+
+
+class Client(atoll.Actor):
+    def __init__(self, label: str = "client") -> None:
+        self.label = label
+
+    async def name(self) -> str:
+        return self.label
+
+    async def hit(self, service: str) -> int:
+        tally = await atoll.lookup(service)
+        return int(await tally.hit(self.label))
+
+    async def hit_by_class(self) -> int:
+        tally = await atoll.lookup(Tally)
+        return int(await tally.hit(self.label))
+
+    async def lookup_error(self, name: str) -> str:
+        try:
+            await atoll.lookup(name)
+        except LookupError as exc:
+            return str(exc)
+        return "found"
+
+    async def start_chain(self, relay: str, depth: int) -> list[str]:
+        service = await atoll.lookup(relay)
+        return list(await service.relay(self.ref_of_me, depth))
+
+    async def remember_me(self, me: Any) -> None:
+        self.ref_of_me = me
+
+    async def publish(self, topic: str, values: list[Any]) -> int:
+        for value in values:
+            atoll.publish(topic, value)
+        return len(values)
+
+    def publish_sync(self, topic: str, value: Any) -> None:
+        atoll.publish(topic, value)
+
+    async def call_service_slowly(self, service: str, on_started: Any) -> Any:
+        svc = await atoll.lookup(service)
+        return await svc.park(on_started)

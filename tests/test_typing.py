@@ -24,6 +24,8 @@ SNIPPET = textwrap.dedent(
             n: int = await c.add(1)
             reveal_type(n)
             await c.add("one")
+            same = await atoll.lookup(Counter)
+            await same.add(b"two")
     """
 )
 
@@ -42,5 +44,6 @@ def test_spawned_ref_is_checked_against_the_class(tmp_path: Path) -> None:
     revealed = re.compile(r'Revealed type is "(builtins\.)?int"')
     assert any(revealed.search(line) for line in lines), out.stdout
     errors = [line for line in lines if ": error:" in line]
-    assert len(errors) == 1, out.stdout
+    assert len(errors) == 2, out.stdout
     assert 'Argument 1 to "add" of "Counter" has incompatible type "str"' in errors[0]
+    assert 'Argument 1 to "add" of "Counter" has incompatible type "bytes"' in errors[1]

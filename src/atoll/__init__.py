@@ -30,6 +30,9 @@ from .actors import Host as Host
 from .actors import open_host as open_host
 from .actors._blocking import BlockingHost as BlockingHost
 from .actors._blocking import blocking_host as blocking_host
+from .actors._registry import Subscription as Subscription
+from .actors._runtime import lookup as lookup
+from .actors._runtime import publish as publish
 
 __version__ = "0.1.0"
 
@@ -46,7 +49,10 @@ __all__ = [
     "RemoteTraceback",
     "SerializationError",
     "SpawnError",
+    "Subscription",
     "TransportError",
     "blocking_host",
+    "lookup",
     "open_host",
+    "publish",
 ]

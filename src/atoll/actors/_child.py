@@ -22,6 +22,7 @@ from ..transport import _messages as m
 from ..transport._codec import Codec
 from ..transport._hub import HOST, remove_hub_dir
 from ..transport._socket import AsyncSocket, Job
+from . import _runtime
 from ._errors_wire import pack_error
 from ._node import Node
 from ._ref import ACTOR_OID
@@ -52,6 +53,7 @@ class _Child:
         self.node = Node(boot["identity"].encode(), boot["node"], self.name, self._transmit)
         self.node.wait_reply = self.socket.wait_for
         self.node.wake_reader = self.socket.wake_reader
+        _runtime.child_node = self.node
         self.stop = anyio.Event()
         self.node.on_bye = self.stop.set
         self.actor: Any = None

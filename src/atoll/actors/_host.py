@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import json
 import os
@@ -9,11 +10,12 @@ import secrets
 import subprocess
 import sys
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
 import anyio
+import anyio.lowlevel
 import zmq
 from anyio.abc import Process, TaskGroup
 
@@ -28,10 +30,12 @@ from ..transport import _messages as m
 from ..transport._codec import Codec, prepare_args
 from ..transport._hub import HOST, Hub
 from ..transport._socket import Job
+from . import _runtime
 from ._actor import Actor, method_kinds
 from ._errors_wire import pack_error
 from ._node import ExcFactory, Node, _Pending
-from ._ref import ActorRef
+from ._ref import ACTOR_OID, ActorRef
+from ._registry import REGISTRY_OID, Registry, RegistryService, Subscription
 
 A = TypeVar("A", bound=Actor)
 
@@ -72,13 +76,65 @@ class Host:
         self._spawn_timeout = spawn_timeout
         self._ctx: zmq.Context[Any] = zmq.Context()
         self._hub = Hub(self._ctx)
-        self.node = Node(HOST, 0, "host", self._hub.send)
+        self.node = Node(HOST, 0, "host", self._transmit)
         self.node.wait_reply = self._hub.socket.wait_for
         self.node.wake_reader = self._hub.socket.wake_reader
         self._actors: dict[bytes, _ActorProcess] = {}
         self._numbers = itertools.count(1)
         self._tg: TaskGroup | None = None
         self._closed = False
+        self.registry = Registry(self.node)
+        self.node.export(RegistryService(self.registry), "registry", oid=REGISTRY_OID, actor=True)
+
+    def _transmit(self, dest: bytes, frames: Sequence[Any]) -> None:
+        if dest != HOST:
+            self._hub.send(dest, frames)
+            return
+        # A call to a service of the host, or its reply: loop back, copying the
+        # buffers as the wire would, so caller and service never share memory.
+        socket = self._hub.socket
+        copied: list[Any] = [frames[0], *(bytes(b) for b in frames[1:])]
+        job = self.node.on_message(HOST, copied)
+        if job is not None:
+            socket.submit(job)
+        socket.wake_reader()
+
+    def register(self, name: str, service: Any) -> Any:
+        """Make ``service`` (an Actor, or any object) a named service living in
+        the host, reachable with :func:`atoll.lookup` from every actor process.
+
+        It takes turns like an actor. Returns its ref; raises ``ValueError`` if
+        the name is taken.
+        """
+        self._check_open()
+        self.registry.check_free(name)
+        oid = self.node.export(service, name, actor=True)
+        kinds = method_kinds(type(service))
+        self.registry.add(name, HOST, oid, kinds, type(service))
+        return ActorRef(self.node, HOST, name, kinds, oid)
+
+    def unregister(self, name: str) -> None:
+        """Forget the service registered as ``name``; later calls to it fail."""
+        entry = self.registry.remove(name)
+        if entry is not None and entry.identity == HOST:
+            self.node._exports.pop(entry.oid, None)
+
+    async def lookup(self, target: str | type[A]) -> Any:
+        """Like :func:`atoll.lookup`, for this host."""
+        await anyio.lowlevel.checkpoint()
+        return self.registry.find(_runtime._key(target))
+
+    def subscribe(self, topic: str, callback: Callable[[Any], Any] | None = None) -> Subscription:
+        """Receive the events actors publish on ``topic`` with :func:`atoll.publish`.
+
+        Iterate the returned subscription, or pass ``callback`` (sync or async)
+        to have it called with each event. Close it to stop.
+        """
+        subscription = self.registry.subscribe(topic)
+        if callback is not None:
+            assert self._tg is not None
+            self._tg.start_soon(_deliver, subscription, callback)
+        return subscription
 
     @property
     def dropped(self) -> dict[str, int]:
@@ -105,10 +161,7 @@ class Host:
             raise TypeError(f"spawn() needs a subclass of atoll.Actor, got {cls!r}")
         number = next(self._numbers)
         name = name or f"{cls.__name__}-{number}"
-        if any(a.name == name and not a.exited.is_set() for a in self._actors.values()):
-            raise ValueError(
-                f"an actor named {name!r} already runs in this host; pick another name"
-            )
+        self.registry.check_free(name)
         identity = b"a%d" % number
         secret = secrets.token_bytes(32)
         actor = _ActorProcess(identity, name)
@@ -144,6 +197,7 @@ class Host:
                     f"actor {name!r} ({cls.__qualname__}) failed to start: {exc}"
                 ) from exc
             raise
+        self.registry.add(name, identity, ACTOR_OID, method_kinds(cls), cls)
         ref: A = ActorRef(self.node, identity, name, method_kinds(cls))  # type: ignore[assignment]
         return ref  # typed as the actor class: see the docstring
 
@@ -224,6 +278,7 @@ class Host:
 
     def _on_exit(self, actor: _ActorProcess) -> None:
         self._hub.forget(actor.identity)
+        self.registry.mark_gone(actor.identity, None if actor.stopping else actor.gone_error)
         error = actor.gone_error()
 
         def make_exc() -> Exception:
@@ -309,6 +364,7 @@ class Host:
 
     async def _shutdown(self) -> None:
         self._closed = True
+        self.registry.close_subscriptions()
         with anyio.CancelScope(shield=True):
             async with anyio.create_task_group() as tg:
                 for actor in list(self._actors.values()):
@@ -320,6 +376,13 @@ class Host:
     def _close_transport(self) -> None:
         self._hub.close()
         self._ctx.term()
+
+
+async def _deliver(subscription: Subscription, callback: Callable[[Any], Any]) -> None:
+    async for value in subscription:
+        result = callback(value)
+        if inspect.isawaitable(result):
+            await result
 
 
 def _signal(process: Process, how: str) -> None:
@@ -341,6 +404,7 @@ async def open_host(
     event loop that is already running.
     """
     host = Host(stop_timeout=stop_timeout, spawn_timeout=spawn_timeout)
+    token = _runtime.current_host.set(host)
     tg = anyio.create_task_group()
     # The task group is entered by hand so that an exception from the body
     # reaches the caller as itself, not wrapped in an ExceptionGroup.
@@ -357,6 +421,7 @@ async def open_host(
                 await tg.__aexit__(None, None, None)
             finally:
                 host._close_transport()
+                _runtime.current_host.reset(token)
 
 
 __all__ = ["ActorRef", "AtollError", "ExcFactory", "Host", "open_host"]

@@ -133,7 +133,7 @@ class Node:
         self.name = name
         self._transmit = transmit
         self._next_id = itertools.count((node_no << 40) + 1).__next__
-        self._next_oid = itertools.count(1).__next__
+        self._next_oid = itertools.count(16).__next__  # below 16: well-known objects
         self._pending: dict[int, _Pending | _StreamIn] = {}
         self._running: dict[tuple[bytes, int], anyio.CancelScope] = {}
         self._streams_out: dict[tuple[bytes, int], _StreamOut] = {}
@@ -309,6 +309,17 @@ class Node:
         header = m.encode(m.Call(call_id, parent, chain, target, method, payload, credit))
         return call_id, [header, *buffers]
 
+    def notify(
+        self, dest: bytes, target: int, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> None:
+        """Call without waiting for (or hearing of) the result."""
+        self.check_open(dest)
+        _, frames = self._encode_call(target, method, args, kwargs)
+        try:
+            self._transmit(dest, frames)
+        except TransportError as exc:
+            raise self._unreachable(dest, exc) from exc
+
     def stream(
         self,
         dest: bytes,
@@ -352,7 +363,7 @@ class Node:
 
     # -- incoming messages -------------------------------------------------
 
-    def on_message(self, src: bytes, frames: list[zmq.Frame]) -> Job | None:
+    def on_message(self, src: bytes, frames: list[Any]) -> Job | None:
         """Handle one message from ``src``: ``[header, *buffers]``.
 
         A call is returned as a job for the transport to run in a task;

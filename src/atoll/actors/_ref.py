@@ -26,11 +26,19 @@ class ActorRef(Generic[A]):
     method signatures and return types are checked as the class declares them.
     """
 
-    __slots__ = ("_id", "_kinds", "_methods", "_name", "_node")
+    __slots__ = ("_id", "_kinds", "_methods", "_name", "_node", "_oid")
 
-    def __init__(self, node: Node, actor_id: bytes, name: str, kinds: dict[str, Kind]) -> None:
+    def __init__(
+        self,
+        node: Node,
+        actor_id: bytes,
+        name: str,
+        kinds: dict[str, Kind],
+        oid: int = 0,
+    ) -> None:
         self._node = node
         self._id = actor_id
+        self._oid = oid
         self._name = name
         self._kinds = kinds
         self._methods: dict[str, _Method] = {}
@@ -48,13 +56,14 @@ class ActorRef(Generic[A]):
         return f"<ActorRef {self._name!r}>"
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, ActorRef) and other._id == self._id
+        return isinstance(other, ActorRef) and (other._id, other._oid) == (self._id, self._oid)
 
     def __hash__(self) -> int:
-        return hash(self._id)
+        return hash((self._id, self._oid))
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (_rebuild_ref, (self._id, self._name, {k: int(v) for k, v in self._kinds.items()}))
+        kinds = {k: int(v) for k, v in self._kinds.items()}
+        return (_rebuild_ref, (self._id, self._name, kinds, self._oid))
 
 
 class _Method:
@@ -72,11 +81,11 @@ class _Method:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if self._kind is Kind.STREAM:
-            return self._node.stream(self._ref._id, ACTOR_OID, self._name, args, kwargs)
-        return self._node.invoke(self._ref._id, ACTOR_OID, self._name, args, kwargs)
+            return self._node.stream(self._ref._id, self._ref._oid, self._name, args, kwargs)
+        return self._node.invoke(self._ref._id, self._ref._oid, self._name, args, kwargs)
 
 
-def _rebuild_ref(actor_id: bytes, name: str, kinds: dict[str, int]) -> ActorRef[Any]:
+def _rebuild_ref(actor_id: bytes, name: str, kinds: dict[str, int], oid: int = 0) -> ActorRef[Any]:
     node = _loading.get()
     node.peer_names.setdefault(actor_id, name)
-    return ActorRef(node, actor_id, name, {k: Kind(v) for k, v in kinds.items()})
+    return ActorRef(node, actor_id, name, {k: Kind(v) for k, v in kinds.items()}, oid)

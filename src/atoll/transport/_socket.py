@@ -319,6 +319,11 @@ class AsyncSocket:
         if self._seat_scope is not None:
             self._seat_scope.cancel()
 
+    def submit(self, job: Job) -> None:
+        """Run ``job`` in one of this socket's workers."""
+        self._jobs.append(job)
+        self._promote()
+
     def _promote(self) -> None:
         """Get one more worker going: an idle one if any, else a new one."""
         if self._idle:

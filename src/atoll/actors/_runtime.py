@@ -1,0 +1,71 @@
+"""Functions that work wherever they are called: in the host or in an actor."""
+
+from __future__ import annotations
+
+import threading
+from contextvars import ContextVar
+from typing import TYPE_CHECKING, Any, TypeVar, overload
+
+import anyio.from_thread
+
+from ..transport._hub import HOST
+from ._registry import REGISTRY_OID, class_key
+
+if TYPE_CHECKING:
+    from ._host import Host
+    from ._node import Node
+
+A = TypeVar("A")
+
+current_host: ContextVar[Host | None] = ContextVar("atoll_current_host", default=None)
+child_node: Node | None = None
+"""The RPC node of this process, when it is an actor process."""
+
+
+def _key(target: str | type[Any]) -> str:
+    if isinstance(target, str):
+        return target
+    if isinstance(target, type):
+        return "class:" + class_key(target)
+    raise TypeError(f"lookup() takes a name or a class, got {target!r}")
+
+
+@overload
+async def lookup(target: type[A]) -> A: ...
+@overload
+async def lookup(target: str) -> Any: ...
+async def lookup(target: str | type[Any]) -> Any:
+    """The ref of the actor or service registered under a name, or of the one
+    instance of a class; from the host or from any actor process.
+
+    Raises :class:`LookupError` if none is registered (or, for a class,
+    several are), and :class:`atoll.ActorDiedError` if it died.
+    """
+    key = _key(target)
+    host = current_host.get()
+    if host is not None:
+        return host.registry.find(key)
+    if child_node is not None:
+        return await child_node.call(HOST, REGISTRY_OID, "lookup", (key,), {})
+    raise RuntimeError("atoll.lookup() works inside open_host() or in an actor process")
+
+
+def publish(topic: str, value: Any) -> None:
+    """Publish ``value`` on ``topic`` to the host's subscribers, without waiting.
+
+    Callable from async and sync code, in the host or in an actor process; the
+    value is pickled here, so an unpicklable one raises here.
+    """
+    host = current_host.get()
+    if host is not None:
+        host.registry.publish_now(topic, value)
+        return
+    node = child_node
+    if node is None:
+        raise RuntimeError("atoll.publish() works inside open_host() or in an actor process")
+    if threading.get_ident() == node._loop_thread:
+        node.notify(HOST, REGISTRY_OID, "publish", (topic, value), {})
+    else:
+        anyio.from_thread.run_sync(
+            node.notify, HOST, REGISTRY_OID, "publish", (topic, value), {}, token=node._token
+        )
