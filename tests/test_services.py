@@ -138,3 +138,13 @@ async def test_events_reach_subscribers_without_blocking_publishers() -> None:
             await client.publish("progress", ["after flood"])
             assert await progress.receive() == "after flood"
         assert ignored.dropped == 500
+
+
+async def test_service_scoped_to_a_block() -> None:
+    async with atoll.open_host() as host:
+        client = await host.spawn(Client, "c")
+        with host.registered("scoped", Tally()) as tally:
+            assert await client.hit("scoped") == 1
+        assert "no actor or service is named 'scoped'" in await client.lookup_error("scoped")
+        with pytest.raises(atoll.ActorClosedError, match="scoped"):
+            await tally.total()

@@ -10,8 +10,8 @@ import secrets
 import subprocess
 import sys
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any, TypeVar
 
 import anyio
@@ -113,11 +113,20 @@ class Host:
         self.registry.add(name, HOST, oid, kinds, type(service))
         return ActorRef(self.node, HOST, name, kinds, oid)
 
+    @contextmanager
+    def registered(self, name: str, service: Any) -> Iterator[Any]:
+        """:meth:`register` for the duration of a ``with`` block; yields the ref."""
+        ref = self.register(name, service)
+        try:
+            yield ref
+        finally:
+            self.unregister(name)
+
     def unregister(self, name: str) -> None:
         """Forget the service registered as ``name``; later calls to it fail."""
         entry = self.registry.remove(name)
         if entry is not None and entry.identity == HOST:
-            self.node._exports.pop(entry.oid, None)
+            self.node.unexport(entry.oid)
 
     async def lookup(self, target: str | type[A]) -> Any:
         """Like :func:`atoll.lookup`, for this host."""

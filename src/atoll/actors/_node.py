@@ -138,6 +138,7 @@ class Node:
         self._running: dict[tuple[bytes, int], anyio.CancelScope] = {}
         self._streams_out: dict[tuple[bytes, int], _StreamOut] = {}
         self._exports: dict[int, _Export] = {}
+        self._retired: dict[int, str] = {}  # names of unexported services, for errors
         self._export_keys: dict[Any, int] = {}
         self._proxies: weakref.WeakValueDictionary[tuple[bytes, int], RemoteCallable] = (
             weakref.WeakValueDictionary()
@@ -175,6 +176,12 @@ class Node:
         gate = TurnGate(getattr(obj, "max_concurrency", 1)) if actor else None
         self._exports[oid] = _Export(obj, name, kinds, gate)
         return oid
+
+    def unexport(self, oid: int) -> None:
+        """Stop serving object ``oid``; later calls to it fail, naming it."""
+        export = self._exports.pop(oid, None)
+        if export is not None:
+            self._retired[oid] = export.name
 
     def close(self, make_exc: ExcFactory) -> None:
         """Fail every pending call and stream with ``make_exc()``; refuse new ones."""
@@ -429,9 +436,8 @@ class Node:
     def _on_call(self, src: bytes, msg: m.Call, frames: list[zmq.Frame]) -> Job | None:
         export = self._exports.get(msg.target)
         if export is None or self._closed is not None:
-            exc = ActorClosedError(
-                f"{self.name!r} has no object #{msg.target} (it was stopped or released)"
-            )
+            what = self._retired.get(msg.target, f"object #{msg.target}")
+            exc = ActorClosedError(f"{what!r} in {self.name!r} was stopped or unregistered")
             self._send_quietly(src, [m.encode(m.Error(msg.call_id, pack_error(exc, self.name)))])
             return None
         gate = export.gate
