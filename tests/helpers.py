@@ -12,6 +12,14 @@ import anyio
 import atoll
 
 
+def pid_of(host: atoll.Host, name: str) -> int:
+    """The process id of the actor named ``name`` (test-only peek at the host)."""
+    for actor in host._actors.values():
+        if actor.name == name and actor.process is not None:
+            return int(actor.process.pid)
+    raise LookupError(name)
+
+
 class Counter(atoll.Actor):
     def __init__(self, start: int = 0) -> None:
         self.n = start

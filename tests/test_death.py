@@ -14,7 +14,7 @@ import anyio
 import pytest
 
 import atoll
-from helpers import Counter, Echo, Sleeper
+from helpers import Counter, Echo, Sleeper, pid_of
 
 pytestmark = pytest.mark.anyio
 
@@ -43,7 +43,7 @@ async def test_sigkill_fails_pending_calls_quickly() -> None:
             tg.start_soon(park)
             with anyio.fail_after(10):
                 await started.wait()
-            sleeper_pid = await _pid_of(host, "victim")
+            sleeper_pid = pid_of(host, "victim")
             killed_at = time.perf_counter()
             os.kill(sleeper_pid, signal.SIGKILL)
         assert failure, "the pending call did not fail"
@@ -56,13 +56,6 @@ async def test_sigkill_fails_pending_calls_quickly() -> None:
         with pytest.raises(atoll.ActorDiedError):
             await sleeper.stats()
         assert await echo.pid() == pid  # others keep working
-
-
-async def _pid_of(host: atoll.Host, name: str) -> int:
-    for actor in host._actors.values():
-        if actor.name == name and actor.process is not None:
-            return int(actor.process.pid)
-    raise LookupError(name)
 
 
 async def test_died_error_carries_stderr_tail() -> None:

@@ -9,7 +9,7 @@ import pytest
 
 import atoll
 from atoll.testing._leaks import _children
-from helpers import Client, Relay, Sleeper, Tally
+from helpers import Client, Relay, Sleeper, Tally, pid_of
 
 pytestmark = pytest.mark.anyio
 
@@ -93,7 +93,7 @@ async def test_service_killed_mid_call() -> None:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(call)
                 await started.wait()
-                os.kill(await _pid(host, "svc"), 9)
+                os.kill(pid_of(host, "svc"), 9)
         assert len(failures) == 1
         assert "'svc' was killed by signal 9" in str(failures[0])
         with pytest.raises(atoll.ActorDiedError, match="svc"):
@@ -103,13 +103,6 @@ async def test_service_killed_mid_call() -> None:
         replacement = await host.spawn(Sleeper, name="svc")  # the name is free again
         assert await (await atoll.lookup("svc")).stats() == (0, 0)
         assert replacement == await atoll.lookup(Sleeper)
-
-
-async def _pid(host: atoll.Host, name: str) -> int:
-    for actor in host._actors.values():
-        if actor.name == name and actor.process is not None:
-            return int(actor.process.pid)
-    raise LookupError(name)
 
 
 async def test_events_reach_subscribers_without_blocking_publishers() -> None:

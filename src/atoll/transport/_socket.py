@@ -245,18 +245,13 @@ class AsyncSocket:
                 return  # enough workers wait already
 
     async def _read_until_job(self) -> None:
-        fd = self._fd
         while not self._closed and not self._seat_wanted:
             drained = self._catch_up(reader=True)
             if self._jobs:
                 return
             if drained:
                 with anyio.CancelScope() as self._reader_scope:
-                    try:
-                        await anyio.wait_readable(fd)
-                    except anyio.ClosedResourceError:
-                        if not self._closed:
-                            raise
+                    await self._await_input()
                 self._reader_scope = None
             else:
                 await anyio.lowlevel.checkpoint()  # a full batch: let others run
@@ -292,7 +287,6 @@ class AsyncSocket:
             self._promote()  # a worker reads from here on
 
     async def _read_until_set(self, done: anyio.Event) -> None:
-        fd = self._fd
         while not done.is_set():
             if self._closed:
                 await done.wait()  # whoever closed the socket fails the call
@@ -304,14 +298,18 @@ class AsyncSocket:
                 # Woken by input, or by wake_reader(): the call may have
                 # ended without a message reaching this task.
                 with anyio.CancelScope() as self._seat_scope:
-                    try:
-                        await anyio.wait_readable(fd)
-                    except anyio.ClosedResourceError:
-                        if not self._closed:
-                            raise
+                    await self._await_input()
                 self._seat_scope = None
             else:
                 await anyio.lowlevel.checkpoint()
+
+    async def _await_input(self) -> None:
+        """Wait for the descriptor; a close() ends the wait quietly."""
+        try:
+            await anyio.wait_readable(self._fd)
+        except anyio.ClosedResourceError:
+            if not self._closed:
+                raise
 
     def wake_reader(self) -> None:
         """Make a caller that reads for its reply look at it again (its call
