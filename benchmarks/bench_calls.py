@@ -5,7 +5,8 @@
 Rows:
   zmq floor, blocking   DEALER/ROUTER round trip, blocking pyzmq both ends
   zmq floor, anyio/X    same echo server; client on atoll's AnyIO socket
-  atoll no-op, X        ``await ref.noop()`` through a real actor process
+  atoll no-op, X        ``await ref.noop()`` through a real actor process (with the
+                        default reply polling, and with ``spin_us=0``)
   atoll 100 in flight   calls/s with 100 concurrent callers on one ref
   spawn to first reply  ``host.spawn`` plus the first call, per actor
   death detected        SIGKILL of an actor to ActorDiedError in its caller
@@ -122,8 +123,8 @@ class Noop(atoll.Actor):
         return None
 
 
-async def atoll_latency(n: int) -> list[float]:
-    async with atoll.open_host() as host:
+async def atoll_latency(n: int, spin_us: float = 150) -> list[float]:
+    async with atoll.open_host(spin_us=spin_us) as host:
         ref = await host.spawn(Noop)
         for _ in range(200):
             await ref.noop()
@@ -230,6 +231,8 @@ def main() -> None:
     for backend in ("asyncio", "trio"):
         med, p99 = best_of(rounds, lambda b=backend: anyio.run(atoll_latency, n, backend=b))
         rows.append((f"atoll no-op call, {backend}", med, p99))
+        med, p99 = best_of(rounds, lambda b=backend: anyio.run(atoll_latency, n, 0, backend=b))
+        rows.append((f"atoll no-op call, {backend}, spin_us=0", med, p99))
 
     print(f"python {sys.version.split()[0]}, pyzmq {zmq.__version__}, libzmq {zmq.zmq_version()}")
     print(f"{'':42} {'median':>10} {'p99':>10} {'x floor':>8}")

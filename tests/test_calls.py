@@ -106,3 +106,12 @@ async def test_numpy_arrays_round_trip() -> None:
         back = await echo.echo(big)
         assert back.dtype == big.dtype and np.array_equal(back, big)
         assert np.array_equal(await echo.echo(big.T), big.T)
+
+
+async def test_reply_polling_can_be_turned_off() -> None:
+    async with atoll.open_host(spin_us=0) as host:
+        counter = await host.spawn(Counter, 1)
+        assert await counter.add(1) == 2
+    with pytest.raises(ValueError, match="spin_us"):
+        async with atoll.open_host(spin_us=-1):
+            pass

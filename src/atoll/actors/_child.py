@@ -51,6 +51,7 @@ class _Child:
         sock.connect(boot["hub"])
         self.socket = AsyncSocket(sock)
         self.node = Node(boot["identity"].encode(), boot["node"], self.name, self._transmit)
+        self.socket.spin = float(boot.get("spin_us", 0)) * 1e-6
         self.node.wait_reply = self.socket.wait_for
         self.node.wake_reader = self.socket.wake_reader
         _runtime.child_node = self.node

@@ -71,12 +71,18 @@ class _ActorProcess:
 class Host:
     """Owns the hub and the actor processes; made by :func:`open_host`."""
 
-    def __init__(self, *, stop_timeout: float = 2.0, spawn_timeout: float = 60.0) -> None:
+    def __init__(
+        self, *, stop_timeout: float = 2.0, spawn_timeout: float = 60.0, spin_us: float = 150
+    ) -> None:
+        if spin_us < 0:
+            raise ValueError(f"spin_us must be 0 (no polling) or more, got {spin_us}")
+        self._spin_us = spin_us
         self._stop_timeout = stop_timeout
         self._spawn_timeout = spawn_timeout
         self._ctx: zmq.Context[Any] = zmq.Context()
         self._hub = Hub(self._ctx)
         self.node = Node(HOST, 0, "host", self._transmit)
+        self._hub.socket.spin = spin_us * 1e-6
         self.node.wait_reply = self._hub.socket.wait_for
         self.node.wake_reader = self._hub.socket.wake_reader
         self._actors: dict[bytes, _ActorProcess] = {}
@@ -220,6 +226,7 @@ class Host:
             "node": number,
             "name": actor.name,
             "sys_path": sys.path,
+            "spin_us": self._spin_us,
         }
         actor.process = process = await anyio.open_process(
             [sys.executable, "-m", "atoll.actors._child"],
@@ -403,7 +410,7 @@ def _signal(process: Process, how: str) -> None:
 
 @asynccontextmanager
 async def open_host(
-    *, stop_timeout: float = 2.0, spawn_timeout: float = 60.0
+    *, stop_timeout: float = 2.0, spawn_timeout: float = 60.0, spin_us: float = 150
 ) -> AsyncIterator[Host]:
     """Open a host: the hub and a scope for actor processes.
 
@@ -411,8 +418,14 @@ async def open_host(
     kill, each with a deadline); calls still in flight fail with
     :class:`ActorClosedError`. Works on asyncio and trio, including inside an
     event loop that is already running.
+
+    ``stop_timeout`` is the grace an actor gets to stop before it is
+    terminated; ``spawn_timeout`` bounds a spawn. ``spin_us``: a caller with
+    the only call in flight polls for its reply this long before sleeping,
+    which saves an event-loop wake-up when replies are fast; other tasks of
+    the loop wait at most that long meanwhile. 0 turns it off.
     """
-    host = Host(stop_timeout=stop_timeout, spawn_timeout=spawn_timeout)
+    host = Host(stop_timeout=stop_timeout, spawn_timeout=spawn_timeout, spin_us=spin_us)
     token = _runtime.current_host.set(host)
     tg = anyio.create_task_group()
     # The task group is entered by hand so that an exception from the body
