@@ -281,8 +281,11 @@ class Node:
             self.check_open(dest)
             raise self._unreachable(dest, exc) from exc
         try:
-            if len(self._pending) == 1 and self.wait_reply is not None:
-                await self.wait_reply(pending.event)  # the only call out: read for it
+            # The only call out reads the socket for its reply, unless the reply
+            # comes from this very process (a service of the host): then another
+            # task of this loop makes it, and reading would only hold it up.
+            if len(self._pending) == 1 and self.wait_reply is not None and dest != self.identity:
+                await self.wait_reply(pending.event)
             else:
                 await pending.event.wait()
         except BaseException:
