@@ -33,6 +33,9 @@ from .actors._blocking import blocking_host as blocking_host
 from .actors._registry import Subscription as Subscription
 from .actors._runtime import lookup as lookup
 from .actors._runtime import publish as publish
+from .actors._runtime import share as share
+from .tensors import SharedMemoryError as SharedMemoryError
+from .tensors import copy_on_send as copy_on_send
 
 __version__ = "0.1.0"
 
@@ -48,11 +51,14 @@ __all__ = [
     "RemoteError",
     "RemoteTraceback",
     "SerializationError",
+    "SharedMemoryError",
     "SpawnError",
     "Subscription",
     "TransportError",
     "blocking_host",
+    "copy_on_send",
     "lookup",
     "open_host",
     "publish",
+    "share",
 ]

@@ -18,6 +18,7 @@ import anyio
 import zmq
 
 from .._errors import ActorClosedError
+from ..tensors import Plane, _shm
 from ..transport import _messages as m
 from ..transport._codec import Codec
 from ..transport._hub import HOST, remove_hub_dir
@@ -50,7 +51,11 @@ class _Child:
         sock.setsockopt(zmq.IDENTITY, boot["identity"].encode())
         sock.connect(boot["hub"])
         self.socket = AsyncSocket(sock)
-        self.node = Node(boot["identity"].encode(), boot["node"], self.name, self._transmit)
+        self.shm_prefix: str = boot["shm_prefix"]
+        plane = Plane(
+            _shm.owner_prefix(self.shm_prefix, os.getpid()), transfer=boot["transfer"]
+        )
+        self.node = Node(boot["identity"].encode(), boot["node"], self.name, self._transmit, plane)
         self.socket.spin = float(boot.get("spin_us", 0)) * 1e-6
         self.node.wait_reply = self.socket.wait_for
         self.node.wake_reader = self.socket.wake_reader
@@ -80,8 +85,10 @@ class _Child:
     async def _init(self, msg: m.Init, buffers: list[zmq.Frame]) -> None:
         reply: m.Result | m.Error
         try:
-            cls_bytes, args, kwargs = self.node._load(msg.payload, buffers, "actor arguments")
-            cls = Codec.loads(cls_bytes, [], "actor class")
+            cls_bytes, args, kwargs = self.node._load(
+                msg.payload, buffers, "actor arguments", HOST
+            )
+            cls = Codec().loads(cls_bytes, [], "actor class")
             actor = cls(*args, **kwargs)
             await actor.on_start()
         except Exception as exc:
@@ -100,6 +107,7 @@ class _Child:
                 # answer, so leave at once, whatever the actor is doing, and
                 # take the host's private directory along.
                 remove_hub_dir(self.boot["hub"])
+                _shm.sweep(self.shm_prefix)
                 os._exit(0)
 
     async def run(self) -> None:
@@ -118,6 +126,7 @@ class _Child:
             tg.cancel_scope.cancel()
         self.socket.close()
         self.ctx.term()
+        self.node.plane.close()
 
 
 def main() -> None:

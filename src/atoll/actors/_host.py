@@ -26,6 +26,7 @@ from .._errors import (
     SpawnError,
     TransportError,
 )
+from ..tensors import Plane, _shm, check_transfer
 from ..transport import _messages as m
 from ..transport._codec import Codec, prepare_args
 from ..transport._hub import HOST, Hub
@@ -72,16 +73,25 @@ class Host:
     """Owns the hub and the actor processes; made by :func:`open_host`."""
 
     def __init__(
-        self, *, stop_timeout: float = 2.0, spawn_timeout: float = 60.0, spin_us: float = 150
+        self,
+        *,
+        stop_timeout: float = 2.0,
+        spawn_timeout: float = 60.0,
+        spin_us: float = 150,
+        transfer: str = "shared_memory",
     ) -> None:
         if spin_us < 0:
             raise ValueError(f"spin_us must be 0 (no polling) or more, got {spin_us}")
         self._spin_us = spin_us
+        self._transfer = check_transfer(transfer)
+        _shm.sweep_dead_hosts()
+        self._shm_prefix = _shm.host_prefix()
         self._stop_timeout = stop_timeout
         self._spawn_timeout = spawn_timeout
         self._ctx: zmq.Context[Any] = zmq.Context()
         self._hub = Hub(self._ctx)
-        self.node = Node(HOST, 0, "host", self._transmit)
+        plane = Plane(_shm.owner_prefix(self._shm_prefix, os.getpid()), transfer=transfer)
+        self.node = Node(HOST, 0, "host", self._transmit, plane)
         self._hub.socket.spin = spin_us * 1e-6
         self.node.wait_reply = self._hub.socket.wait_for
         self.node.wake_reader = self._hub.socket.wake_reader
@@ -184,6 +194,7 @@ class Host:
         payload, buffers = self.node.codec.dumps(
             (cls_bytes, *prepare_args(args, kwargs, self.node.mark)),
             f"arguments of {cls.__qualname__}()",
+            identity,
         )
         self._actors[identity] = actor
         self.node.peer_names[identity] = name
@@ -227,6 +238,8 @@ class Host:
             "name": actor.name,
             "sys_path": sys.path,
             "spin_us": self._spin_us,
+            "shm_prefix": self._shm_prefix,
+            "transfer": self._transfer,
         }
         actor.process = process = await anyio.open_process(
             [sys.executable, "-m", "atoll.actors._child"],
@@ -294,6 +307,9 @@ class Host:
 
     def _on_exit(self, actor: _ActorProcess) -> None:
         self._hub.forget(actor.identity)
+        if actor.process is not None:
+            # Its segments: views of them stay valid where they are mapped.
+            _shm.sweep(_shm.owner_prefix(self._shm_prefix, actor.process.pid))
         self.registry.mark_gone(actor.identity, None if actor.stopping else actor.gone_error)
         error = actor.gone_error()
 
@@ -392,6 +408,8 @@ class Host:
     def _close_transport(self) -> None:
         self._hub.close()
         self._ctx.term()
+        self.node.plane.close()
+        _shm.sweep(self._shm_prefix)
 
 
 async def _deliver(subscription: Subscription, callback: Callable[[Any], Any]) -> None:
@@ -410,7 +428,11 @@ def _signal(process: Process, how: str) -> None:
 
 @asynccontextmanager
 async def open_host(
-    *, stop_timeout: float = 2.0, spawn_timeout: float = 60.0, spin_us: float = 150
+    *,
+    stop_timeout: float = 2.0,
+    spawn_timeout: float = 60.0,
+    spin_us: float = 150,
+    transfer: str = "shared_memory",
 ) -> AsyncIterator[Host]:
     """Open a host: the hub and a scope for actor processes.
 
@@ -424,8 +446,16 @@ async def open_host(
     the only call in flight polls for its reply this long before sleeping,
     which saves an event-loop wake-up when replies are fast; other tasks of
     the loop wait at most that long meanwhile. 0 turns it off.
+
+    ``transfer`` says how numpy arrays, CPU tensors and byte buffers of
+    256 KiB or more travel, for the host and every actor it spawns:
+    ``"shared_memory"`` (as descriptors of shared memory, no copy of data
+    already there) or ``"inline"`` (copied into the messages, for systems
+    with a small or no ``/dev/shm``). Anything else is a ``ValueError``.
     """
-    host = Host(stop_timeout=stop_timeout, spawn_timeout=spawn_timeout, spin_us=spin_us)
+    host = Host(
+        stop_timeout=stop_timeout, spawn_timeout=spawn_timeout, spin_us=spin_us, transfer=transfer
+    )
     token = _runtime.current_host.set(host)
     tg = anyio.create_task_group()
     # The task group is entered by hand so that an exception from the body

@@ -34,6 +34,7 @@ from .._errors import (
     TransportError,
 )
 from ..transport import _messages as m
+from ..tensors import Plane
 from ..transport._codec import Codec, prepare, prepare_args
 from ..transport._socket import Job, PeerUnreachableError
 from ._actor import Kind, kind_of
@@ -128,10 +129,13 @@ class Node:
         node_no: int,
         name: str,
         transmit: Callable[[bytes, Sequence[Any]], None],
+        plane: Plane,
     ) -> None:
         self.identity = identity
         self.name = name
-        self._transmit = transmit
+        self._wire = transmit
+        self.plane = plane
+        plane.send = self._send_quietly
         self._next_id = itertools.count((node_no << 40) + 1).__next__
         self._next_oid = itertools.count(16).__next__  # below 16: well-known objects
         self._pending: dict[int, _Pending | _StreamIn] = {}
@@ -156,7 +160,7 @@ class Node:
         """Set by the transport: wait for a reply, reading the socket meanwhile."""
         self.wake_reader: Callable[[], None] = _nothing
         """Set by the transport: a call ended without a message (see wait_reply)."""
-        self.codec = Codec(self._reduce)
+        self.codec = Codec(self._reduce, plane)
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -165,6 +169,14 @@ class Node:
         self._tg = tg
         self._token = anyio.lowlevel.current_token()
         self._loop_thread = threading.get_ident()
+        tg.start_soon(self.plane.serve)
+
+    def _transmit(self, dest: bytes, frames: Sequence[Any]) -> None:
+        if self.plane.dead:
+            # Leases given back go out first: the peer may reuse that memory
+            # as soon as it has this message's answer.
+            self.plane.drain()
+        self._wire(dest, frames)
 
     def export(self, obj: Any, name: str, *, oid: int | None = None, actor: bool = False) -> int:
         """Make ``obj`` callable by peers; an actor gets turns and a method table."""
@@ -197,6 +209,7 @@ class Node:
     def peer_gone(self, peer: bytes, make_exc: ExcFactory) -> None:
         """``peer`` is gone: fail what waits on it, cancel what it asked for."""
         self._gone[peer] = make_exc
+        self.plane.peer_gone(peer)
         for call_id, p in list(self._pending.items()):
             if p.dest == peer:
                 del self._pending[call_id]
@@ -271,7 +284,7 @@ class Node:
             self.check_open(dest)
         if self._deferred:
             self._flush_deferred()
-        call_id, frames = self._encode_call(target, method, args, kwargs)
+        call_id, frames = self._encode_call(dest, target, method, args, kwargs)
         pending = _Pending(dest)
         self._pending[call_id] = pending
         try:
@@ -296,12 +309,13 @@ class Node:
             raise pending.error
         reply = pending.header
         if type(reply) is m.Result:
-            return self._load(reply.payload, pending.frames, f"result of {method}()")
+            return self._load(reply.payload, pending.frames, f"result of {method}()", dest)
         assert reply is not None
         raise unpack_error(reply.payload)
 
     def _encode_call(
         self,
+        dest: bytes,
         target: int,
         method: str,
         args: tuple[Any, ...],
@@ -314,7 +328,7 @@ class Node:
         ctx = current_call.get()
         parent, chain = (0, call_id) if ctx is None else ctx
         payload, buffers = self.codec.dumps(
-            prepare_args(args, kwargs, self.mark), f"arguments of {method}()"
+            prepare_args(args, kwargs, self.mark), f"arguments of {method}()", dest
         )
         header = m.encode(m.Call(call_id, parent, chain, target, method, payload, credit))
         return call_id, [header, *buffers]
@@ -324,7 +338,7 @@ class Node:
     ) -> None:
         """Call without waiting for (or hearing of) the result."""
         self.check_open(dest)
-        _, frames = self._encode_call(target, method, args, kwargs)
+        _, frames = self._encode_call(dest, target, method, args, kwargs)
         try:
             self._transmit(dest, frames)
         except TransportError as exc:
@@ -346,10 +360,10 @@ class Node:
             return stream
         return _BlockingStream(stream, self._token)
 
-    def _load(self, payload: bytes, frames: Sequence[Any], what: str) -> Any:
+    def _load(self, payload: bytes, frames: Sequence[Any], what: str, src: bytes) -> Any:
         token = _loading.set(self)
         try:
-            return self.codec.loads(payload, frames, what)
+            return self.codec.loads(payload, frames, what, src)
         finally:
             _loading.reset(token)
 
@@ -414,6 +428,8 @@ class Node:
                 self._drop_queued(lambda s, c: s == src and c == msg.call_id)  # type: ignore[union-attr]
         elif kind is m.Release:
             self._release(msg.oid, msg.count)  # type: ignore[union-attr]
+        elif kind is m.Unlease:
+            self.plane.unlease(src, msg.leases)  # type: ignore[union-attr]
         elif kind is m.Died:
             exc = unpack_error(msg.payload)  # type: ignore[union-attr]
             self.peer_gone(msg.actor, lambda: _fresh(exc))  # type: ignore[union-attr]
@@ -504,7 +520,7 @@ class Node:
                     f"method {method!r}"
                 )
             fn = getattr(export.obj, method)
-        args, kwargs = self._load(msg.payload, frames[1:], f"arguments of {method}()")
+        args, kwargs = self._load(msg.payload, frames[1:], f"arguments of {method}()", src)
         if msg.credit:
             if kind is not Kind.STREAM:
                 raise TypeError(f"{method}() is not an async generator: await it, do not iterate")
@@ -518,7 +534,7 @@ class Node:
 
     def _reply(self, dest: bytes, call_id: int, result: Any, name: str) -> None:
         try:
-            payload, buffers = self.codec.dumps(prepare(result, self.mark), "result")
+            payload, buffers = self.codec.dumps(prepare(result, self.mark), "result", dest)
         except SerializationError as exc:
             self._send_quietly(dest, [m.encode(m.Error(call_id, pack_error(exc, name)))])
             return
@@ -535,7 +551,9 @@ class Node:
                         out.event = anyio.Event()
                         await out.event.wait()
                     out.credit -= 1
-                    payload, buffers = self.codec.dumps(prepare(item, self.mark), "stream item")
+                    payload, buffers = self.codec.dumps(
+                        prepare(item, self.mark), "stream item", dest
+                    )
                     self._transmit(dest, [m.encode(m.StreamItem(msg.call_id, payload)), *buffers])
             self._transmit(dest, [m.encode(m.StreamEnd(msg.call_id))])
         finally:
@@ -703,7 +721,7 @@ class RemoteStream:
     def _open(self) -> _StreamIn:
         node = self._node
         node.check_open(self._dest)
-        call_id, frames = node._encode_call(*self._request, credit=self._window)
+        call_id, frames = node._encode_call(self._dest, *self._request, credit=self._window)
         state = _StreamIn(self._dest)
         node._pending[call_id] = state
         self._call_id = call_id
@@ -738,7 +756,7 @@ class RemoteStream:
                 self._dest, [m.encode(m.Credit(self._call_id, state.consumed))]
             )
             state.consumed = 0
-        return self._node._load(item.payload, frames, f"item of {self._request[1]}()")
+        return self._node._load(item.payload, frames, f"item of {self._request[1]}()", self._dest)
 
     def _abort(self) -> None:
         state = self._state

@@ -12,10 +12,12 @@ from ..transport._hub import HOST
 from ._registry import REGISTRY_OID, class_key
 
 if TYPE_CHECKING:
+    from ..tensors import Plane
     from ._host import Host
     from ._node import Node
 
 A = TypeVar("A")
+V = TypeVar("V")
 
 current_host: ContextVar[Host | None] = ContextVar("atoll_current_host", default=None)
 child_node: Node | None = None
@@ -69,3 +71,26 @@ def publish(topic: str, value: Any) -> None:
         anyio.from_thread.run_sync(
             node.notify, HOST, REGISTRY_OID, "publish", (topic, value), {}, token=node._token
         )
+
+
+def current_plane(what: str) -> Plane:
+    """The tensor plane of the host in context, or of this actor process."""
+    host = current_host.get()
+    if host is not None:
+        return host.node.plane
+    if child_node is not None:
+        return child_node.plane
+    raise RuntimeError(f"atoll.{what}() works inside open_host() or in an actor process")
+
+
+def share(value: V) -> V:
+    """Move a numpy array or a CPU torch tensor into this process's shared
+    memory, so that sending it later costs the same whatever its size.
+
+    A tensor is moved in place (it keeps its identity; other views of its old
+    storage keep the old memory); an array cannot be, so a new array over the
+    shared copy is returned. Use what this returns. Values already in shared
+    memory (shared before, or received from another process) are returned as
+    they are.
+    """
+    return current_plane("share").share(value)  # type: ignore[no-any-return]

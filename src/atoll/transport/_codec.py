@@ -13,7 +13,8 @@ import io
 import pickle
 import types
 from collections.abc import Callable, Sequence
-from typing import Any
+from contextlib import AbstractContextManager
+from typing import Any, Protocol
 
 from .._errors import SerializationError
 
@@ -25,6 +26,29 @@ _LIFT_SCAN_LIMIT = 64
 
 Reducer = Callable[[Any], Any]
 """A hook returning a ``__reduce__`` tuple for runtime objects, or ``NotImplemented``."""
+
+_HEADED = 0
+"""First byte of a payload that starts with a sidecar head (a pickle stream
+starts with the PROTO opcode, 0x80), followed by the head's length (4 bytes)."""
+
+
+class Sidecar(Protocol):
+    """Carries some values beside the pickle stream (the tensor plane).
+
+    ``reduce`` sees each object first and may return a reduction, keeping
+    what it needs in ``pickler.batch``; ``seal`` turns a batch into a head and
+    extra frames (sent after the pickle's own) once the pickle is complete;
+    ``loading`` is the context in which a stream with such a head is
+    unpickled, and says how many of the last frames are its own.
+    """
+
+    def reduce(self, obj: Any, pickler: Any) -> Any: ...
+
+    def seal(self, batch: Any, dest: bytes) -> tuple[bytes, list[Any]]: ...
+
+    def loading(
+        self, src: bytes, head: bytes, frames: Sequence[Any]
+    ) -> AbstractContextManager[int]: ...
 
 
 class _NeedsCloudpickle(Exception):
@@ -39,7 +63,11 @@ def _rebuild_bytearray(buf: Any) -> bytearray:
     return bytearray(buf)
 
 
-class _Lifted:
+def _rebuild_memoryview(buf: Any) -> memoryview:
+    return memoryview(bytearray(buf))
+
+
+class Lifted:
     """Stands in for a large ``bytes``/``bytearray`` so it goes out of band.
 
     C pickle saves exact ``bytes`` and ``bytearray`` in-band without asking
@@ -70,7 +98,7 @@ def _no_mark(x: Any) -> Any:
 
 def _prepare_one(x: Any, mark: Marker) -> Any:
     if _is_big_bytes(x):
-        return _Lifted(x)
+        return Lifted(x)
     return mark(x)
 
 
@@ -111,25 +139,32 @@ def _main_defined(obj: object) -> bool:
 class Codec:
     """Pickles values with out-of-band buffers; ``reducer`` handles runtime objects."""
 
-    def __init__(self, reducer: Reducer | None = None) -> None:
+    def __init__(self, reducer: Reducer | None = None, sidecar: Sidecar | None = None) -> None:
         self._reducer = reducer
+        self._sidecar = sidecar
         codec = self
 
         class _Pickler(pickle.Pickler):
+            batch: Any = None
+
             def reducer_override(self, obj: Any) -> Any:
-                return codec._reduce(obj, cloud=False)
+                return codec._reduce(obj, self, cloud=False)
 
         self._pickler_cls = _Pickler
         self._cloud_pickler_cls: type[pickle.Pickler] | None = None
 
-    def _reduce(self, obj: Any, *, cloud: bool) -> Any:
+    def _reduce(self, obj: Any, pickler: Any, *, cloud: bool) -> Any:
         if self._reducer is not None:
             reduced = self._reducer(obj)
             if reduced is not NotImplemented:
                 return reduced
+        if self._sidecar is not None:
+            reduced = self._sidecar.reduce(obj, pickler)
+            if reduced is not NotImplemented:
+                return reduced
         if type(obj) is memoryview:
             return (
-                _rebuild_bytes,
+                _rebuild_memoryview,
                 (pickle.PickleBuffer(obj if obj.contiguous else obj.tobytes()),),
             )
         if not cloud and _main_defined(obj):
@@ -143,8 +178,10 @@ class Codec:
             codec = self
 
             class _CloudPickler(cloudpickle.Pickler):  # type: ignore[misc]
+                batch: Any = None
+
                 def reducer_override(self, obj: Any) -> Any:
-                    reduced = codec._reduce(obj, cloud=True)
+                    reduced = codec._reduce(obj, self, cloud=True)
                     if reduced is NotImplemented:
                         return super().reducer_override(obj)
                     return reduced
@@ -152,9 +189,9 @@ class Codec:
             self._cloud_pickler_cls = _CloudPickler
         return self._cloud_pickler_cls
 
-    def dumps(self, obj: Any, what: str = "value") -> tuple[bytes, list[pickle.PickleBuffer]]:
-        """Pickle ``obj``; return the stream and its out-of-band buffers."""
-        buffers: list[pickle.PickleBuffer] = []
+    def dumps(self, obj: Any, what: str = "value", dest: bytes = b"") -> tuple[bytes, list[Any]]:
+        """Pickle ``obj`` for ``dest``; return the payload and the frames that follow it."""
+        buffers: list[Any] = []
 
         def keep(buf: pickle.PickleBuffer) -> bool:
             if buf.raw().nbytes < OOB_THRESHOLD:
@@ -163,24 +200,43 @@ class Codec:
             return False
 
         f = io.BytesIO()
+        pickler = self._pickler_cls(f, protocol=5, buffer_callback=keep)
         try:
-            self._pickler_cls(f, protocol=5, buffer_callback=keep).dump(obj)
+            pickler.dump(obj)
         except (_NeedsCloudpickle, pickle.PicklingError, AttributeError, TypeError):
             buffers.clear()
             f = io.BytesIO()
+            pickler = self._cloud_pickler()(f, protocol=5, buffer_callback=keep)
             try:
-                self._cloud_pickler()(f, protocol=5, buffer_callback=keep).dump(obj)
+                pickler.dump(obj)
             except Exception as exc2:
                 raise SerializationError(
                     f"cannot pickle the {what}: {exc2}. Send picklable values, or wrap "
                     "the object in an actor and pass its ref instead."
                 ) from exc2
-        return f.getvalue(), buffers
+        batch = pickler.batch
+        if batch is None:
+            return f.getvalue(), buffers
+        assert self._sidecar is not None
+        head, frames = self._sidecar.seal(batch, dest)
+        return b"".join(
+            (bytes((_HEADED,)), len(head).to_bytes(4, "little"), head, f.getbuffer())
+        ), buffers + frames
 
-    @staticmethod
-    def loads(data: bytes, buffers: Sequence[Any], what: str = "value") -> Any:
-        """Unpickle a stream produced by :meth:`dumps` with its buffers."""
+    def loads(
+        self, data: bytes, buffers: Sequence[Any], what: str = "value", src: bytes = b""
+    ) -> Any:
+        """Unpickle a payload produced by :meth:`dumps`, with the frames after it."""
         try:
-            return pickle.loads(data, buffers=buffers)
+            if data[:1] != b"\x00":
+                return pickle.loads(data, buffers=buffers)
+            if self._sidecar is None:
+                raise SerializationError(f"the {what} holds tensors, and nothing here reads them")
+            size = int.from_bytes(data[1:5], "little")
+            view = memoryview(data)
+            with self._sidecar.loading(src, bytes(view[5 : 5 + size]), buffers) as own:
+                return pickle.loads(view[5 + size :], buffers=buffers[: len(buffers) - own])
+        except SerializationError:
+            raise
         except Exception as exc:
             raise SerializationError(f"cannot unpickle the {what}: {exc!r}") from exc

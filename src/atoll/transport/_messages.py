@@ -12,7 +12,7 @@ from typing import Any
 
 import msgspec
 
-WIRE_VERSION = 1
+WIRE_VERSION = 2
 
 
 class _Msg(msgspec.Struct, tag=True, frozen=True, array_like=True, gc=False):
@@ -86,6 +86,13 @@ class Release(_Msg, frozen=True):
     count: int
 
 
+class Unlease(_Msg, frozen=True):
+    """The sender dropped every view of the shared-memory regions it was lent
+    under these leases: the lender may reuse their memory."""
+
+    leases: tuple[int, ...]
+
+
 class Died(_Msg, frozen=True):
     """Host to children: an actor process is gone; fail what waits on it."""
 
@@ -108,6 +115,7 @@ Message = (
     | StreamEnd
     | Credit
     | Release
+    | Unlease
     | Died
     | Bye
 )

@@ -1,0 +1,140 @@
+"""What the plane knows of numpy arrays, torch tensors and byte buffers.
+
+For each kind: whether a value is handled, where its bytes lie (``lo``/``hi``
+absolute addresses, ``key`` naming the allocation it is a view of, so views
+of one allocation travel as one region), and how to rebuild it over a buffer.
+numpy and torch are only imported by the side that meets one of their values.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, NamedTuple
+
+from .._errors import SerializationError
+
+_NUMPY_KINDS = frozenset("biufcmM")
+"""numpy dtype kinds that are plain bytes: bool, ints, floats, complex, datetimes."""
+
+
+class Extent(NamedTuple):
+    ptr: int
+    """Address of the element at index 0 (what rebuilds the view)."""
+    lo: int
+    hi: int
+    key: Any
+
+
+def array_extent(a: Any) -> Extent | None:
+    """Where an ndarray's bytes lie; None for dtypes that are not plain bytes."""
+    dtype = a.dtype
+    if dtype.kind not in _NUMPY_KINDS or dtype.hasobject:
+        return None
+    ptr = a.__array_interface__["data"][0]
+    lo = hi = ptr
+    for n, stride in zip(a.shape, a.strides):
+        if stride < 0:
+            lo += (n - 1) * stride
+        else:
+            hi += (n - 1) * stride
+    hi += dtype.itemsize
+    root = a
+    while isinstance(root.base, type(a)):
+        root = root.base
+    return Extent(ptr, lo, hi, ("array", id(root if root.base is None else root.base)))
+
+
+def tensor_handled(t: Any) -> bool:
+    """A dense CPU tensor whose bytes can be shared as they are."""
+    return t.device.type == "cpu" and t.layout is _torch().strided and not t.is_quantized
+
+
+def tensor_extent(t: Any) -> Extent:
+    itemsize = t.element_size()
+    ptr = t.data_ptr()
+    span = 0
+    for n, stride in zip(t.shape, t.stride()):
+        span += (n - 1) * stride
+    return Extent(
+        ptr, ptr, ptr + (span + 1) * itemsize, ("tensor", t.untyped_storage().data_ptr())
+    )
+
+
+def _torch() -> Any:
+    torch = sys.modules.get("torch")
+    if torch is None:
+        torch = _import("torch", "a torch tensor", "pip install torch")
+    return torch
+
+
+def _numpy() -> Any:
+    np = sys.modules.get("numpy")
+    if np is None:
+        np = _import("numpy", "a numpy array", "pip install numpy")
+    return np
+
+
+def _import(module: str, what: str, fix: str) -> Any:
+    try:
+        return __import__(module)
+    except ImportError as exc:
+        raise SerializationError(
+            f"received {what}, but {module} cannot be imported in this process "
+            f"({exc}). Add {module} to this environment ({fix}), or send plain "
+            "bytes or lists instead"
+        ) from exc
+
+
+def rebuild_array(
+    base: Any, offset: int, dtype: str, shape: tuple[int, ...], strides: tuple[int, ...], wr: bool
+) -> Any:
+    np = _numpy()
+    a = np.ndarray(shape, np.dtype(dtype), buffer=base, offset=offset, strides=strides)
+    if not wr:
+        a.flags.writeable = False
+    return a
+
+
+def empty_array(dtype: str, shape: tuple[int, ...], strides: tuple[int, ...]) -> Any:
+    np = _numpy()
+    return np.ndarray(shape, np.dtype(dtype), buffer=b"", strides=strides)
+
+
+def storage_of(base: Any) -> Any:
+    """One untyped storage over ``base``, for every tensor of a region to share."""
+    return _torch().frombuffer(base, dtype=_torch().uint8).untyped_storage()
+
+
+def rebuild_tensor(
+    storage: Any,
+    offset: int,
+    dtype: str,
+    shape: tuple[int, ...],
+    stride: tuple[int, ...],
+    requires_grad: bool,
+    parameter: bool,
+) -> Any:
+    torch = _torch()
+    dt = getattr(torch, dtype)
+    t = torch.empty((0,), dtype=dt).set_(storage, offset // dt.itemsize, shape, stride)
+    return _finish_tensor(torch, t, requires_grad, parameter)
+
+
+def empty_tensor(
+    dtype: str, shape: tuple[int, ...], stride: tuple[int, ...], requires_grad: bool, parameter: bool
+) -> Any:
+    torch = _torch()
+    t = torch.empty_strided(shape, stride, dtype=getattr(torch, dtype))
+    return _finish_tensor(torch, t, requires_grad, parameter)
+
+
+def _finish_tensor(torch: Any, t: Any, requires_grad: bool, parameter: bool) -> Any:
+    if parameter:
+        return torch.nn.Parameter(t, requires_grad=requires_grad)
+    if requires_grad:
+        t.requires_grad_(True)
+    return t
+
+
+def dtype_name(t: Any) -> str:
+    return str(t.dtype).removeprefix("torch.")

@@ -1,0 +1,750 @@
+"""The tensor plane: arrays, tensors and big buffers travel beside the messages.
+
+While a message is pickled, every numpy array, CPU tensor and large byte
+buffer in it is noted with where its bytes lie; views of one allocation are
+grouped into one *region*, so they arrive as views of one buffer again. When
+the pickle is done, each region is sealed into an entry of the message's
+head:
+
+- small regions are copied into the head or into a frame of their own;
+- a region that already lies in shared memory (this process's arena, or a
+  segment received from a peer) is sent as a descriptor, at no cost that
+  depends on its size;
+- any other region is copied once into a segment of this process's arena,
+  and sent as a descriptor.
+
+A descriptor carries a *lease*: the sender keeps the region alive (and never
+reuses its memory) until the receiver says, with an ``Unlease`` message,
+that every view it built on the region is gone, or until the receiver dies.
+Receivers map a sender's segment once and keep the mapping.
+
+Views die in any thread (the garbage collector runs everywhere), so their
+finalizers only queue a note and ring a doorbell (a pipe); the bookkeeping and
+the ``Unlease`` messages happen on the event loop's thread, in :meth:`Plane.drain`.
+"""
+
+from __future__ import annotations
+
+import bisect
+import ctypes
+import itertools
+import mmap
+import os
+import sys
+import threading
+import types
+import weakref
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Any, TypeVar
+
+import anyio
+import msgspec
+
+from .._errors import SerializationError
+from ..transport import _messages as m
+from ..transport._codec import Lifted
+from . import _kinds, _shm
+
+V = TypeVar("V")
+
+TRANSFERS = ("shared_memory", "inline")
+"""How regions above the inline threshold travel: see ``open_host(transfer=...)``."""
+
+SHM_THRESHOLD = 1 << 18
+"""Regions at least this big go through shared memory; smaller ones are copied
+into the message, which is cheaper than a descriptor, a lease and its release."""
+
+_HEAD_LIMIT = 8192
+"""Regions smaller than this travel inside the head rather than as a frame."""
+
+_ALIGN = 64
+_MIN_SEGMENT = 1 << 16
+_POOL_BYTES = 2 << 30
+"""Free segments kept for reuse (their pages are already faulted in)."""
+_IDLE_MAPPINGS = 16
+_IDLE_BYTES = 2 << 30
+"""Mappings of other processes' segments kept once no view uses them."""
+
+_memmove = ctypes.memmove
+_string_at = ctypes.string_at
+
+# Head entries: (kind, origin, ...) where origin is the region's address in
+# the sender, so a view at sender address p sits at offset p - origin.
+_IN_HEAD = 0  # (0, origin, data)
+_IN_FRAME = 1  # (1, origin, frame index)
+_SHARED = 2  # (2, origin, segment name, offset in segment, size, lease)
+
+_head_encode = msgspec.msgpack.Encoder().encode
+_head_decode = msgspec.msgpack.Decoder(tuple[int, list[tuple[Any, ...]]]).decode
+
+
+def check_transfer(transfer: str) -> str:
+    if transfer not in TRANSFERS:
+        raise ValueError(
+            f"transfer must be one of {', '.join(map(repr, TRANSFERS))}, got {transfer!r}"
+        )
+    return transfer
+
+
+def segment_size(nbytes: int) -> int:
+    """The segment size that holds ``nbytes``: four sizes per power of two, so
+    segments are reused for similar sizes and waste at most a fifth."""
+    n = max(nbytes, _MIN_SEGMENT)
+    step = 1 << max(n.bit_length() - 3, 12)
+    return -(-n // step) * step
+
+
+class _Segment:
+    """A segment of this process's arena."""
+
+    __slots__ = ("addr", "holds", "mm", "mv", "name", "size")
+
+    def __init__(self, name: str, mm: mmap.mmap) -> None:
+        self.name = name
+        self.mm = mm
+        self.mv = memoryview(mm)
+        self.size = len(mm)
+        self.addr = _shm.address(mm)
+        self.holds = 0  # leases out + live local views
+
+
+class _Mapping:
+    """This process's mapping of another process's segment."""
+
+    __slots__ = ("addr", "bases", "live", "mm", "mv", "name", "size")
+
+    def __init__(self, name: str, mm: mmap.mmap) -> None:
+        self.name = name
+        self.mm = mm
+        self.mv = memoryview(mm)
+        self.size = len(mm)
+        self.addr = _shm.address(mm)
+        self.live = 0
+        self.bases: dict[int, tuple[int, int, weakref.ref[Any]]] = {}
+
+    def covering(self, lo: int, hi: int) -> Any:
+        """A live view received on this mapping that spans [lo, hi)."""
+        lo -= self.addr
+        hi -= self.addr
+        for start, end, ref in self.bases.values():
+            base = ref()
+            if base is not None and start <= lo and hi <= end:
+                return base
+        return None
+
+
+def _buffer_type(size: int) -> Any:
+    # ctypes caches array types by length; segment sizes are few.
+    return ctypes.c_ubyte * size
+
+
+def _close_mapping(owner: _Segment | _Mapping) -> None:
+    owner.mv.release()
+    try:
+        owner.mm.close()
+    except BufferError:
+        # Views the user still holds keep the mapping; it is unmapped (and
+        # its descriptor closed) when the last of them goes.
+        pass
+    owner.mm = None  # type: ignore[assignment]
+
+
+class _Group:
+    __slots__ = ("copy", "hi", "lo", "view")
+
+    def __init__(self, lo: int, hi: int, copy: bool, view: memoryview | None) -> None:
+        self.lo = lo
+        self.hi = hi
+        self.copy = copy
+        self.view = view  # bytes with no address to copy from: copied from this view
+
+
+class Batch:
+    """The regions of one message being pickled."""
+
+    __slots__ = ("copy_ids", "groups", "keys")
+
+    def __init__(self) -> None:
+        self.groups: list[_Group] = []
+        self.keys: dict[Any, int] = {}
+        self.copy_ids: set[int] = set()
+
+    def add(self, key: Any, lo: int, hi: int, copy: bool, view: memoryview | None = None) -> int:
+        if copy:
+            key = ("copy", key)
+        index = self.keys.get(key)
+        if index is None:
+            index = self.keys[key] = len(self.groups)
+            self.groups.append(_Group(lo, hi, copy, view))
+        else:
+            group = self.groups[index]
+            group.lo = min(group.lo, lo)
+            group.hi = max(group.hi, hi)
+        return index
+
+
+class CopyOnSend:
+    """Wraps a value whose arrays and tensors must be copied when sent, even
+    where they already lie in shared memory: see :func:`copy_on_send`."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+
+def copy_on_send(value: V) -> V:
+    """Mark an argument (or result) so that the receiver gets a private copy
+    of its arrays and tensors, and its writes never reach the sender.
+
+    ``value`` is an array, a tensor, or a list, tuple, set or dict of them
+    (nested up to 8 levels). Without it, a tensor that lies in shared memory
+    is shared with the receiver: writes on either side are seen by both.
+    """
+    return CopyOnSend(value)  # type: ignore[return-value]  # unwrapped when sent
+
+
+def _collect_ids(value: Any, ids: set[int], depth: int = 0) -> None:
+    ids.add(id(value))
+    if depth < 8 and type(value) in (list, tuple, set, frozenset, dict):
+        for item in value.values() if type(value) is dict else value:
+            _collect_ids(item, ids, depth + 1)
+
+
+def _same(value: Any) -> Any:
+    return value
+
+
+class _Incoming:
+    """The regions of one message being unpickled; built on first use."""
+
+    __slots__ = ("bases", "entries", "frames", "plane", "src", "storages")
+
+    def __init__(
+        self, plane: Plane, src: bytes, entries: list[tuple[Any, ...]], frames: Sequence[Any]
+    ) -> None:
+        self.plane = plane
+        self.src = src
+        self.entries = entries
+        self.frames = frames
+        self.bases: dict[int, tuple[Any, int]] = {}
+        self.storages: dict[int, Any] = {}
+
+    def base(self, index: int) -> tuple[Any, int]:
+        """A buffer holding region ``index``, and the sender's address of the
+        buffer's first byte: a view at sender address p sits at offset p - that."""
+        found = self.bases.get(index)
+        if found is None:
+            entry = self.entries[index]
+            kind, origin = entry[0], entry[1]
+            if kind == _SHARED:
+                buffer: Any = self.plane._attach(self.src, *entry[2:])
+                origin -= entry[3]  # the buffer is the whole segment
+            elif kind == _IN_FRAME:
+                buffer = bytearray(self.frames[entry[2]])
+            else:
+                buffer = bytearray(entry[2])
+            found = self.bases[index] = (buffer, origin)
+        return found
+
+    def storage(self, index: int) -> tuple[Any, int]:
+        storage = self.storages.get(index)
+        base, origin = self.base(index)
+        if storage is None:
+            storage = self.storages[index] = _kinds.storage_of(base)
+        return storage, origin
+
+    def unused_leases(self) -> Iterator[int]:
+        for index, entry in enumerate(self.entries):
+            if entry[0] == _SHARED and index not in self.bases:
+                yield entry[5]
+
+
+_incoming: ContextVar[_Incoming] = ContextVar("atoll_incoming")
+
+
+def _rebuild_array(index: int, ptr: int, *meta: Any) -> Any:
+    base, origin = _incoming.get().base(index)
+    return _kinds.rebuild_array(base, ptr - origin, *meta)
+
+
+def _rebuild_tensor(index: int, ptr: int, *meta: Any) -> Any:
+    storage, origin = _incoming.get().storage(index)
+    return _kinds.rebuild_tensor(storage, ptr - origin, *meta)
+
+
+def _rebuild_buffer(index: int, ptr: int, nbytes: int, kind: str) -> Any:
+    base, origin = _incoming.get().base(index)
+    start = ptr - origin
+    # A view of a view of ``base`` still holds ``base`` (its exporter).
+    view = memoryview(base).cast("B")[start : start + nbytes]
+    if kind == "memoryview":
+        return view
+    return bytes(view) if kind == "bytes" else bytearray(view)
+
+
+class Plane:
+    """One process's side of the tensor plane."""
+
+    def __init__(
+        self,
+        name_prefix: str,
+        *,
+        transfer: str = "shared_memory",
+        send: Callable[[bytes, list[Any]], None] | None = None,
+        threshold: int = SHM_THRESHOLD,
+        pool_bytes: int = _POOL_BYTES,
+    ) -> None:
+        self.transfer = check_transfer(transfer)
+        self.threshold = threshold
+        self._prefix = name_prefix
+        self.send = send
+        self._pool_bytes = pool_bytes
+        self._lock = threading.Lock()
+        self._names = itertools.count(1)
+        self._leases_next = itertools.count(1).__next__
+        self._segments: dict[str, _Segment] = {}
+        self._free: dict[int, list[_Segment]] = {}
+        self._free_bytes = 0
+        self._mappings: dict[str, _Mapping] = {}
+        self._idle: OrderedDict[str, _Mapping] = OrderedDict()
+        self._starts: list[int] = []  # sorted start addresses of segments and mappings
+        self._at: dict[int, _Segment | _Mapping] = {}
+        self._leases: dict[bytes, dict[int, Any]] = {}  # a _Segment, or a view held
+        self._gone: set[bytes] = set()
+        # Notes from finalizers: (peer to unlease to or None, lease, owner).
+        self.dead: deque[tuple[bytes | None, int, _Segment | _Mapping, int]] = deque()
+        self._bell: tuple[int, int] | None = None
+        self._rung = False
+        self._closed = False
+        self._types: dict[type, Callable[[Any, Batch], Any] | None] = {
+            memoryview: self._reduce_memoryview,
+            Lifted: self._reduce_lifted,
+            CopyOnSend: self._reduce_copy_on_send,
+        }
+
+    # -- sending: noting regions while pickling, sealing them after -------
+
+    def reduce(self, obj: Any, pickler: Any) -> Any:
+        """A pickling reduction for an array, tensor or buffer, else NotImplemented."""
+        t = type(obj)
+        handler = self._types.get(t, _unknown)
+        if handler is _unknown:
+            handler = self._types[t] = self._handler_for(t)
+        if handler is None:
+            return NotImplemented
+        batch = pickler.batch
+        if batch is None:
+            batch = pickler.batch = Batch()
+        return handler(obj, batch)
+
+    def _handler_for(self, t: type) -> Callable[[Any, Batch], Any] | None:
+        module = t.__module__
+        if module == "numpy":
+            np = sys.modules["numpy"]
+            return self._reduce_array if t is np.ndarray else None
+        if module.startswith("torch"):
+            torch = sys.modules["torch"]
+            if t is torch.Tensor or t is torch.nn.Parameter:
+                return self._reduce_tensor
+        return None
+
+    def _reduce_lifted(self, lifted: Lifted, batch: Batch) -> Any:
+        data = lifted.data
+        if len(data) < self.threshold or self.transfer == "inline":
+            return NotImplemented  # an out-of-band frame, sent without a copy
+        index = batch.add(("bytes", id(data)), 0, len(data), True, memoryview(data))
+        return (_rebuild_buffer, (index, 0, len(data), type(data).__name__))
+
+    def _reduce_memoryview(self, mv: memoryview, batch: Batch) -> Any:
+        if mv.nbytes < self.threshold or self.transfer == "inline":
+            return NotImplemented
+        flat = mv.cast("B") if mv.contiguous else memoryview(mv.tobytes())
+        try:
+            lo = _shm.address(flat)
+        except TypeError:  # read-only: copied from the view itself
+            lo = 0
+            index = batch.add(("bytes", id(mv)), 0, flat.nbytes, True, flat)
+        else:
+            index = batch.add(("buffer", lo), lo, lo + flat.nbytes, id(mv) in batch.copy_ids)
+        return (_rebuild_buffer, (index, lo, flat.nbytes, "memoryview"))
+
+    def _reduce_copy_on_send(self, wrapper: CopyOnSend, batch: Batch) -> Any:
+        _collect_ids(wrapper.value, batch.copy_ids)
+        return (_same, (wrapper.value,))
+
+    def _reduce_array(self, a: Any, batch: Batch) -> Any:
+        extent = _kinds.array_extent(a)
+        if extent is None:
+            return NotImplemented
+        dtype = a.dtype.str
+        if a.size == 0:
+            return (_kinds.empty_array, (dtype, a.shape, a.strides))
+        index = batch.add(extent.key, extent.lo, extent.hi, id(a) in batch.copy_ids)
+        return (_rebuild_array, (index, extent.ptr, dtype, a.shape, a.strides, a.flags.writeable))
+
+    def _reduce_tensor(self, t: Any, batch: Batch) -> Any:
+        if not _kinds.tensor_handled(t):
+            return NotImplemented
+        parameter = type(t) is not sys.modules["torch"].Tensor
+        grad = t.requires_grad
+        copy = id(t) in batch.copy_ids
+        t = t.detach()
+        if t.is_conj() or t.is_neg():
+            t = t.resolve_conj().resolve_neg()
+        dtype = _kinds.dtype_name(t)
+        if t.numel() == 0:
+            return (_kinds.empty_tensor, (dtype, tuple(t.shape), t.stride(), grad, parameter))
+        if t.data_ptr() % t.element_size():
+            t = t.clone()  # a view at an address its dtype cannot sit at
+        extent = _kinds.tensor_extent(t)
+        index = batch.add(extent.key, extent.lo, extent.hi, copy)
+        return (
+            _rebuild_tensor,
+            (index, extent.ptr, dtype, tuple(t.shape), t.stride(), grad, parameter),
+        )
+
+    def seal(self, batch: Batch, dest: bytes) -> tuple[bytes, list[Any]]:
+        """The head describing ``batch``'s regions, and the frames that carry some."""
+        entries: list[tuple[Any, ...]] = []
+        frames: list[Any] = []
+        for group in batch.groups:
+            origin = group.lo if group.view is not None else group.lo & -_ALIGN
+            size = group.hi - origin
+            if size < _HEAD_LIMIT:
+                entries.append((_IN_HEAD, origin, self._read(group, origin, size)))
+            elif size < self.threshold or self.transfer == "inline":
+                entries.append((_IN_FRAME, origin, len(frames)))
+                frames.append(self._read(group, origin, size))
+            else:
+                entries.append(self._lease(group, origin, size, dest))
+        return _head_encode((len(frames), entries)), frames
+
+    @staticmethod
+    def _read(group: _Group, origin: int, size: int) -> bytes:
+        if group.view is not None:
+            return bytes(group.view)
+        return _string_at(origin, size)
+
+    def _lease(self, group: _Group, origin: int, size: int, dest: bytes) -> tuple[Any, ...]:
+        with self._lock:
+            holder: Any = None
+            where = None if group.copy or group.view is not None else self._find(origin, origin + size)
+            if type(where) is _Segment:
+                holder = where
+            elif type(where) is _Mapping:
+                holder = where.covering(origin, origin + size)
+            if holder is None:
+                where = holder = self._alloc(size)
+                if group.view is not None:
+                    where.mv[:size] = group.view
+                else:
+                    _memmove(where.addr, origin, size)
+                offset = 0
+            else:
+                assert where is not None
+                offset = origin - where.addr
+            lease = self._leases_next()
+            if type(holder) is _Segment:
+                holder.holds += 1
+                if dest in self._gone:  # the send will fail: nothing to hold for
+                    self._unhold(holder)
+            if dest not in self._gone:
+                self._leases.setdefault(dest, {})[lease] = holder
+            return (_SHARED, origin, where.name, offset, size, lease)
+
+    def _find(self, lo: int, hi: int) -> _Segment | _Mapping | None:
+        i = bisect.bisect_right(self._starts, lo) - 1
+        if i >= 0:
+            found = self._at[self._starts[i]]
+            if hi <= found.addr + found.size:
+                return found
+        return None
+
+    def _index(self, owner: _Segment | _Mapping) -> None:
+        bisect.insort(self._starts, owner.addr)
+        self._at[owner.addr] = owner
+
+    def _unindex(self, owner: _Segment | _Mapping) -> None:
+        del self._starts[bisect.bisect_left(self._starts, owner.addr)]
+        del self._at[owner.addr]
+
+    # -- the arena -----------------------------------------------------------
+
+    def _alloc(self, nbytes: int) -> _Segment:
+        """A free segment that holds ``nbytes`` (reused if one is warm)."""
+        size = segment_size(nbytes)
+        free = self._free.get(size)
+        if free:
+            self._free_bytes -= size
+            return free.pop()
+        while True:
+            name = f"{self._prefix}{next(self._names)}"
+            try:
+                segment = _Segment(name, _shm.create(name, size))
+                break
+            except FileExistsError:
+                continue
+        self._segments[name] = segment
+        self._index(segment)
+        return segment
+
+    def _unhold(self, segment: _Segment) -> None:
+        segment.holds -= 1
+        if segment.holds or segment.name not in self._segments:
+            return
+        self._free.setdefault(segment.size, []).append(segment)
+        self._free_bytes += segment.size
+        while self._free_bytes > self._pool_bytes:
+            # Past the pool's size: give back free segments, biggest first.
+            size = max(self._free)
+            same = self._free[size]
+            victim = same.pop(0)
+            if not same:
+                del self._free[size]
+            self._free_bytes -= victim.size
+            self._drop_segment(victim)
+
+    def _drop_segment(self, segment: _Segment) -> None:
+        del self._segments[segment.name]
+        self._unindex(segment)
+        _shm.unlink(segment.name)
+        _close_mapping(segment)
+
+    def share(self, value: Any) -> Any:
+        """Move an array or tensor into this process's arena (see :func:`atoll.share`)."""
+        t = type(value)
+        handler = self._types.get(t, _unknown)
+        if handler is _unknown:
+            handler = self._types[t] = self._handler_for(t)
+        if handler == self._reduce_tensor and _kinds.tensor_handled(value):
+            return self._share_tensor(value)
+        if handler == self._reduce_array and _kinds.array_extent(value) is not None:
+            return self._share_array(value)
+        raise TypeError(
+            f"share() takes a numpy array or a CPU torch tensor, got {t.__qualname__}"
+        )
+
+    def _fresh_base(self, nbytes: int) -> tuple[Any, int]:
+        with self._lock:
+            segment = self._alloc(nbytes)
+            return self._view(segment, None, 0, 0, nbytes), segment.addr
+
+    def _share_tensor(self, t: Any) -> Any:
+        storage = t.untyped_storage()
+        nbytes = storage.nbytes()
+        if nbytes == 0 or self._find_locked(storage.data_ptr(), storage.data_ptr() + nbytes):
+            return t
+        base, addr = self._fresh_base(nbytes)
+        _memmove(addr, storage.data_ptr(), nbytes)
+        torch = sys.modules["torch"]
+        with torch.no_grad():
+            t.set_(_kinds.storage_of(base), t.storage_offset(), t.shape, t.stride())
+        return t
+
+    def _share_array(self, a: Any) -> Any:
+        extent = _kinds.array_extent(a)
+        assert extent is not None
+        if a.size == 0 or self._find_locked(extent.lo, extent.hi):
+            return a
+        size = extent.hi - extent.lo
+        base, addr = self._fresh_base(size)
+        _memmove(addr, extent.lo, size)
+        return _kinds.rebuild_array(
+            base, extent.ptr - extent.lo, a.dtype.str, a.shape, a.strides, True
+        )
+
+    def _find_locked(self, lo: int, hi: int) -> bool:
+        with self._lock:
+            return self._find(lo, hi) is not None
+
+    # -- receiving -------------------------------------------------------
+
+    @contextmanager
+    def loading(self, src: bytes, head: bytes, frames: Sequence[Any]) -> Iterator[int]:
+        """Unpickle, within this block, a message whose regions ``head``
+        describes; yields how many of the last ``frames`` carry regions."""
+        try:
+            own, entries = _head_decode(head)
+        except msgspec.DecodeError as exc:
+            raise SerializationError(f"malformed tensor descriptors: {exc}") from exc
+        if not 0 <= own <= len(frames):
+            raise SerializationError("malformed tensor descriptors: frames are missing")
+        incoming = _Incoming(self, src, entries, frames[len(frames) - own :])
+        token = _incoming.set(incoming)
+        try:
+            yield own
+        finally:
+            _incoming.reset(token)
+            # Regions nothing was built on (the load failed first): release now.
+            unused = [(src, lease, _NO_OWNER, 0) for lease in incoming.unused_leases()]
+            if unused:
+                self.dead.extend(unused)
+                self._ring()
+
+    def _attach(self, src: bytes, name: str, offset: int, size: int, lease: int) -> Any:
+        with self._lock:
+            segment = self._segments.get(name)
+            if segment is not None:  # our own memory, sent back to us
+                return self._view(segment, src, lease, offset, size)
+            mapping = self._mappings.get(name)
+            if mapping is None:
+                try:
+                    mapping = _Mapping(name, _shm.attach(name))
+                except FileNotFoundError:
+                    raise SerializationError(
+                        f"shared memory {name} is gone: the process that sent it exited "
+                        "before the message was read"
+                    ) from None
+                self._mappings[name] = mapping
+                self._index(mapping)
+            else:
+                self._idle.pop(name, None)
+            return self._view(mapping, src, lease, offset, size)
+
+    def _view(
+        self, owner: _Segment | _Mapping, src: bytes | None, lease: int, offset: int, size: int
+    ) -> Any:
+        """A buffer over all of ``owner``'s memory whose life holds region
+        [offset, offset + size) of it: every array, tensor and memoryview
+        built on it keeps it, and its death is noted (lease ``lease`` of
+        ``src`` is over). It is a ctypes array because numpy and memoryviews
+        keep their exporter alive, where a memoryview slice would only keep
+        the mmap."""
+        base = _buffer_type(owner.size).from_buffer(owner.mm)
+        if type(owner) is _Segment:
+            owner.holds += 1
+        else:
+            owner.live += 1
+            owner.bases[id(base)] = (offset, offset + size, weakref.ref(base))
+        finalizer = weakref.finalize(base, self._on_dead, src, lease, owner, id(base))
+        finalizer.atexit = False
+        return base
+
+    def _on_dead(self, src: bytes | None, lease: int, owner: Any, view_id: int) -> None:
+        # Any thread, any moment: queue it, ring, touch nothing else.
+        self.dead.append((src, lease, owner, view_id))
+        if not self._rung:
+            self._ring()
+
+    def _ring(self) -> None:
+        self._rung = True
+        bell = self._bell
+        if bell is not None:
+            try:
+                os.write(bell[1], b"\0")
+            except OSError:
+                pass  # full (already rung) or closed
+
+    # -- releases, peers, lifecycle -------------------------------------
+
+    def drain(self) -> None:
+        """Settle what finalizers noted; send the ``Unlease`` messages due."""
+        dead = self.dead
+        if not dead:
+            return
+        out: dict[bytes, list[int]] = {}
+        with self._lock:
+            while dead:
+                src, lease, owner, view_id = dead.popleft()
+                if type(owner) is _Segment:
+                    self._unhold(owner)
+                elif type(owner) is _Mapping:
+                    owner.bases.pop(view_id, None)
+                    owner.live -= 1
+                    if not owner.live:
+                        self._idle_mapping(owner)
+                if src is not None:
+                    out.setdefault(src, []).append(lease)
+        if self.send is not None:
+            for src, leases in out.items():
+                if src not in self._gone:
+                    self.send(src, [m.encode(m.Unlease(tuple(leases)))])
+
+    def _idle_mapping(self, mapping: _Mapping) -> None:
+        idle = self._idle
+        idle[mapping.name] = mapping
+        total = sum(mp.size for mp in idle.values())
+        while len(idle) > 1 and (len(idle) > _IDLE_MAPPINGS or total > _IDLE_BYTES):
+            _, oldest = idle.popitem(last=False)
+            total -= oldest.size
+            self._unmap(oldest)
+
+    def _unmap(self, mapping: _Mapping) -> None:
+        del self._mappings[mapping.name]
+        self._unindex(mapping)
+        _close_mapping(mapping)
+
+    def unlease(self, peer: bytes, leases: Sequence[int]) -> None:
+        """``peer`` dropped every view of these regions."""
+        with self._lock:
+            held = self._leases.get(peer)
+            if held is None:
+                return
+            for lease in leases:
+                holder = held.pop(lease, None)
+                if type(holder) is _Segment:
+                    self._unhold(holder)
+            # A forwarded region's view is let go here; its own finalizer
+            # then unleases it upstream.
+
+    def peer_gone(self, peer: bytes) -> None:
+        """``peer`` died or left: what it leased is released."""
+        with self._lock:
+            self._gone.add(peer)
+            held = self._leases.pop(peer, {})
+            for holder in held.values():
+                if type(holder) is _Segment:
+                    self._unhold(holder)
+
+    async def serve(self) -> None:
+        """Settle finalizers' notes as they come (run as a task)."""
+        read_fd, write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._bell = (read_fd, write_fd)
+        try:
+            while True:
+                if self._rung:
+                    self._rung = False
+                    self.drain()
+                await anyio.wait_readable(read_fd)
+                try:
+                    while os.read(read_fd, 4096):
+                        pass
+                except BlockingIOError:
+                    pass
+        finally:
+            self._bell = None
+            os.close(read_fd)
+            os.close(write_fd)
+
+    def stats(self) -> dict[str, int]:
+        """What the plane holds now, for tests and for the curious."""
+        with self._lock:
+            return {
+                "segments": len(self._segments),
+                "segment_bytes": sum(s.size for s in self._segments.values()),
+                "free_bytes": self._free_bytes,
+                "leases": sum(len(held) for held in self._leases.values()),
+                "mappings": len(self._mappings),
+                "mapped_bytes": sum(mp.size for mp in self._mappings.values()),
+            }
+
+    def close(self) -> None:
+        """Unlink this process's segments. Views still held stay valid: the
+        memory goes when the last mapping of it does."""
+        with self._lock:
+            self._closed = True
+            for segment in list(self._segments.values()):
+                self._drop_segment(segment)
+            self._free.clear()
+            self._free_bytes = 0
+            for mapping in list(self._mappings.values()):
+                self._unmap(mapping)
+            self._leases.clear()
+
+
+_unknown: Any = object()
+_NO_OWNER: Any = types.SimpleNamespace()

@@ -1,0 +1,144 @@
+"""POSIX shared-memory segments, named so that a dead host's can be swept.
+
+A segment is a file in ``/dev/shm`` named
+``atoll-<host pid>-<host tag>-<owner pid>-<n>``: the host's pid and tag say
+which host's run it belongs to (a sweeper removes the segments of hosts that
+are gone), the owner's pid which process of that run created it. Segments are
+opened directly, never through :mod:`multiprocessing.shared_memory`, so no
+resource tracker unlinks them behind atoll's back when a process that merely
+attached to one exits.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import mmap
+import os
+import secrets
+import shutil
+
+from .._errors import AtollError
+
+SHM_DIR = "/dev/shm"
+PREFIX = "atoll-"
+
+
+class SharedMemoryError(AtollError):
+    """Shared memory could not be created or attached."""
+
+
+def available() -> bool:
+    return os.path.isdir(SHM_DIR)
+
+
+def host_prefix() -> str:
+    """A new name prefix for the segments of one host's run (the calling
+    process is the host); the tag keeps two hosts of one process apart."""
+    return f"{PREFIX}{os.getpid()}-{secrets.token_hex(3)}-"
+
+
+def owner_prefix(host: str, pid: int) -> str:
+    """Name prefix of the segments process ``pid`` creates in a host's run."""
+    return f"{host}{pid}-"
+
+
+def address(buffer: mmap.mmap | memoryview) -> int:
+    """The address of the first byte of a writable buffer."""
+    probe = ctypes.c_char.from_buffer(buffer)
+    try:
+        return ctypes.addressof(probe)
+    finally:
+        del probe
+
+
+def create(name: str, size: int) -> mmap.mmap:
+    """Create segment ``name`` of ``size`` bytes, its pages allocated and mapped.
+
+    The pages are allocated up front, so a full ``/dev/shm`` is an error here
+    rather than a SIGBUS on first touch, and the mapping is populated, so the
+    first copy into it pays no page faults.
+    """
+    path = os.path.join(SHM_DIR, name)
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_CLOEXEC, 0o600)
+    except FileNotFoundError:
+        raise SharedMemoryError(
+            f"no {SHM_DIR} on this system: the shared-memory plane needs POSIX shared "
+            "memory (Linux); open the host with transfer='inline' to send tensors as "
+            "message frames instead"
+        ) from None
+    try:
+        try:
+            os.posix_fallocate(fd, 0, size)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.ENOMEM):
+                raise
+            free = shutil.disk_usage(SHM_DIR).free
+            raise SharedMemoryError(
+                f"{SHM_DIR} has no room for {size / 2**20:.1f} MiB ({free / 2**20:.1f} MiB "
+                "free). Give it more room (docker: --shm-size), send less at once, or open "
+                "the host with transfer='inline'"
+            ) from exc
+        return mmap.mmap(fd, size, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
+    except BaseException:
+        os.unlink(path)
+        raise
+    finally:
+        os.close(fd)
+
+
+def attach(name: str) -> mmap.mmap:
+    """Map an existing segment (pages are faulted in lazily, as they are read)."""
+    fd = os.open(os.path.join(SHM_DIR, name), os.O_RDWR | os.O_CLOEXEC)
+    try:
+        return mmap.mmap(fd, os.fstat(fd).st_size, flags=mmap.MAP_SHARED)
+    finally:
+        os.close(fd)
+
+
+def unlink(name: str) -> None:
+    try:
+        os.unlink(os.path.join(SHM_DIR, name))
+    except FileNotFoundError:
+        pass
+
+
+def sweep(name_prefix: str) -> int:
+    """Unlink every segment whose name starts with ``name_prefix``; return how many."""
+    if not available():
+        return 0
+    n = 0
+    for entry in os.listdir(SHM_DIR):
+        if entry.startswith(name_prefix):
+            unlink(entry)
+            n += 1
+    return n
+
+
+def sweep_dead_hosts() -> None:
+    """Unlink the segments of hosts that died without cleaning up."""
+    if not available():
+        return
+    seen: dict[int, bool] = {}
+    for entry in os.listdir(SHM_DIR):
+        if not entry.startswith(PREFIX):
+            continue
+        try:
+            pid = int(entry.split("-")[1])
+        except (IndexError, ValueError):
+            continue
+        if pid not in seen:
+            seen[pid] = _alive(pid)
+        if not seen[pid]:
+            unlink(entry)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
