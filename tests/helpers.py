@@ -259,3 +259,57 @@ class Client(atoll.Actor):
     async def call_service_slowly(self, service: str, on_started: Any) -> Any:
         svc = await atoll.lookup(service)
         return await svc.park(on_started)
+
+
+class Holder(atoll.Actor):
+    """Receives arrays and tensors, keeps them, writes into them, makes some."""
+
+    def __init__(self) -> None:
+        self.kept: dict[Any, Any] = {}
+
+    async def keep(self, key: Any, value: Any) -> None:
+        self.kept[key] = value
+
+    async def drop(self, key: Any) -> None:
+        del self.kept[key]
+
+    async def damaged(self) -> list[Any]:
+        """Keys of kept ``(tensor, fill)`` pairs whose values changed."""
+        return [key for key, (t, fill) in self.kept.items() if not bool((t == fill).all())]
+
+    async def fill(self, t: Any, value: Any) -> None:
+        t[...] = value
+
+    async def forward_fill(self, other: Any, t: Any, value: Any) -> None:
+        await other.fill(t, value)
+
+    async def make(self, n: int, value: float) -> Any:
+        import torch
+
+        return torch.full((n,), value)
+
+    async def first(self, t: Any) -> float:
+        return float(t[0])
+
+    async def ptr(self, t: Any) -> int:
+        return int(t.data_ptr())
+
+    async def plane_stats(self) -> dict[str, int]:
+        from atoll.actors._runtime import current_plane
+
+        return current_plane("plane_stats").stats()
+
+    async def forget_torch(self) -> None:
+        """Behave as an environment without torch."""
+        import sys
+
+        sys.modules["torch"] = None  # type: ignore[assignment]
+
+    async def pid(self) -> int:
+        return os.getpid()
+
+    async def yield_tensors(self, n: int, size: int) -> AsyncIterator[Any]:
+        import torch
+
+        for i in range(n):
+            yield torch.full((size,), float(i))

@@ -52,9 +52,7 @@ class _Child:
         sock.connect(boot["hub"])
         self.socket = AsyncSocket(sock)
         self.shm_prefix: str = boot["shm_prefix"]
-        plane = Plane(
-            _shm.owner_prefix(self.shm_prefix, os.getpid()), transfer=boot["transfer"]
-        )
+        plane = Plane(_shm.owner_prefix(self.shm_prefix, os.getpid()), transfer=boot["transfer"])
         self.node = Node(boot["identity"].encode(), boot["node"], self.name, self._transmit, plane)
         self.socket.spin = float(boot.get("spin_us", 0)) * 1e-6
         self.node.wait_reply = self.socket.wait_for
@@ -85,9 +83,7 @@ class _Child:
     async def _init(self, msg: m.Init, buffers: list[zmq.Frame]) -> None:
         reply: m.Result | m.Error
         try:
-            cls_bytes, args, kwargs = self.node._load(
-                msg.payload, buffers, "actor arguments", HOST
-            )
+            cls_bytes, args, kwargs = self.node._load(msg.payload, buffers, "actor arguments", HOST)
             cls = Codec().loads(cls_bytes, [], "actor class")
             actor = cls(*args, **kwargs)
             await actor.on_start()

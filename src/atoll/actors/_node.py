@@ -33,8 +33,8 @@ from .._errors import (
     SerializationError,
     TransportError,
 )
-from ..transport import _messages as m
 from ..tensors import Plane
+from ..transport import _messages as m
 from ..transport._codec import Codec, prepare, prepare_args
 from ..transport._socket import Job, PeerUnreachableError
 from ._actor import Kind, kind_of

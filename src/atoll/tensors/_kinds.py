@@ -32,7 +32,7 @@ def array_extent(a: Any) -> Extent | None:
         return None
     ptr = a.__array_interface__["data"][0]
     lo = hi = ptr
-    for n, stride in zip(a.shape, a.strides):
+    for n, stride in zip(a.shape, a.strides, strict=True):
         if stride < 0:
             lo += (n - 1) * stride
         else:
@@ -46,18 +46,18 @@ def array_extent(a: Any) -> Extent | None:
 
 def tensor_handled(t: Any) -> bool:
     """A dense CPU tensor whose bytes can be shared as they are."""
-    return t.device.type == "cpu" and t.layout is _torch().strided and not t.is_quantized
+    return bool(t.is_cpu and t.layout is _torch().strided and not t.is_quantized)
 
 
-def tensor_extent(t: Any) -> Extent:
-    itemsize = t.element_size()
-    ptr = t.data_ptr()
-    span = 0
-    for n, stride in zip(t.shape, t.stride()):
-        span += (n - 1) * stride
-    return Extent(
-        ptr, ptr, ptr + (span + 1) * itemsize, ("tensor", t.untyped_storage().data_ptr())
-    )
+_dtype_info: dict[Any, tuple[str, int]] = {}
+
+
+def dtype_info(dtype: Any) -> tuple[str, int]:
+    """A torch dtype's name (``torch.<name>`` is the dtype) and item size."""
+    info = _dtype_info.get(dtype)
+    if info is None:
+        info = _dtype_info[dtype] = (str(dtype).removeprefix("torch."), dtype.itemsize)
+    return info
 
 
 def _torch() -> Any:
@@ -117,11 +117,17 @@ def rebuild_tensor(
     torch = _torch()
     dt = getattr(torch, dtype)
     t = torch.empty((0,), dtype=dt).set_(storage, offset // dt.itemsize, shape, stride)
-    return _finish_tensor(torch, t, requires_grad, parameter)
+    if requires_grad or parameter:
+        return _finish_tensor(torch, t, requires_grad, parameter)
+    return t
 
 
 def empty_tensor(
-    dtype: str, shape: tuple[int, ...], stride: tuple[int, ...], requires_grad: bool, parameter: bool
+    dtype: str,
+    shape: tuple[int, ...],
+    stride: tuple[int, ...],
+    requires_grad: bool,
+    parameter: bool,
 ) -> Any:
     torch = _torch()
     t = torch.empty_strided(shape, stride, dtype=getattr(torch, dtype))
@@ -134,7 +140,3 @@ def _finish_tensor(torch: Any, t: Any, requires_grad: bool, parameter: bool) -> 
     if requires_grad:
         t.requires_grad_(True)
     return t
-
-
-def dtype_name(t: Any) -> str:
-    return str(t.dtype).removeprefix("torch.")

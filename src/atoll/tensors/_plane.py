@@ -36,7 +36,6 @@ import types
 import weakref
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any, TypeVar
 
@@ -392,36 +391,49 @@ class Plane:
         parameter = type(t) is not sys.modules["torch"].Tensor
         grad = t.requires_grad
         copy = id(t) in batch.copy_ids
-        t = t.detach()
+        if grad:
+            t = t.detach()  # the data travels; the graph does not
         if t.is_conj() or t.is_neg():
             t = t.resolve_conj().resolve_neg()
-        dtype = _kinds.dtype_name(t)
-        if t.numel() == 0:
-            return (_kinds.empty_tensor, (dtype, tuple(t.shape), t.stride(), grad, parameter))
-        if t.data_ptr() % t.element_size():
+        dtype, itemsize = _kinds.dtype_info(t.dtype)
+        shape = tuple(t.shape)
+        stride = t.stride()
+        ptr = t.data_ptr()
+        span = 0
+        for n, step in zip(shape, stride, strict=True):
+            if not n:
+                return (_kinds.empty_tensor, (dtype, shape, stride, grad, parameter))
+            span += (n - 1) * step
+        if ptr % itemsize:
             t = t.clone()  # a view at an address its dtype cannot sit at
-        extent = _kinds.tensor_extent(t)
-        index = batch.add(extent.key, extent.lo, extent.hi, copy)
-        return (
-            _rebuild_tensor,
-            (index, extent.ptr, dtype, tuple(t.shape), t.stride(), grad, parameter),
-        )
+            stride, ptr = t.stride(), t.data_ptr()
+        key = ("tensor", t.untyped_storage().data_ptr())
+        index = batch.add(key, ptr, ptr + (span + 1) * itemsize, copy)
+        return (_rebuild_tensor, (index, ptr, dtype, shape, stride, grad, parameter))
 
     def seal(self, batch: Batch, dest: bytes) -> tuple[bytes, list[Any]]:
         """The head describing ``batch``'s regions, and the frames that carry some."""
         entries: list[tuple[Any, ...]] = []
         frames: list[Any] = []
+        inline = self.transfer == "inline"
         for group in batch.groups:
             origin = group.lo if group.view is not None else group.lo & -_ALIGN
             size = group.hi - origin
-            if size < _HEAD_LIMIT:
+            if not inline and (size >= self.threshold or self._in_shared(group, origin)):
+                # Big, or already shared (then always shared: writes stay seen).
+                entries.append(self._lease(group, origin, size, dest))
+            elif size < _HEAD_LIMIT:
                 entries.append((_IN_HEAD, origin, self._read(group, origin, size)))
-            elif size < self.threshold or self.transfer == "inline":
+            else:
                 entries.append((_IN_FRAME, origin, len(frames)))
                 frames.append(self._read(group, origin, size))
-            else:
-                entries.append(self._lease(group, origin, size, dest))
         return _head_encode((len(frames), entries)), frames
+
+    def _in_shared(self, group: _Group, origin: int) -> bool:
+        if group.copy or group.view is not None or not self._starts:
+            return False
+        with self._lock:
+            return self._find(origin, group.hi) is not None
 
     @staticmethod
     def _read(group: _Group, origin: int, size: int) -> bytes:
@@ -432,7 +444,9 @@ class Plane:
     def _lease(self, group: _Group, origin: int, size: int, dest: bytes) -> tuple[Any, ...]:
         with self._lock:
             holder: Any = None
-            where = None if group.copy or group.view is not None else self._find(origin, origin + size)
+            where = (
+                None if group.copy or group.view is not None else self._find(origin, origin + size)
+            )
             if type(where) is _Segment:
                 holder = where
             elif type(where) is _Mapping:
@@ -524,9 +538,7 @@ class Plane:
             return self._share_tensor(value)
         if handler == self._reduce_array and _kinds.array_extent(value) is not None:
             return self._share_array(value)
-        raise TypeError(
-            f"share() takes a numpy array or a CPU torch tensor, got {t.__qualname__}"
-        )
+        raise TypeError(f"share() takes a numpy array or a CPU torch tensor, got {t.__qualname__}")
 
     def _fresh_base(self, nbytes: int) -> tuple[Any, int]:
         with self._lock:
@@ -563,10 +575,10 @@ class Plane:
 
     # -- receiving -------------------------------------------------------
 
-    @contextmanager
-    def loading(self, src: bytes, head: bytes, frames: Sequence[Any]) -> Iterator[int]:
-        """Unpickle, within this block, a message whose regions ``head``
-        describes; yields how many of the last ``frames`` carry regions."""
+    def begin_load(self, src: bytes, head: bytes, frames: Sequence[Any]) -> tuple[Any, int]:
+        """Get ready to unpickle a message whose regions ``head`` describes;
+        returns what :meth:`end_load` takes, and how many of the last
+        ``frames`` carry regions."""
         try:
             own, entries = _head_decode(head)
         except msgspec.DecodeError as exc:
@@ -574,16 +586,16 @@ class Plane:
         if not 0 <= own <= len(frames):
             raise SerializationError("malformed tensor descriptors: frames are missing")
         incoming = _Incoming(self, src, entries, frames[len(frames) - own :])
-        token = _incoming.set(incoming)
-        try:
-            yield own
-        finally:
-            _incoming.reset(token)
-            # Regions nothing was built on (the load failed first): release now.
-            unused = [(src, lease, _NO_OWNER, 0) for lease in incoming.unused_leases()]
-            if unused:
-                self.dead.extend(unused)
-                self._ring()
+        return (incoming, _incoming.set(incoming)), own
+
+    def end_load(self, state: tuple[Any, Any]) -> None:
+        incoming, token = state
+        _incoming.reset(token)
+        # Regions nothing was built on (the load failed first): release now.
+        unused = [(incoming.src, lease, _NO_OWNER, 0) for lease in incoming.unused_leases()]
+        if unused:
+            self.dead.extend(unused)
+            self._ring()
 
     def _attach(self, src: bytes, name: str, offset: int, size: int, lease: int) -> Any:
         with self._lock:
@@ -615,7 +627,7 @@ class Plane:
         keep their exporter alive, where a memoryview slice would only keep
         the mmap."""
         base = _buffer_type(owner.size).from_buffer(owner.mm)
-        if type(owner) is _Segment:
+        if isinstance(owner, _Segment):
             owner.holds += 1
         else:
             owner.live += 1

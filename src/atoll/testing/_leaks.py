@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import gc
 import glob
 import os
 import tempfile
@@ -89,6 +90,9 @@ class snapshot:
         self._paths = _paths()
 
     def leaks(self) -> Leaks:
+        # Garbage not collected yet (a traceback's cycle holding an array
+        # over shared memory, say) is not a leak: collect it first.
+        gc.collect()
         return Leaks(
             frozenset(_children() - self._processes),
             frozenset(_fds() - self._fds),

@@ -13,7 +13,6 @@ import io
 import pickle
 import types
 from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager
 from typing import Any, Protocol
 
 from .._errors import SerializationError
@@ -38,17 +37,17 @@ class Sidecar(Protocol):
     ``reduce`` sees each object first and may return a reduction, keeping
     what it needs in ``pickler.batch``; ``seal`` turns a batch into a head and
     extra frames (sent after the pickle's own) once the pickle is complete;
-    ``loading`` is the context in which a stream with such a head is
-    unpickled, and says how many of the last frames are its own.
+    a stream with such a head is unpickled between ``begin_load`` (which
+    says how many of the last frames are the sidecar's) and ``end_load``.
     """
 
     def reduce(self, obj: Any, pickler: Any) -> Any: ...
 
     def seal(self, batch: Any, dest: bytes) -> tuple[bytes, list[Any]]: ...
 
-    def loading(
-        self, src: bytes, head: bytes, frames: Sequence[Any]
-    ) -> AbstractContextManager[int]: ...
+    def begin_load(self, src: bytes, head: bytes, frames: Sequence[Any]) -> tuple[Any, int]: ...
+
+    def end_load(self, state: Any) -> None: ...
 
 
 class _NeedsCloudpickle(Exception):
@@ -200,7 +199,7 @@ class Codec:
             return False
 
         f = io.BytesIO()
-        pickler = self._pickler_cls(f, protocol=5, buffer_callback=keep)
+        pickler: pickle.Pickler = self._pickler_cls(f, protocol=5, buffer_callback=keep)
         try:
             pickler.dump(obj)
         except (_NeedsCloudpickle, pickle.PicklingError, AttributeError, TypeError):
@@ -214,7 +213,7 @@ class Codec:
                     f"cannot pickle the {what}: {exc2}. Send picklable values, or wrap "
                     "the object in an actor and pass its ref instead."
                 ) from exc2
-        batch = pickler.batch
+        batch = pickler.batch  # type: ignore[attr-defined]
         if batch is None:
             return f.getvalue(), buffers
         assert self._sidecar is not None
@@ -234,8 +233,11 @@ class Codec:
                 raise SerializationError(f"the {what} holds tensors, and nothing here reads them")
             size = int.from_bytes(data[1:5], "little")
             view = memoryview(data)
-            with self._sidecar.loading(src, bytes(view[5 : 5 + size]), buffers) as own:
+            state, own = self._sidecar.begin_load(src, bytes(view[5 : 5 + size]), buffers)
+            try:
                 return pickle.loads(view[5 + size :], buffers=buffers[: len(buffers) - own])
+            finally:
+                self._sidecar.end_load(state)
         except SerializationError:
             raise
         except Exception as exc:

@@ -1,0 +1,330 @@
+"""The tensor plane: arrays and tensors cross processes as views of shared memory."""
+
+from __future__ import annotations
+
+import errno
+import os
+import select
+import signal
+import subprocess
+import sys
+import textwrap
+from typing import Any
+
+import anyio
+import pytest
+
+import atoll
+from atoll.actors._runtime import current_plane
+from atoll.tensors import _shm
+from atoll.tensors._plane import segment_size
+from helpers import Echo, Holder, pid_of
+
+torch = pytest.importorskip("torch")
+np = pytest.importorskip("numpy")
+
+pytestmark = pytest.mark.anyio
+
+MIB = 1 << 20
+
+
+def _segments_of(prefix: str) -> list[str]:
+    return [name for name in os.listdir(_shm.SHM_DIR) if name.startswith(prefix)]
+
+
+# -- what arrives ---------------------------------------------------------------
+
+
+async def test_parameters_and_gradients() -> None:
+    p = torch.nn.Parameter(torch.ones(3))
+    p.grad = torch.ones(3)
+    async with atoll.open_host() as host:
+        echo = await host.spawn(Echo)
+        back = await echo.echo(p)
+        assert type(back) is torch.nn.Parameter and back.requires_grad
+        assert back.grad is None  # gradients are not shared
+        computed = (torch.ones(3, requires_grad=True) * 2).sum()
+        assert (await echo.echo(computed)).requires_grad  # a non-leaf arrives as a leaf
+
+
+# -- sharing, writes, aliasing across processes ------------------------------
+
+
+async def test_a_shared_tensor_is_not_copied_and_writes_are_shared() -> None:
+    async with atoll.open_host() as host:
+        holder = await host.spawn(Holder)
+        t = atoll.share(torch.zeros(1 << 20))
+        before = host.node.plane.stats()["segment_bytes"]
+        await holder.fill(t[10:20], 5.0)
+        assert float(t[10]) == 5.0 and float(t[9]) == 0.0
+        a = atoll.share(np.zeros(1 << 20))
+        await holder.fill(a, 2.0)
+        assert a[123] == 2.0
+        assert host.node.plane.stats()["segment_bytes"] == before + segment_size(8 * MIB)
+
+
+async def test_copy_on_send_keeps_the_senders_memory_private() -> None:
+    async with atoll.open_host() as host:
+        holder = await host.spawn(Holder)
+        t = atoll.share(torch.zeros(1 << 20))
+        await holder.fill(atoll.copy_on_send(t), 5.0)
+        assert float(t.abs().sum()) == 0.0
+        echo = await host.spawn(Echo)
+        [back] = await echo.echo(atoll.copy_on_send([t]))
+        back[0] = 1.0
+        assert back.data_ptr() != t.data_ptr() and float(t[0]) == 0.0
+        assert (await echo.echo(t)).data_ptr() == t.data_ptr()  # without it: shared
+
+
+async def test_a_fresh_tensor_is_copied_into_a_reused_segment() -> None:
+    async with atoll.open_host() as host:
+        holder = await host.spawn(Holder)
+        t = torch.ones(1 << 20)
+        for _ in range(5):
+            assert await holder.first(t) == 1.0
+        stats = host.node.plane.stats()
+        assert stats["segments"] == 1 and stats["leases"] == 0
+        assert t.untyped_storage().data_ptr() != 0  # untouched: still the caller's own
+
+
+async def test_return_to_sender_is_the_same_memory() -> None:
+    async with atoll.open_host() as host:
+        echo = await host.spawn(Echo)
+        t = atoll.share(torch.arange(1 << 20))
+        back = await echo.echo(t)
+        assert back.data_ptr() == t.data_ptr()
+        back[0] = -1
+        assert int(t[0]) == -1
+
+
+async def test_a_received_tensor_forwarded_to_a_third_process_is_the_same_memory() -> None:
+    async with atoll.open_host() as host:
+        a = await host.spawn(Holder)
+        b = await host.spawn(Holder)
+        t = atoll.share(torch.zeros(1 << 20))
+        await a.forward_fill(b, t, 7.0)
+        assert float(t.min()) == 7.0
+        # Every lease along the way is given back.
+        assert (await a.plane_stats())["leases"] == 0
+        assert host.node.plane.stats()["leases"] == 0
+
+
+async def test_a_tensor_made_by_an_actor_outlives_the_actor() -> None:
+    async with atoll.open_host() as host:
+        holder = await host.spawn(Holder, name="maker")
+        pid = pid_of(host, "maker")
+        t = await holder.make(1 << 20, 3.0)
+        assert _segments_of(_shm.owner_prefix(host._shm_prefix, pid))
+        await host.stop(holder)
+        # Its segment is unlinked with it; the mapping here stays valid.
+        assert not _segments_of(_shm.owner_prefix(host._shm_prefix, pid))
+        assert float(t.sum()) == 3.0 * (1 << 20)
+
+
+async def test_streams_yield_tensors() -> None:
+    async with atoll.open_host() as host:
+        holder = await host.spawn(Holder)
+        got = [t async for t in holder.yield_tensors(20, 1 << 17)]
+        assert [float(t[-1]) for t in got] == [float(i) for i in range(20)]
+
+
+async def test_big_buffers_come_back_through_shared_memory() -> None:
+    data = bytes(range(256)) * 8192
+    async with atoll.open_host() as host:
+        echo = await host.spawn(Echo)
+        back = await echo.echo([data, bytearray(data), memoryview(data)])
+        assert [type(x) for x in back] == [bytes, bytearray, memoryview]
+        assert all(bytes(x) == data for x in back)
+        assert host.node.plane.stats()["segments"] >= 1
+
+
+# -- leases --------------------------------------------------------------------
+
+
+async def test_memory_is_reused_only_after_its_lease_is_released() -> None:
+    async with atoll.open_host() as host:
+        holder = await host.spawn(Holder)
+        plane = host.node.plane
+        await holder.keep("a", (torch.full((1 << 20,), 1.0), 1.0))
+        assert plane.stats()["leases"] == 1
+        await holder.keep("b", (torch.full((1 << 20,), 2.0), 2.0))
+        assert plane.stats()["segments"] == 2  # the first is still leased
+        assert await holder.damaged() == []
+        await holder.drop("a")
+        await holder.drop("b")
+        assert plane.stats()["leases"] == 0
+        await holder.keep("c", (torch.full((1 << 20,), 3.0), 3.0))
+        assert plane.stats()["segments"] == 2  # reused, not a third
+        assert await holder.damaged() == []
+
+
+async def test_leases_of_a_dead_actor_are_released() -> None:
+    async with atoll.open_host() as host:
+        holder = await host.spawn(Holder, name="victim")
+        await holder.keep("a", (torch.ones(1 << 20), 1.0))
+        assert host.node.plane.stats()["leases"] == 1
+        os.kill(pid_of(host, "victim"), signal.SIGKILL)
+        with anyio.fail_after(10), pytest.raises(atoll.ActorDiedError):
+            await holder.damaged()
+        stats = host.node.plane.stats()
+        assert stats["leases"] == 0 and stats["free_bytes"] == stats["segment_bytes"]
+
+
+async def test_an_actor_killed_while_holding_its_own_and_borrowed_memory() -> None:
+    async with atoll.open_host() as host:
+        holder = await host.spawn(Holder, name="victim")
+        pid = pid_of(host, "victim")
+        t = await holder.make(1 << 20, 4.0)  # its memory, lent to us
+        await holder.keep("x", (torch.ones(1 << 20), 1.0))  # ours, lent to it
+        os.kill(pid, signal.SIGKILL)
+        with anyio.fail_after(10), pytest.raises(atoll.ActorDiedError):
+            await holder.damaged()
+        assert not _segments_of(_shm.owner_prefix(host._shm_prefix, pid))
+        assert float(t[0]) == 4.0
+
+
+async def test_lease_stress_random_order_keeps_memory_bounded_and_values_intact() -> None:
+    import random
+
+    rng = random.Random(7)
+    async with atoll.open_host() as host:
+        plane = host.node.plane
+        plane._pool_bytes = 16 * MIB
+        holders = [await host.spawn(Holder) for _ in range(2)]
+        live: dict[int, tuple[Any, int]] = {}
+        for step in range(300):
+            if live and (len(live) > 12 or rng.random() < 0.45):
+                key = rng.choice(list(live))
+                who, _ = live.pop(key)
+                await who.drop(key)
+            else:
+                nbytes = rng.choice([300_000, 1_000_000, 3_000_000])
+                who = rng.choice(holders)
+                value = float(step)
+                await who.keep(step, (torch.full((nbytes // 4,), value), value))
+                live[step] = (who, nbytes)
+            if step % 10 == 0:
+                for who in holders:
+                    assert await who.damaged() == []
+            stats = plane.stats()
+            leased = sum(segment_size(n) for _, n in live.values())
+            assert stats["leases"] == len(live)
+            assert stats["segment_bytes"] - stats["free_bytes"] == leased
+            assert stats["free_bytes"] <= 16 * MIB
+        for key, (who, _) in list(live.items()):
+            await who.drop(key)
+        assert plane.stats()["leases"] == 0
+
+
+# -- settings, missing torch, errors ----------------------------------------
+
+
+async def test_inline_transfer_uses_no_shared_memory() -> None:
+    async with atoll.open_host(transfer="inline") as host:
+        echo = await host.spawn(Echo)
+        t = torch.arange(1 << 20)
+        assert torch.equal(await echo.echo(t), t)
+        assert host.node.plane.stats()["segments"] == 0
+        assert not _segments_of(host._shm_prefix)
+
+
+async def test_an_unknown_transfer_is_an_error() -> None:
+    with pytest.raises(ValueError, match="'shared_memory', 'inline'"):
+        async with atoll.open_host(transfer="shared-memory"):
+            pass
+
+
+async def test_without_torch_arrays_work_and_tensors_fail_clearly() -> None:
+    async with atoll.open_host() as host:
+        holder = await host.spawn(Holder)
+        await holder.forget_torch()
+        assert await holder.first(np.arange(1, 1 << 20)) == 1.0
+        with pytest.raises(atoll.SerializationError, match="torch cannot be imported"):
+            await holder.first(torch.ones(3))
+        assert await holder.first(np.ones(3)) == 1.0  # still serving
+
+
+async def test_share_takes_arrays_and_tensors_only() -> None:
+    with pytest.raises(RuntimeError, match="inside open_host"):
+        atoll.share(torch.ones(3))
+    async with atoll.open_host():
+        with pytest.raises(TypeError, match="numpy array or a CPU torch tensor"):
+            atoll.share([1, 2, 3])
+        t = torch.ones(3)
+        assert atoll.share(t) is t and atoll.share(t) is t
+
+
+async def test_a_full_dev_shm_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    def full(fd: int, offset: int, length: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    async with atoll.open_host() as host:
+        echo = await host.spawn(Echo)
+        monkeypatch.setattr(os, "posix_fallocate", full)
+        with pytest.raises(atoll.SharedMemoryError, match="transfer='inline'"):
+            await echo.echo(torch.ones(1 << 20))
+        monkeypatch.undo()
+        assert float((await echo.echo(torch.ones(1 << 20)))[0]) == 1.0
+
+
+async def test_the_plane_of_the_current_process() -> None:
+    async with atoll.open_host() as host:
+        assert current_plane("x") is host.node.plane
+
+
+# -- clean-up after crashes --------------------------------------------------
+
+
+def test_segments_of_dead_hosts_are_swept() -> None:
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    name = f"atoll-{dead.pid}-abcdef-{dead.pid}-1"
+    with open(os.path.join(_shm.SHM_DIR, name), "wb") as f:
+        f.write(b"x")
+    _shm.sweep_dead_hosts()
+    assert not os.path.exists(os.path.join(_shm.SHM_DIR, name))
+
+
+HOST_SCRIPT = textwrap.dedent(
+    """
+    import sys, anyio, atoll, torch
+    sys.path.insert(0, sys.argv[1])
+    from helpers import Holder
+
+    async def main():
+        async with atoll.open_host() as host:
+            h = await host.spawn(Holder)
+            mine = await h.make(1 << 20, 1.0)
+            await h.keep("x", (atoll.share(torch.ones(1 << 20)), 1.0))
+            print(host._shm_prefix, await h.pid(), flush=True)
+            await anyio.sleep_forever()
+
+    anyio.run(main, backend=sys.argv[2])
+    """
+)
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_nothing_is_left_in_dev_shm_when_the_host_is_killed(backend: str) -> None:
+    here = os.path.dirname(__file__)
+    host = subprocess.Popen(
+        [sys.executable, "-c", HOST_SCRIPT, here, backend], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert host.stdout is not None
+        prefix, child = host.stdout.readline().split()
+        assert len(_segments_of(prefix)) == 2  # one each side
+        exited = os.pidfd_open(int(child))
+        try:
+            host.kill()
+            host.wait(10)
+            ready, _, _ = select.select([exited], [], [], 5.0)
+        finally:
+            os.close(exited)
+        assert ready, "the actor outlived its host"
+        assert _segments_of(prefix) == []
+    finally:
+        host.kill()
+        host.wait()
+        if host.stdout:
+            host.stdout.close()
