@@ -1,6 +1,7 @@
-"""Tensor plane: a big float32 tensor to an actor and a scalar back, next to its floors.
+"""Tensor plane: a big float32 tensor to an actor and a scalar back, beside its floors.
 
     python benchmarks/bench_tensors.py [--sizes 64M,1G] [--calls N] [--backend B]
+                                       [--crossover SIZES]
 
 Needs torch (``pip install torch==2.13.0``) and numpy. For each size:
   atoll, pre-shared     ``await ref.first(t)`` with ``t = atoll.share(...)``: sent
@@ -10,9 +11,10 @@ Needs torch (``pip install torch==2.13.0``) and numpy. For each size:
                         memory that is already faulted in
   torch.mp Queue        torch.multiprocessing: the same pre-shared tensor to a
                         worker process through a Queue, a scalar back
+  atoll 16-byte call    ``await ref.first(b"x" * 16)``, timed in rounds that
+                        alternate with the pre-shared rows
 and once per run:
   zmq floor             blocking pyzmq DEALER/ROUTER round trip, 16 bytes
-  atoll 16-byte call    ``await ref.first(b"x" * 16)``
 Then the crossover that sets the inline threshold: one array of each size sent
 inline (copied into the message) and through shared memory.
 
@@ -44,6 +46,11 @@ _clock = time.perf_counter
 class Reader(atoll.Actor):
     async def first(self, x: Any) -> float:
         return float(x[0])
+
+
+def _copies(nbytes: int, calls: int) -> int:
+    """How many times to time a copy of ``nbytes``: fewer for big ones."""
+    return max(5, min(calls, (1 << 32) // nbytes))
 
 
 async def _median(n: int, fn: Callable[[], Awaitable[Any]]) -> float:
@@ -99,23 +106,37 @@ def _torch_queue(t: Any, n: int) -> float:
         worker.join(10)
 
 
-async def _atoll_rows(sizes: list[int], calls: int) -> tuple[float, list[tuple[float, float]]]:
+async def _interleaved(
+    rounds: int, calls: int, a: Callable[[], Awaitable[Any]], b: Callable[[], Awaitable[Any]]
+) -> tuple[float, float]:
+    """Medians of ``a`` and ``b`` timed in alternating rounds (the median of
+    the rounds' medians), so a slow spell of the machine hits both alike."""
+    ma, mb = [], []
+    for _ in range(rounds):
+        ma.append(await _median(calls, a))
+        mb.append(await _median(calls, b))
+    return statistics.median(ma), statistics.median(mb)
+
+
+async def _atoll_rows(sizes: list[int], calls: int) -> list[tuple[float, float, float]]:
+    """Per size: the 16-byte call, the pre-shared tensor (interleaved with
+    it), and the fresh tensor."""
     import torch
 
     async with atoll.open_host() as host:
         ref = await host.spawn(Reader)
-        small = await _median(calls * 10, lambda: ref.first(b"x" * 16))
         rows = []
         for nbytes in sizes:
-            n = max(5, min(calls, (1 << 34) // nbytes))
             fresh_t = torch.ones(nbytes // 4)
-            fresh = await _median(max(5, n // 10), lambda t=fresh_t: ref.first(t))
+            fresh = await _median(_copies(nbytes, calls), lambda t=fresh_t: ref.first(t))
             del fresh_t
             shared_t = atoll.share(torch.ones(nbytes // 4))
-            shared = await _median(n, lambda t=shared_t: ref.first(t))
+            small, shared = await _interleaved(
+                10, calls // 4, lambda: ref.first(b"x" * 16), lambda t=shared_t: ref.first(t)
+            )
             del shared_t
-            rows.append((shared, fresh))
-        return small, rows
+            rows.append((small, shared, fresh))
+        return rows
 
 
 async def _crossover(sizes: list[int], calls: int) -> list[tuple[int, float, float]]:
@@ -157,16 +178,15 @@ def main() -> None:
     finally:
         server.stop()
         workdir.cleanup()
-    small, rows = anyio.run(_atoll_rows, sizes, opts.calls, backend=opts.backend)
+    rows = anyio.run(_atoll_rows, sizes, opts.calls, backend=opts.backend)
 
     print(f"torch {torch.__version__}, numpy {np.__version__}, backend {opts.backend}")
     print(f"{'zmq floor (16 B round trip)':34} {floor * 1e6:10.1f}us")
-    print(f"{'atoll 16-byte call':34} {small * 1e6:10.1f}us")
-    for nbytes, (shared, fresh) in zip(sizes, rows, strict=True):
+    for nbytes, (small, shared, fresh) in zip(sizes, rows, strict=True):
         label = f"{nbytes >> 20} MiB"
-        n = max(5, min(opts.calls, (1 << 34) // nbytes))
-        memcpy = _memcpy(nbytes, max(5, n // 10))
-        queue = _torch_queue(torch.ones(nbytes // 4), n)
+        print(f"{'atoll 16-byte call':34} {small * 1e6:10.1f}us")
+        memcpy = _memcpy(nbytes, _copies(nbytes, opts.calls))
+        queue = _torch_queue(torch.ones(nbytes // 4), opts.calls)
         print(
             f"{'atoll pre-shared, ' + label:34} {shared * 1e6:10.1f}us  "
             f"16-byte call + {(shared - small) * 1e6:.1f}us"
