@@ -121,6 +121,18 @@ async def test_a_tensor_made_by_an_actor_outlives_the_actor() -> None:
         assert float(t.sum()) == 3.0 * (1 << 20)
 
 
+async def test_an_actor_that_mapped_our_memory_and_exited_unlinks_nothing() -> None:
+    async with atoll.open_host() as host:
+        t = atoll.share(torch.ones(1 << 20))
+        [name] = _segments_of(host._shm_prefix)
+        first = await host.spawn(Holder)
+        assert await first.first(t) == 1.0
+        await host.stop(first)  # a clean exit of a process that attached
+        assert _segments_of(host._shm_prefix) == [name]
+        second = await host.spawn(Holder)
+        assert await second.first(t) == 1.0
+
+
 async def test_streams_yield_tensors() -> None:
     async with atoll.open_host() as host:
         holder = await host.spawn(Holder)

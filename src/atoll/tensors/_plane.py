@@ -393,8 +393,8 @@ class Plane:
         copy = id(t) in batch.copy_ids
         if grad:
             t = t.detach()  # the data travels; the graph does not
-        if t.is_conj() or t.is_neg():
-            t = t.resolve_conj().resolve_neg()
+        if t.is_neg() or (t.is_complex() and t.is_conj()):
+            t = t.resolve_conj().resolve_neg()  # lazy bits: make them real data
         dtype, itemsize = _kinds.dtype_info(t.dtype)
         shape = tuple(t.shape)
         stride = t.stride()
@@ -407,7 +407,7 @@ class Plane:
         if ptr % itemsize:
             t = t.clone()  # a view at an address its dtype cannot sit at
             stride, ptr = t.stride(), t.data_ptr()
-        key = ("tensor", t.untyped_storage().data_ptr())
+        key = ("tensor", ptr - t.storage_offset() * itemsize)  # where its storage starts
         index = batch.add(key, ptr, ptr + (span + 1) * itemsize, copy)
         return (_rebuild_tensor, (index, ptr, dtype, shape, stride, grad, parameter))
 
