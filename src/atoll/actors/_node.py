@@ -401,7 +401,7 @@ class Node:
         kind = type(msg)
         job = None
         if kind is m.Result or kind is m.Error:
-            self._on_reply(msg, frames)  # type: ignore[arg-type]
+            self._on_reply(src, msg, frames)  # type: ignore[arg-type]
         elif kind is m.Call:
             job = self._on_call(src, msg, frames)  # type: ignore[arg-type]
         elif kind is m.StreamItem:
@@ -441,7 +441,9 @@ class Node:
             self._flush_deferred()
         return job
 
-    def _on_reply(self, msg: m.Result | m.Error, frames: list[zmq.Frame]) -> None:
+    def _on_reply(self, src: bytes, msg: m.Result | m.Error, frames: list[zmq.Frame]) -> None:
+        if type(msg) is m.Result and msg.unleased:
+            self.plane.unlease(src, msg.unleased)
         pending = self._pending.pop(msg.call_id, None)
         if pending is None:
             return  # the caller gave up (cancelled) before the reply came
@@ -489,6 +491,8 @@ class Node:
         self, src: bytes, msg: m.Call, frames: list[zmq.Frame], export: _Export
     ) -> None:
         key = (src, msg.call_id)
+        plane = self.plane
+        plane.serving += 1
         with anyio.CancelScope() as scope:
             self._running[key] = scope
             # Workers run one call after another: reset what this one set.
@@ -505,6 +509,9 @@ class Node:
             finally:
                 current_call.reset(token)
                 del self._running[key]
+                plane.serving -= 1
+                if plane.dead:
+                    plane.drain()
 
     async def _invoke(
         self, src: bytes, export: _Export, msg: m.Call, frames: list[zmq.Frame]
@@ -538,7 +545,9 @@ class Node:
         except SerializationError as exc:
             self._send_quietly(dest, [m.encode(m.Error(call_id, pack_error(exc, name)))])
             return
-        self._send_quietly(dest, [m.encode(m.Result(call_id, payload)), *buffers])
+        # Leases given back ride on the reply: settled before it is delivered.
+        unleased = self.plane.drain(keep_for=dest) if self.plane.dead else ()
+        self._send_quietly(dest, [m.encode(m.Result(call_id, payload, unleased)), *buffers])
 
     async def _produce(self, dest: bytes, msg: m.Call, agen: Any) -> None:
         key = (dest, msg.call_id)

@@ -318,6 +318,10 @@ class Plane:
         self.dead: deque[tuple[bytes | None, int, _Segment | _Mapping, int]] = deque()
         self._bell: tuple[int, int] | None = None
         self._rung = False
+        self.serving = 0
+        """Calls being served on the loop's thread: views that die there
+        meanwhile ring no bell, as the reply (or the call's end) drains."""
+        self._loop = 0
         self._closed = False
         self._types: dict[type, Callable[[Any, Batch], Any] | None] = {
             memoryview: self._reduce_memoryview,
@@ -637,9 +641,10 @@ class Plane:
         return base
 
     def _on_dead(self, src: bytes | None, lease: int, owner: Any, view_id: int) -> None:
-        # Any thread, any moment: queue it, ring, touch nothing else.
+        # Any thread, any moment: queue it, ring, touch nothing else. On the
+        # loop's thread during a call, the call's reply will drain the queue.
         self.dead.append((src, lease, owner, view_id))
-        if not self._rung:
+        if not self._rung and not (self.serving and threading.get_ident() == self._loop):
             self._ring()
 
     def _ring(self) -> None:
@@ -653,11 +658,13 @@ class Plane:
 
     # -- releases, peers, lifecycle -------------------------------------
 
-    def drain(self) -> None:
-        """Settle what finalizers noted; send the ``Unlease`` messages due."""
+    def drain(self, keep_for: bytes | None = None) -> tuple[int, ...]:
+        """Settle what finalizers noted; send the ``Unlease`` messages due,
+        except those for ``keep_for``, which are returned for the caller to
+        send with a message of its own."""
         dead = self.dead
         if not dead:
-            return
+            return ()
         out: dict[bytes, list[int]] = {}
         with self._lock:
             while dead:
@@ -671,10 +678,12 @@ class Plane:
                         self._idle_mapping(owner)
                 if src is not None:
                     out.setdefault(src, []).append(lease)
+        kept = out.pop(keep_for, ()) if keep_for is not None else ()
         if self.send is not None:
             for src, leases in out.items():
                 if src not in self._gone:
                     self.send(src, [m.encode(m.Unlease(tuple(leases)))])
+        return tuple(kept)
 
     def _idle_mapping(self, mapping: _Mapping) -> None:
         idle = self._idle
@@ -716,6 +725,7 @@ class Plane:
         """Settle finalizers' notes as they come (run as a task)."""
         read_fd, write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._bell = (read_fd, write_fd)
+        self._loop = threading.get_ident()
         try:
             while True:
                 if self._rung:

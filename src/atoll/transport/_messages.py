@@ -52,8 +52,12 @@ class Call(_Msg, frozen=True):
 
 
 class Result(_Msg, frozen=True):
+    """``unleased``: leases the replier gives back (see :class:`Unlease`),
+    settled before the result is delivered."""
+
     call_id: int
     payload: bytes
+    unleased: tuple[int, ...] = ()
 
 
 class Error(_Msg, frozen=True):
