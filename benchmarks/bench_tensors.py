@@ -8,7 +8,8 @@ Needs torch (``pip install torch==2.13.0``) and numpy. For each size:
                         by descriptor, whatever its size
   atoll, fresh          the same tensor, not shared: copied once into the arena
   memcpy, warm          the floor of a fresh send: one copy of the same size into
-                        memory that is already faulted in
+                        memory that is already faulted in (in rounds that
+                        alternate with the fresh rows)
   torch.mp Queue        torch.multiprocessing: the same pre-shared tensor to a
                         worker process through a Queue, a scalar back
   atoll 16-byte call    ``await ref.first(b"x" * 16)``, timed in rounds that
@@ -64,18 +65,6 @@ async def _median(n: int, fn: Callable[[], Awaitable[Any]]) -> float:
     return statistics.median(samples)
 
 
-def _memcpy(nbytes: int, n: int) -> float:
-    src = np.ones(nbytes, dtype=np.uint8)
-    dst = np.zeros(nbytes, dtype=np.uint8)  # faulted in by the first copy
-    np.copyto(dst, src)
-    samples = []
-    for _ in range(n):
-        t = _clock()
-        np.copyto(dst, src)
-        samples.append(_clock() - t)
-    return statistics.median(samples)
-
-
 def _mp_worker(inbox: Any, outbox: Any) -> None:
     while True:
         t = inbox.get()
@@ -118,9 +107,9 @@ async def _interleaved(
     return statistics.median(ma), statistics.median(mb)
 
 
-async def _atoll_rows(sizes: list[int], calls: int) -> list[tuple[float, float, float]]:
-    """Per size: the 16-byte call, the pre-shared tensor (interleaved with
-    it), and the fresh tensor."""
+async def _atoll_rows(sizes: list[int], calls: int) -> list[tuple[float, float, float, float]]:
+    """Per size: the 16-byte call and the pre-shared tensor, timed in
+    alternating rounds; the fresh tensor and a warm memcpy, likewise."""
     import torch
 
     async with atoll.open_host() as host:
@@ -128,14 +117,21 @@ async def _atoll_rows(sizes: list[int], calls: int) -> list[tuple[float, float, 
         rows = []
         for nbytes in sizes:
             fresh_t = torch.ones(nbytes // 4)
-            fresh = await _median(_copies(nbytes, calls), lambda t=fresh_t: ref.first(t))
-            del fresh_t
+            src, dst = np.ones(nbytes, dtype=np.uint8), np.zeros(nbytes, dtype=np.uint8)
+
+            async def memcpy(src: Any = src, dst: Any = dst) -> None:
+                np.copyto(dst, src)  # dst is faulted in by the warm-up copies
+
+            copy, fresh = await _interleaved(
+                3, _copies(nbytes, calls), memcpy, lambda t=fresh_t: ref.first(t)
+            )
+            del fresh_t, src, dst
             shared_t = atoll.share(torch.ones(nbytes // 4))
             small, shared = await _interleaved(
                 10, calls // 4, lambda: ref.first(b"x" * 16), lambda t=shared_t: ref.first(t)
             )
             del shared_t
-            rows.append((small, shared, fresh))
+            rows.append((small, shared, fresh, copy))
         return rows
 
 
@@ -182,10 +178,9 @@ def main() -> None:
 
     print(f"torch {torch.__version__}, numpy {np.__version__}, backend {opts.backend}")
     print(f"{'zmq floor (16 B round trip)':34} {floor * 1e6:10.1f}us")
-    for nbytes, (small, shared, fresh) in zip(sizes, rows, strict=True):
+    for nbytes, (small, shared, fresh, memcpy) in zip(sizes, rows, strict=True):
         label = f"{nbytes >> 20} MiB"
         print(f"{'atoll 16-byte call':34} {small * 1e6:10.1f}us")
-        memcpy = _memcpy(nbytes, _copies(nbytes, opts.calls))
         queue = _torch_queue(torch.ones(nbytes // 4), opts.calls)
         print(
             f"{'atoll pre-shared, ' + label:34} {shared * 1e6:10.1f}us  "

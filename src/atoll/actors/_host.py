@@ -448,7 +448,7 @@ async def open_host(
     the loop wait at most that long meanwhile. 0 turns it off.
 
     ``transfer`` says how numpy arrays, CPU tensors and byte buffers of
-    256 KiB or more travel, for the host and every actor it spawns:
+    64 KiB or more travel, for the host and every actor it spawns:
     ``"shared_memory"`` (as descriptors of shared memory, no copy of data
     already there) or ``"inline"`` (copied into the messages, for systems
     with a small or no ``/dev/shm``). Anything else is a ``ValueError``.

@@ -52,9 +52,10 @@ V = TypeVar("V")
 TRANSFERS = ("shared_memory", "inline")
 """How regions above the inline threshold travel: see ``open_host(transfer=...)``."""
 
-SHM_THRESHOLD = 1 << 18
+SHM_THRESHOLD = 1 << 16
 """Regions at least this big go through shared memory; smaller ones are copied
-into the message, which is cheaper than a descriptor, a lease and its release."""
+into the message. ``benchmarks/bench_tensors.py`` measures the crossover: on a
+2-core machine shared memory wins from 64 KiB, and at 16 KiB the copy does."""
 
 _HEAD_LIMIT = 8192
 """Regions smaller than this travel inside the head rather than as a frame."""
