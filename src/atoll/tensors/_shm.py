@@ -19,6 +19,7 @@ import secrets
 import shutil
 
 from .._errors import AtollError
+from ..transport._hub import pid_alive
 
 SHM_DIR = "/dev/shm"
 PREFIX = "atoll-"
@@ -129,16 +130,6 @@ def sweep_dead_hosts() -> None:
         except (IndexError, ValueError):
             continue
         if pid not in seen:
-            seen[pid] = _alive(pid)
+            seen[pid] = pid_alive(pid)
         if not seen[pid]:
             unlink(entry)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -44,7 +44,7 @@ def sweep_dead_hosts() -> None:
             pid = int(os.path.basename(path).split("-")[1])
         except ValueError:
             continue
-        if not _alive(pid):
+        if not pid_alive(pid):
             shutil.rmtree(path, ignore_errors=True)
 
 
@@ -56,7 +56,8 @@ def remove_hub_dir(endpoint: str) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (one of another user's counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
