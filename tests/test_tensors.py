@@ -119,6 +119,10 @@ async def test_a_tensor_made_by_an_actor_outlives_the_actor() -> None:
         # Its segment is unlinked with it; the mapping here stays valid.
         assert not _segments_of(_shm.owner_prefix(host._shm_prefix, pid))
         assert float(t.sum()) == 3.0 * (1 << 20)
+        assert host.node.plane.stats()["mappings"] == 1
+        del t  # the last view: now nothing of it is mapped here either
+        host.node.plane.drain()
+        assert host.node.plane.stats()["mappings"] == 0
 
 
 async def test_an_actor_that_mapped_our_memory_and_exited_unlinks_nothing() -> None:

@@ -309,7 +309,9 @@ class Host:
         self._hub.forget(actor.identity)
         if actor.process is not None:
             # Its segments: views of them stay valid where they are mapped.
-            _shm.sweep(_shm.owner_prefix(self._shm_prefix, actor.process.pid))
+            prefix = _shm.owner_prefix(self._shm_prefix, actor.process.pid)
+            _shm.sweep(prefix)
+            self.node.plane.forget_owner(prefix)
         self.registry.mark_gone(actor.identity, None if actor.stopping else actor.gone_error)
         error = actor.gone_error()
 

@@ -311,6 +311,7 @@ class Plane:
         self._free_bytes = 0
         self._mappings: dict[str, _Mapping] = {}
         self._idle: OrderedDict[str, _Mapping] = OrderedDict()
+        self._orphans: set[str] = set()  # name prefixes of owners that are gone
         self._starts: list[int] = []  # sorted start addresses of segments and mappings
         self._at: dict[int, _Segment | _Mapping] = {}
         self._leases: dict[bytes, dict[int, Any]] = {}  # a _Segment, or a view held
@@ -687,6 +688,9 @@ class Plane:
         return tuple(kept)
 
     def _idle_mapping(self, mapping: _Mapping) -> None:
+        if any(mapping.name.startswith(p) for p in self._orphans):
+            self._unmap(mapping)  # its owner is gone: nothing will reuse it
+            return
         idle = self._idle
         idle[mapping.name] = mapping
         total = sum(mp.size for mp in idle.values())
@@ -721,6 +725,14 @@ class Plane:
             for holder in held.values():
                 if type(holder) is _Segment:
                     self._unhold(holder)
+
+    def forget_owner(self, name_prefix: str) -> None:
+        """The process whose segments start with ``name_prefix`` is gone:
+        unmap its segments once no view uses them, rather than keep them."""
+        with self._lock:
+            self._orphans.add(name_prefix)
+            for name in [n for n in self._idle if n.startswith(name_prefix)]:
+                self._unmap(self._idle.pop(name))
 
     async def serve(self) -> None:
         """Settle finalizers' notes as they come (run as a task)."""
