@@ -736,7 +736,9 @@ class Plane:
 
     async def serve(self) -> None:
         """Settle finalizers' notes as they come (run as a task)."""
-        read_fd, write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        read_fd, write_fd = os.pipe()  # not inherited by children (PEP 446)
+        os.set_blocking(read_fd, False)
+        os.set_blocking(write_fd, False)
         self._bell = (read_fd, write_fd)
         self._loop = threading.get_ident()
         try:
