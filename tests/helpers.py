@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import os
+import select
 import signal
-from collections.abc import AsyncIterator, Awaitable, Callable
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import anyio
@@ -313,3 +317,32 @@ class Holder(atoll.Actor):
 
         for i in range(n):
             yield torch.full((size,), float(i))
+
+
+@contextmanager
+def host_process(script: str, backend: str) -> Iterator[subprocess.Popen[str]]:
+    """Run ``script`` (argv: this directory, the backend) as a host in a
+    process of its own, its stdout piped; it is killed on leaving."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    host = subprocess.Popen(
+        [sys.executable, "-c", script, here, backend], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        yield host
+    finally:
+        host.kill()
+        host.wait()
+        if host.stdout:
+            host.stdout.close()
+
+
+def kill_and_watch(host: subprocess.Popen[str], actor_pid: int, timeout: float) -> bool:
+    """SIGKILL ``host``; whether its actor ``actor_pid`` exited within ``timeout``."""
+    exited = os.pidfd_open(actor_pid)  # becomes readable when the process exits
+    try:
+        host.kill()
+        host.wait(10)
+        ready, _, _ = select.select([exited], [], [], timeout)
+    finally:
+        os.close(exited)
+    return bool(ready)

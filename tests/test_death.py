@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import os
-import select
 import signal
-import subprocess
-import sys
 import textwrap
 import time
 
@@ -14,7 +11,7 @@ import anyio
 import pytest
 
 import atoll
-from helpers import Counter, Echo, Sleeper, pid_of
+from helpers import Counter, Echo, Sleeper, host_process, kill_and_watch, pid_of
 
 pytestmark = pytest.mark.anyio
 
@@ -103,26 +100,11 @@ def _alive(pid: int) -> bool:
 
 @pytest.mark.parametrize("backend", ["asyncio", "trio"])
 def test_no_orphans_when_the_host_is_killed(backend: str) -> None:
-    here = os.path.dirname(__file__)
-    host = subprocess.Popen(
-        [sys.executable, "-c", HOST_SCRIPT, here, backend], stdout=subprocess.PIPE, text=True
-    )
-    try:
+    with host_process(HOST_SCRIPT, backend) as host:
         assert host.stdout is not None
         child_pid = int(host.stdout.readline())
-        exited = os.pidfd_open(child_pid)  # becomes readable when the process exits
-        try:
-            host.kill()
-            host.wait(10)
-            ready, _, _ = select.select([exited], [], [], 2.0)
-        finally:
-            os.close(exited)
-        assert ready or not _alive(child_pid), "actor process outlived its host by 2 s"
-    finally:
-        host.kill()
-        host.wait()
-        if host.stdout:
-            host.stdout.close()
+        exited = kill_and_watch(host, child_pid, 2.0)
+        assert exited or not _alive(child_pid), "actor process outlived its host by 2 s"
 
 
 async def test_counter_unaffected_by_dead_neighbour() -> None:

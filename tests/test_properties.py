@@ -2,25 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 
-import atoll
 from atoll.testing.strategies import arrays, payloads
-from helpers import Echo
 
 _settings = settings(
     max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
-
-
-@pytest.fixture(scope="module", params=["asyncio", "trio"])
-def echo(request: pytest.FixtureRequest) -> Iterator[Any]:
-    with atoll.blocking_host(request.param) as host:
-        yield host.spawn(Echo)
 
 
 @pytest.fixture(autouse=True)

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import atoll
 from atoll.testing.strategies import array_views, tensor_views
-from helpers import Echo
 
 torch = pytest.importorskip("torch")
 np = pytest.importorskip("numpy")
@@ -25,12 +22,6 @@ def _no_leaks() -> None:
 _settings = settings(
     max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
-
-
-@pytest.fixture(scope="module", params=["asyncio", "trio"])
-def echo(request: pytest.FixtureRequest) -> Iterator[Any]:
-    with atoll.blocking_host(request.param) as host:
-        yield host.spawn(Echo)
 
 
 def _same_tensor(a: Any, b: Any) -> None:

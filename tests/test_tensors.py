@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import errno
 import os
-import select
 import signal
 import subprocess
 import sys
@@ -18,7 +17,7 @@ import atoll
 from atoll.actors._runtime import current_plane
 from atoll.tensors import _shm
 from atoll.tensors._plane import segment_size
-from helpers import Echo, Holder, pid_of
+from helpers import Echo, Holder, host_process, kill_and_watch, pid_of
 
 torch = pytest.importorskip("torch")
 np = pytest.importorskip("numpy")
@@ -84,7 +83,8 @@ async def test_a_fresh_tensor_is_copied_into_a_reused_segment() -> None:
             assert await holder.first(t) == 1.0
         stats = host.node.plane.stats()
         assert stats["segments"] == 1 and stats["leases"] == 0
-        assert t.untyped_storage().data_ptr() != 0  # untouched: still the caller's own
+        await holder.fill(t, 5.0)  # writes into the copy, not into the caller's own
+        assert float(t.max()) == 1.0
 
 
 async def test_return_to_sender_is_the_same_memory() -> None:
@@ -322,25 +322,9 @@ HOST_SCRIPT = textwrap.dedent(
 
 @pytest.mark.parametrize("backend", ["asyncio", "trio"])
 def test_nothing_is_left_in_dev_shm_when_the_host_is_killed(backend: str) -> None:
-    here = os.path.dirname(__file__)
-    host = subprocess.Popen(
-        [sys.executable, "-c", HOST_SCRIPT, here, backend], stdout=subprocess.PIPE, text=True
-    )
-    try:
+    with host_process(HOST_SCRIPT, backend) as host:
         assert host.stdout is not None
         prefix, child = host.stdout.readline().split()
         assert len(_segments_of(prefix)) == 2  # one each side
-        exited = os.pidfd_open(int(child))
-        try:
-            host.kill()
-            host.wait(10)
-            ready, _, _ = select.select([exited], [], [], 5.0)
-        finally:
-            os.close(exited)
-        assert ready, "the actor outlived its host"
+        assert kill_and_watch(host, int(child), 5.0), "the actor outlived its host"
         assert _segments_of(prefix) == []
-    finally:
-        host.kill()
-        host.wait()
-        if host.stdout:
-            host.stdout.close()

@@ -97,10 +97,10 @@ def segment_size(nbytes: int) -> int:
     return -(-n // step) * step
 
 
-class _Segment:
-    """A segment of this process's arena."""
+class _Mapped:
+    """A segment mapped in this process."""
 
-    __slots__ = ("addr", "holds", "mm", "mv", "name", "size")
+    __slots__ = ("addr", "mm", "mv", "name", "size")
 
     def __init__(self, name: str, mm: mmap.mmap) -> None:
         self.name = name
@@ -108,20 +108,35 @@ class _Segment:
         self.mv = memoryview(mm)
         self.size = len(mm)
         self.addr = _shm.address(mm)
+
+    def close(self) -> None:
+        self.mv.release()
+        try:
+            self.mm.close()
+        except BufferError:
+            # Views the user still holds keep the mapping; it is unmapped (and
+            # its descriptor closed) when the last of them goes.
+            pass
+        self.mm = None  # type: ignore[assignment]
+
+
+class _Segment(_Mapped):
+    """A segment of this process's arena."""
+
+    __slots__ = ("holds",)
+
+    def __init__(self, name: str, mm: mmap.mmap) -> None:
+        super().__init__(name, mm)
         self.holds = 0  # leases out + live local views
 
 
-class _Mapping:
+class _Mapping(_Mapped):
     """This process's mapping of another process's segment."""
 
-    __slots__ = ("addr", "bases", "live", "mm", "mv", "name", "size")
+    __slots__ = ("bases", "live")
 
     def __init__(self, name: str, mm: mmap.mmap) -> None:
-        self.name = name
-        self.mm = mm
-        self.mv = memoryview(mm)
-        self.size = len(mm)
-        self.addr = _shm.address(mm)
+        super().__init__(name, mm)
         self.live = 0
         self.bases: dict[int, tuple[int, int, weakref.ref[Any]]] = {}
 
@@ -139,17 +154,6 @@ class _Mapping:
 def _buffer_type(size: int) -> Any:
     # ctypes caches array types by length; segment sizes are few.
     return ctypes.c_ubyte * size
-
-
-def _close_mapping(owner: _Segment | _Mapping) -> None:
-    owner.mv.release()
-    try:
-        owner.mm.close()
-    except BufferError:
-        # Views the user still holds keep the mapping; it is unmapped (and
-        # its descriptor closed) when the last of them goes.
-        pass
-    owner.mm = None  # type: ignore[assignment]
 
 
 class _Group:
@@ -335,16 +339,20 @@ class Plane:
 
     def reduce(self, obj: Any, pickler: Any) -> Any:
         """A pickling reduction for an array, tensor or buffer, else NotImplemented."""
-        t = type(obj)
-        handler = self._types.get(t, _unknown)
-        if handler is _unknown:
-            handler = self._types[t] = self._handler_for(t)
+        handler = self._handler(type(obj))
         if handler is None:
             return NotImplemented
         batch = pickler.batch
         if batch is None:
             batch = pickler.batch = Batch()
         return handler(obj, batch)
+
+    def _handler(self, t: type) -> Callable[[Any, Batch], Any] | None:
+        try:
+            return self._types[t]  # one lookup: this runs for every object pickled
+        except KeyError:
+            handler = self._types[t] = self._handler_for(t)
+            return handler
 
     def _handler_for(self, t: type) -> Callable[[Any, Batch], Any] | None:
         module = t.__module__
@@ -532,14 +540,12 @@ class Plane:
         del self._segments[segment.name]
         self._unindex(segment)
         _shm.unlink(segment.name)
-        _close_mapping(segment)
+        segment.close()
 
     def share(self, value: Any) -> Any:
         """Move an array or tensor into this process's arena (see :func:`atoll.share`)."""
         t = type(value)
-        handler = self._types.get(t, _unknown)
-        if handler is _unknown:
-            handler = self._types[t] = self._handler_for(t)
+        handler = self._handler(t)
         if handler == self._reduce_tensor and _kinds.tensor_handled(value):
             return self._share_tensor(value)
         if handler == self._reduce_array and _kinds.array_extent(value) is not None:
@@ -702,7 +708,7 @@ class Plane:
     def _unmap(self, mapping: _Mapping) -> None:
         del self._mappings[mapping.name]
         self._unindex(mapping)
-        _close_mapping(mapping)
+        mapping.close()
 
     def unlease(self, peer: bytes, leases: Sequence[int]) -> None:
         """``peer`` dropped every view of these regions."""
@@ -783,5 +789,4 @@ class Plane:
             self._leases.clear()
 
 
-_unknown: Any = object()
 _NO_OWNER: Any = types.SimpleNamespace()

@@ -227,7 +227,7 @@ class Codec:
     ) -> Any:
         """Unpickle a payload produced by :meth:`dumps`, with the frames after it."""
         try:
-            if data[:1] != b"\x00":
+            if data[0] != _HEADED:
                 return pickle.loads(data, buffers=buffers)
             if self._sidecar is None:
                 raise SerializationError(f"the {what} holds tensors, and nothing here reads them")
