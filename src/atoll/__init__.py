@@ -18,6 +18,8 @@ Run each extension as an actor process and call it as a local async object::
 from ._errors import ActorClosedError as ActorClosedError
 from ._errors import ActorDiedError as ActorDiedError
 from ._errors import AtollError as AtollError
+from ._errors import EnvBuildError as EnvBuildError
+from ._errors import ExtensionError as ExtensionError
 from ._errors import ProtocolError as ProtocolError
 from ._errors import RemoteError as RemoteError
 from ._errors import RemoteTraceback as RemoteTraceback
@@ -36,6 +38,7 @@ from .actors._runtime import publish as publish
 from .actors._runtime import share as share
 from .tensors import SharedMemoryError as SharedMemoryError
 from .tensors import copy_on_send as copy_on_send
+from .venvs import Env as Env
 
 __version__ = "0.1.0"
 
@@ -46,6 +49,9 @@ __all__ = [
     "ActorRef",
     "AtollError",
     "BlockingHost",
+    "Env",
+    "EnvBuildError",
+    "ExtensionError",
     "Host",
     "ProtocolError",
     "RemoteError",

@@ -13,6 +13,8 @@ __all__ = [
     "ActorClosedError",
     "ActorDiedError",
     "AtollError",
+    "EnvBuildError",
+    "ExtensionError",
     "ProtocolError",
     "RemoteError",
     "RemoteTraceback",
@@ -116,3 +118,25 @@ class ProtocolError(AtollError):
 
 class TransportError(AtollError):
     """The ZeroMQ transport failed underneath atoll; details in ``__cause__``."""
+
+
+class EnvBuildError(AtollError):
+    """An actor's environment could not be built.
+
+    ``dependencies`` is what was asked for and ``output`` what uv said; the
+    message carries both.
+    """
+
+    def __init__(self, message: str, dependencies: tuple[str, ...] = (), output: str = "") -> None:
+        super().__init__(message)
+        self.dependencies = dependencies
+        self.output = output
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (str(self), self.dependencies, self.output))
+
+
+class ExtensionError(AtollError):
+    """An extension folder cannot be loaded: its manifest is missing or wrong,
+    or its entry point does not name an :class:`atoll.Actor`. The message
+    names the file and what to change."""

@@ -8,25 +8,29 @@ host is gone, and we exit at once: no orphans, whatever killed the host.
 from __future__ import annotations
 
 import functools
+import importlib
 import json
 import os
 import signal
 import sys
+import traceback
 from typing import Any
 
 import anyio
 import zmq
 
-from .._errors import ActorClosedError
+from .._errors import ActorClosedError, ExtensionError
 from ..tensors import Plane, _shm
 from ..transport import _messages as m
 from ..transport._codec import Codec
 from ..transport._hub import HOST, remove_hub_dir
 from ..transport._socket import AsyncSocket, Job
 from . import _runtime
+from ._actor import Actor, method_kinds
 from ._errors_wire import pack_error
 from ._node import Node
 from ._ref import ACTOR_OID
+from ._registry import class_key
 
 _STOP_HOOK_TIMEOUT = 5.0
 
@@ -83,8 +87,13 @@ class _Child:
     async def _init(self, msg: m.Init, buffers: list[zmq.Frame]) -> None:
         reply: m.Result | m.Error
         try:
-            cls_bytes, args, kwargs = self.node._load(msg.payload, buffers, "actor arguments", HOST)
-            cls = Codec().loads(cls_bytes, [], "actor class")
+            name, spec, args, kwargs = self.node._load(
+                msg.payload, buffers, "actor arguments", HOST
+            )
+            self.name = self.node.name = name
+            cls = Codec().loads(spec, [], "actor class")
+            if isinstance(cls, str):
+                cls = _entry_point(cls)
             actor = cls(*args, **kwargs)
             await actor.on_start()
         except Exception as exc:
@@ -92,7 +101,8 @@ class _Child:
         else:
             self.actor = actor
             self.node.export(actor, self.name, oid=ACTOR_OID, actor=True)
-            reply = m.Result(msg.call_id, Codec().dumps(None)[0])
+            kinds = {k: int(v) for k, v in method_kinds(cls).items()}
+            reply = m.Result(msg.call_id, Codec().dumps((kinds, class_key(cls)))[0])
         self.socket.send([HOST, m.encode(reply)])
 
     async def _watch_host(self) -> None:
@@ -117,12 +127,49 @@ class _Child:
             await self.stop.wait()
             self.node.close(lambda: ActorClosedError(f"actor {self.name!r} is stopping"))
             if self.actor is not None:
-                with anyio.move_on_after(_STOP_HOOK_TIMEOUT):
-                    await self.actor.on_stop()
+                with anyio.move_on_after(_STOP_HOOK_TIMEOUT) as scope:
+                    try:
+                        await self.actor.on_stop()
+                    except Exception:
+                        # The host relays our stderr, and keeps its tail.
+                        traceback.print_exc()
+                        print(f"atoll: actor {self.name!r}: on_stop() raised", file=sys.stderr)
+                if scope.cancelled_caught:
+                    print(
+                        f"atoll: actor {self.name!r}: on_stop() took over "
+                        f"{_STOP_HOOK_TIMEOUT} s and was cancelled",
+                        file=sys.stderr,
+                    )
             tg.cancel_scope.cancel()
         self.socket.close()
         self.ctx.term()
         self.node.plane.close()
+
+
+def _entry_point(spec: str) -> type[Actor]:
+    """The class an extension's entry point (``module:Class``) names."""
+    module_name, _, qualname = spec.partition(":")
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name != module_name.partition(".")[0] and exc.name != module_name:
+            raise  # the module is there; something it imports is not
+        raise ExtensionError(
+            f"the atoll entry point {spec!r} names module {module_name!r}, which is not in "
+            "the extension folder (or its src/): fix the module name"
+        ) from None
+    for part in qualname.split("."):
+        if not hasattr(obj, part):
+            raise ExtensionError(
+                f"the atoll entry point {spec!r}: module {module_name!r} has no {part!r}"
+            )
+        obj = getattr(obj, part)
+    if not (isinstance(obj, type) and issubclass(obj, Actor)):
+        raise ExtensionError(
+            f"the atoll entry point {spec!r} is {obj!r}, not a subclass of atoll.Actor: "
+            "point it at your actor class"
+        )
+    return obj
 
 
 def main() -> None:
@@ -132,6 +179,8 @@ def main() -> None:
     boot = _read_boot()
     wanted: list[str] = boot["sys_path"]
     sys.path[:] = wanted + [p for p in sys.path if p not in wanted]
+    for module in boot.get("imports", ()):
+        importlib.import_module(module)  # a warm process: paid for before any spawn
     anyio.run(_Child(boot).run, backend="asyncio")
 
 

@@ -6,9 +6,11 @@ import inspect
 import itertools
 import json
 import os
+import pickle
 import secrets
 import subprocess
 import sys
+import sysconfig
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
@@ -23,6 +25,7 @@ from .._errors import (
     ActorClosedError,
     ActorDiedError,
     AtollError,
+    ExtensionError,
     SpawnError,
     TransportError,
 )
@@ -31,25 +34,31 @@ from ..transport import _messages as m
 from ..transport._codec import Codec, prepare_args
 from ..transport._hub import HOST, Hub
 from ..transport._socket import Job
+from ..venvs import BuiltEnv, Env, Progress, build, read_extension
 from . import _runtime
-from ._actor import Actor, method_kinds
-from ._errors_wire import pack_error
+from ._actor import Actor, Kind, method_kinds
+from ._errors_wire import pack_error, unpack_error
 from ._node import ExcFactory, Node, _Pending
 from ._ref import ACTOR_OID, ActorRef
-from ._registry import REGISTRY_OID, Registry, RegistryService, Subscription
+from ._registry import REGISTRY_OID, Registry, RegistryService, Subscription, class_key
 
 A = TypeVar("A", bound=Actor)
 
 _STDERR_TAIL_LINES = 20
-_SRC_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
+_SRC_ROOT = os.path.dirname(_PACKAGE_DIR)
+_ISOLATED_MAIN = (
+    "import sys; sys.path.insert(0, sys.argv.pop(1)); from atoll.actors._child import main; main()"
+)
 
 
 class _ActorProcess:
     """The host's record of one actor process."""
 
-    def __init__(self, identity: bytes, name: str) -> None:
+    def __init__(self, identity: bytes, name: str, key: str | None) -> None:
         self.identity = identity
         self.name = name
+        self.key = key  # its environment's, None for this interpreter
         self.process: Process | None = None
         self.ready = anyio.Event()  # hello received, or the process exited
         self.exited = anyio.Event()
@@ -79,6 +88,8 @@ class Host:
         spawn_timeout: float = 60.0,
         spin_us: float = 150,
         transfer: str = "shared_memory",
+        env_cache: str | None = None,
+        build_progress: Progress = True,
     ) -> None:
         if spin_us < 0:
             raise ValueError(f"spin_us must be 0 (no polling) or more, got {spin_us}")
@@ -97,6 +108,12 @@ class Host:
         self.node.wake_reader = self._hub.socket.wake_reader
         self._actors: dict[bytes, _ActorProcess] = {}
         self._numbers = itertools.count(1)
+        self._names = itertools.count(1)
+        self._env_cache = env_cache
+        self._build_progress = build_progress
+        self._envs: dict[Env, BuiltEnv] = {}
+        self._warm: dict[str | None, deque[_ActorProcess]] = {}
+        self._warm_imports: dict[str | None, tuple[str, ...]] = {}
         self._tg: TaskGroup | None = None
         self._closed = False
         self.registry = Registry(self.node)
@@ -126,7 +143,7 @@ class Host:
         self.registry.check_free(name)
         oid = self.node.export(service, name, actor=True)
         kinds = method_kinds(type(service))
-        self.registry.add(name, HOST, oid, kinds, type(service))
+        self.registry.add(name, HOST, oid, kinds, class_key(type(service)))
         return ActorRef(self.node, HOST, name, kinds, oid)
 
     @contextmanager
@@ -171,12 +188,28 @@ class Host:
         """The hub's ZeroMQ endpoint."""
         return self._hub.endpoint
 
-    async def spawn(self, cls: type[A], /, *args: Any, name: str | None = None, **kwargs: Any) -> A:
+    async def spawn(
+        self,
+        cls: type[A],
+        /,
+        *args: Any,
+        name: str | None = None,
+        env: Env | None = None,
+        **kwargs: Any,
+    ) -> A:
         """Start ``cls(*args, **kwargs)`` in a new process and return its ref.
 
-        The process runs this interpreter; the class may live in any importable
-        module or in ``__main__``. Raises :class:`SpawnError` if the class
-        cannot be imported there or its constructor (or ``on_start``) raises.
+        Without ``env`` the process runs this interpreter and sees what this
+        process sees; the class may live in any importable module or in
+        ``__main__``. With an :class:`atoll.Env` it runs in that environment
+        (built with uv on first use, then reused from the cache) and sees its
+        dependencies, atoll, and nothing else of the host's: the class then
+        travels by value unless it comes from an installed package, and the
+        modules it imports must be installed in the environment.
+
+        Raises :class:`SpawnError` if the class cannot be imported there or its
+        constructor (or ``on_start``) raises, :class:`EnvBuildError` if the
+        environment cannot be built.
 
         For type checkers the returned :class:`ActorRef` has the class's type,
         so method signatures are checked as the class declares them.
@@ -184,65 +217,213 @@ class Host:
         self._check_open()
         if not (isinstance(cls, type) and issubclass(cls, Actor)):
             raise TypeError(f"spawn() needs a subclass of atoll.Actor, got {cls!r}")
-        number = next(self._numbers)
-        name = name or f"{cls.__name__}-{number}"
+        name = name or f"{cls.__name__}-{next(self._names)}"
         self.registry.check_free(name)
-        identity = b"a%d" % number
-        secret = secrets.token_bytes(32)
-        actor = _ActorProcess(identity, name)
-        cls_bytes, _ = Codec().dumps(cls, f"actor class {cls.__qualname__}")
-        payload, buffers = self.node.codec.dumps(
-            (cls_bytes, *prepare_args(args, kwargs, self.node.mark)),
-            f"arguments of {cls.__qualname__}()",
-            identity,
+        built = await self._built(env)
+        spec, _ = Codec().dumps(
+            _ByValue(cls) if built is not None and not _installed(cls) else cls,
+            f"actor class {cls.__qualname__}",
         )
-        self._actors[identity] = actor
-        self.node.peer_names[identity] = name
-        self._hub.expect(identity, secret, actor.on_hello)
+        ref: A = await self._launch(spec, cls.__qualname__, args, kwargs, name, built, [])
+        return ref  # typed as the actor class: see the docstring
+
+    async def load_extension(
+        self, path: str | os.PathLike[str], /, *args: Any, name: str | None = None, **kwargs: Any
+    ) -> Any:
+        """Load the extension folder at ``path`` and return a ref to its actor.
+
+        The folder's ``pyproject.toml`` gives the environment (``[project]
+        dependencies``, built with uv and cached) and the actor class (the
+        entry point ``[project.entry-points.atoll] actor = "module:Class"``,
+        imported from the folder in the actor's process). ``args`` and
+        ``kwargs`` go to its constructor; ``name`` defaults to the project's
+        name. A bad manifest is an :class:`ExtensionError` naming the file and
+        the fix.
+        """
+        self._check_open()
+        extension = read_extension(path)
+        name = name or extension.name
+        self.registry.check_free(name)
+        built = await self._built(extension.env)
+        spec, _ = Codec().dumps(extension.entry_point)
         try:
-            await self._start_process(actor, number, secret)
-            with anyio.fail_after(self._spawn_timeout):
-                await actor.ready.wait()
-            if actor.exited.is_set() or not actor.trusted:
-                raise (
-                    actor.gone_error()
-                    if actor.exited.is_set()
-                    else SpawnError(
-                        f"actor {name!r} speaks another wire version; is atoll the same "
-                        "version in its environment?"
-                    )
-                )
-            await self._init(actor, payload, buffers)
+            return await self._launch(
+                spec, extension.entry_point, args, kwargs, name, built, extension.paths
+            )
+        except SpawnError as exc:
+            if isinstance(exc.__cause__, ExtensionError):
+                raise ExtensionError(f"{extension.manifest}: {exc.__cause__}") from None
+            raise
+
+    async def prewarm(
+        self, env: Env | None = None, *, count: int = 1, imports: Sequence[str] = ()
+    ) -> None:
+        """Start ``count`` processes for ``env`` now, with ``imports`` imported,
+        to be taken by later :meth:`spawn` calls for that environment.
+
+        A spawn then skips the interpreter's start and those imports (torch
+        takes seconds): it only builds the actor. Each process taken is
+        replaced in the background, so the pool stays ``count`` strong.
+        """
+        self._check_open()
+        if count < 1:
+            raise ValueError(f"prewarm() needs count >= 1, got {count}")
+        if isinstance(imports, str):
+            raise TypeError(f"prewarm(imports=...) takes a list of module names, got {imports!r}")
+        built = await self._built(env)
+        key = built.key if built is not None else None
+        self._warm_imports[key] = tuple(imports)
+        async with anyio.create_task_group() as tg:
+            for _ in range(count):
+                tg.start_soon(self._add_warm, built)
+
+    async def _add_warm(self, built: BuiltEnv | None) -> None:
+        key = built.key if built is not None else None
+        actor = _ActorProcess(self._new_identity(), f"warm-{key or 'host'}", key)
+        await self._boot(actor, built, [], self._warm_imports.get(key, ()))
+        self._warm.setdefault(key, deque()).append(actor)
+
+    async def _refill(self, built: BuiltEnv | None) -> None:
+        try:
+            await self._add_warm(built)
+        except (AtollError, OSError) as exc:
+            if not self._closed:
+                print(f"atoll: could not start a warm actor process: {exc}", file=sys.stderr)
+
+    def _take_warm(self, built: BuiltEnv | None) -> _ActorProcess | None:
+        pool = self._warm.get(built.key if built is not None else None)
+        while pool:
+            actor = pool.popleft()
+            if not actor.exited.is_set():
+                assert self._tg is not None
+                self._tg.start_soon(self._refill, built)
+                return actor
+        return None
+
+    async def _built(self, env: Env | None) -> BuiltEnv | None:
+        if env is None:
+            return None
+        if not isinstance(env, Env):
+            raise TypeError(f"env= takes an atoll.Env, got {env!r}")
+        built = self._envs.get(env)
+        if built is None:
+            built = await build(env, cache_dir=self._env_cache, progress=self._build_progress)
+            self._envs[env] = built
+        return built
+
+    def _new_identity(self) -> bytes:
+        return b"a%d" % next(self._numbers)
+
+    async def _launch(
+        self,
+        spec: bytes,
+        label: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        name: str,
+        built: BuiltEnv | None,
+        paths: list[str],
+    ) -> Any:
+        actor = None if paths else self._take_warm(built)
+        if actor is None:
+            actor = _ActorProcess(self._new_identity(), name, built.key if built else None)
+            fresh = True
+        else:
+            actor.name = name
+            self.node.peer_names[actor.identity] = name
+            fresh = False
+        try:
+            payload, buffers = self.node.codec.dumps(
+                (name, spec, *prepare_args(args, kwargs, self.node.mark)),
+                f"arguments of {label}()",
+                actor.identity,
+            )
+            if fresh:
+                await self._boot(actor, built, paths, ())
+            kinds, cls_key = await self._init(actor, payload, buffers)
         except BaseException as exc:
             with anyio.CancelScope(shield=True):
                 await self._stop(actor, grace=0)
-            if isinstance(exc, (ActorDiedError, TimeoutError, TransportError, SpawnError)):
-                if isinstance(exc, SpawnError):
-                    raise
-                raise SpawnError(
-                    f"actor {name!r} ({cls.__qualname__}) failed to start: {exc}"
-                ) from exc
+            if isinstance(exc, SpawnError):
+                raise
+            if isinstance(exc, (ActorDiedError, TimeoutError, TransportError)):
+                raise SpawnError(f"actor {name!r} ({label}) failed to start: {exc}") from exc
             raise
-        self.registry.add(name, identity, ACTOR_OID, method_kinds(cls), cls)
-        ref: A = ActorRef(self.node, identity, name, method_kinds(cls))  # type: ignore[assignment]
-        return ref  # typed as the actor class: see the docstring
+        self.registry.add(name, actor.identity, ACTOR_OID, kinds, cls_key)
+        return ActorRef(self.node, actor.identity, name, kinds)
 
-    async def _start_process(self, actor: _ActorProcess, number: int, secret: bytes) -> None:
+    async def _boot(
+        self,
+        actor: _ActorProcess,
+        built: BuiltEnv | None,
+        paths: list[str],
+        imports: Sequence[str],
+    ) -> None:
+        """Start ``actor``'s process and wait for its hello."""
+        self._actors[actor.identity] = actor
+        self.node.peer_names[actor.identity] = actor.name
+        secret = secrets.token_bytes(32)
+        self._hub.expect(actor.identity, secret, actor.on_hello)
+        try:
+            await self._start_process(actor, secret, built, paths, imports)
+            with anyio.fail_after(self._spawn_timeout):
+                await actor.ready.wait()
+            if actor.exited.is_set():
+                raise actor.gone_error()
+            if not actor.trusted:
+                raise SpawnError(
+                    f"actor {actor.name!r} speaks another wire version; is atoll the same "
+                    "version in its environment?"
+                )
+        except BaseException as exc:
+            with anyio.CancelScope(shield=True):
+                await self._stop(actor, grace=0)
+            if isinstance(exc, (ActorDiedError, TimeoutError, TransportError)):
+                raise SpawnError(f"actor {actor.name!r} failed to start: {exc}") from exc
+            raise
+
+    def _overlay(self) -> str:
+        """A directory holding only atoll (a link to this process's copy): what
+        an isolated actor process gets of the host's packages."""
+        overlay = os.path.join(self._hub.dir, "lib")
+        if not os.path.isdir(overlay):
+            os.mkdir(overlay)
+            os.symlink(_PACKAGE_DIR, os.path.join(overlay, "atoll"))
+        return overlay
+
+    async def _start_process(
+        self,
+        actor: _ActorProcess,
+        secret: bytes,
+        built: BuiltEnv | None,
+        paths: list[str],
+        imports: Sequence[str],
+    ) -> None:
         env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (_SRC_ROOT, env.get("PYTHONPATH")) if p)
+        if built is None:
+            argv = [sys.executable, "-m", "atoll.actors._child"]
+            env["PYTHONPATH"] = os.pathsep.join(p for p in (_SRC_ROOT, env.get("PYTHONPATH")) if p)
+            sys_path = [*paths, *sys.path]
+        else:
+            # -I: no PYTHONPATH, no user site, no current directory; only the
+            # environment's own packages, and atoll through the overlay.
+            argv = [built.python, "-I", "-c", _ISOLATED_MAIN, self._overlay()]
+            env.pop("VIRTUAL_ENV", None)
+            sys_path = paths
         boot = {
             "hub": self._hub.endpoint,
             "identity": actor.identity.decode(),
             "secret": secret.hex(),
-            "node": number,
+            "node": int(actor.identity[1:]),
             "name": actor.name,
-            "sys_path": sys.path,
+            "sys_path": sys_path,
+            "imports": list(imports),
             "spin_us": self._spin_us,
             "shm_prefix": self._shm_prefix,
             "transfer": self._transfer,
         }
         actor.process = process = await anyio.open_process(
-            [sys.executable, "-m", "atoll.actors._child"],
+            argv,
             stdin=subprocess.PIPE,
             stdout=None,
             stderr=subprocess.PIPE,
@@ -254,7 +435,10 @@ class Host:
         # open: the child exits when it reads EOF, i.e. when this process dies.
         await process.stdin.send(json.dumps(boot).encode() + b"\n")
 
-    async def _init(self, actor: _ActorProcess, payload: bytes, buffers: list[Any]) -> None:
+    async def _init(
+        self, actor: _ActorProcess, payload: bytes, buffers: list[Any]
+    ) -> tuple[dict[str, Kind], str]:
+        """Have ``actor``'s process build the actor; returns its methods and class."""
         node = self.node
         call_id = node._next_id()
         pending = _Pending(actor.identity)
@@ -266,11 +450,18 @@ class Host:
             node._pending.pop(call_id, None)
         if pending.error is not None:
             raise pending.error
+        assert pending.header is not None
         if type(pending.header) is m.Error:
-            from ._errors_wire import unpack_error
-
             cause = unpack_error(pending.header.payload)
-            raise SpawnError(f"actor {actor.name!r} failed to start: {cause!r}") from cause
+            hint = ""
+            if actor.key is not None and isinstance(cause, ModuleNotFoundError):
+                hint = (
+                    f"; {cause.name!r} is not installed in the actor's environment: "
+                    "add it to its dependencies"
+                )
+            raise SpawnError(f"actor {actor.name!r} failed to start: {cause!r}{hint}") from cause
+        kinds, cls_key = Codec().loads(pending.header.payload, [], "actor description")
+        return {k: Kind(v) for k, v in kinds.items()}, cls_key
 
     async def _supervise(self, actor: _ActorProcess) -> None:
         process = actor.process
@@ -353,7 +544,9 @@ class Host:
                     with anyio.move_on_after(grace):
                         await actor.exited.wait()
                 process = actor.process
-                if process is not None and not actor.exited.is_set():
+                if process is None:
+                    self._hub.forget(actor.identity)
+                elif not actor.exited.is_set():
                     _signal(process, "terminate")
                     with anyio.move_on_after(1.0):
                         await actor.exited.wait()
@@ -414,6 +607,45 @@ class Host:
         _shm.sweep(self._shm_prefix)
 
 
+class _ByValue:
+    """Pickles a class by value (its code travels), for an actor process that
+    cannot import the module the class lives in."""
+
+    def __init__(self, cls: type) -> None:
+        self.cls = cls
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        import cloudpickle
+
+        module = sys.modules[self.cls.__module__]
+        by_value = module.__name__ != "__main__"
+        if by_value:
+            cloudpickle.register_pickle_by_value(module)
+        try:
+            data = cloudpickle.dumps(self.cls, protocol=5)
+        finally:
+            if by_value:
+                cloudpickle.unregister_pickle_by_value(module)
+        return (pickle.loads, (data,))
+
+
+def _installed(cls: type) -> bool:
+    """Whether ``cls`` comes from atoll or an installed package (by reference
+    then), rather than from the application's own files (by value)."""
+    if cls.__module__ == "atoll" or cls.__module__.startswith("atoll."):
+        return True
+    file = getattr(sys.modules.get(cls.__module__), "__file__", None)
+    if file is None:
+        return False
+    real = os.path.realpath(file)
+    return any(real.startswith(d + os.sep) for d in _install_dirs())
+
+
+def _install_dirs() -> set[str]:
+    paths = sysconfig.get_paths()
+    return {os.path.realpath(paths[k]) for k in ("stdlib", "platstdlib", "purelib", "platlib")}
+
+
 async def _deliver(subscription: Subscription, callback: Callable[[Any], Any]) -> None:
     async for value in subscription:
         result = callback(value)
@@ -435,6 +667,8 @@ async def open_host(
     spawn_timeout: float = 60.0,
     spin_us: float = 150,
     transfer: str = "shared_memory",
+    env_cache: str | None = None,
+    build_progress: Progress = True,
 ) -> AsyncIterator[Host]:
     """Open a host: the hub and a scope for actor processes.
 
@@ -454,9 +688,19 @@ async def open_host(
     ``"shared_memory"`` (as descriptors of shared memory, no copy of data
     already there) or ``"inline"`` (copied into the messages, for systems
     with a small or no ``/dev/shm``). Anything else is a ``ValueError``.
+
+    ``env_cache`` is where environments (:class:`atoll.Env`, extensions) are
+    built and kept: by default ``$ATOLL_CACHE_DIR``, else ``~/.cache/atoll/envs``.
+    ``build_progress`` reports their builds: True prints what uv installs and
+    how long it took to stderr, a callable gets each line, False is silent.
     """
     host = Host(
-        stop_timeout=stop_timeout, spawn_timeout=spawn_timeout, spin_us=spin_us, transfer=transfer
+        stop_timeout=stop_timeout,
+        spawn_timeout=spawn_timeout,
+        spin_us=spin_us,
+        transfer=transfer,
+        env_cache=env_cache,
+        build_progress=build_progress,
     )
     token = _runtime.current_host.set(host)
     tg = anyio.create_task_group()

@@ -132,9 +132,11 @@ class Registry:
                 "pick another name, or stop or unregister the holder first"
             )
 
-    def add(self, name: str, identity: bytes, oid: int, kinds: dict[str, Kind], cls: type) -> None:
+    def add(
+        self, name: str, identity: bytes, oid: int, kinds: dict[str, Kind], cls_key: str
+    ) -> None:
         self.check_free(name)
-        self._entries[name] = _Entry(name, identity, oid, kinds, class_key(cls))
+        self._entries[name] = _Entry(name, identity, oid, kinds, cls_key)
 
     def remove(self, name: str) -> _Entry | None:
         return self._entries.pop(name, None)

@@ -99,6 +99,11 @@ class Hub:
         self.dropped: Counter[str] = Counter()
         """Dropped messages by reason: ``unknown``, ``untrusted``, ``malformed``."""
 
+    @property
+    def dir(self) -> str:
+        """The hub's private directory (0700), removed when the hub closes."""
+        return self._dir
+
     def expect(self, identity: bytes, secret: bytes, on_hello: Callable[[Hello], None]) -> None:
         """Announce a peer that will connect as ``identity`` and prove ``secret``."""
         self._peers[identity] = _Peer(secret, on_hello)
