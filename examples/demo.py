@@ -1,6 +1,11 @@
-"""atoll demo: actors in their own processes, called like local async objects.
+"""atoll demo: actors in their own processes, called like local async objects,
+and two extensions whose dependencies conflict (numpy 1.x and numpy 2.x), each
+in its own uv-built environment, loaded side by side in one host.
 
 python examples/demo.py            # asyncio and trio, one after the other
+
+The first run builds the two environments (uv prints what it installs); later
+runs reuse them from the cache (``~/.cache/atoll/envs``, or ``$ATOLL_CACHE_DIR``).
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import anyio
+import numpy as np
 
 import atoll
 
@@ -74,7 +80,28 @@ async def main() -> None:
     print("  host closed; every actor process has exited")
 
 
+EXTENSIONS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "extensions")
+
+
+async def extensions() -> None:
+    async with atoll.open_host() as host:
+        # Each folder's pyproject.toml names its dependencies and its actor class.
+        old = await host.load_extension(os.path.join(EXTENSIONS, "old_numpy"))
+        new = await host.load_extension(os.path.join(EXTENSIONS, "new_numpy"))
+        print(f"  host numpy {np.__version__}")
+        print(f"  old_numpy extension runs numpy {await old.version()}")
+        print(f"  new_numpy extension runs numpy {await new.version()}")
+        data = np.linspace(0.0, 1.0, 1_000_000)  # 8 MB: crosses as shared memory
+        print(f"  old_numpy summarizes the host's array: {await old.summarize(data)}")
+        scaled = await new.scale(data, 3.0)
+        print(
+            f"  new_numpy scales it: {type(scaled).__name__} of {scaled.size}, max {scaled.max()}"
+        )
+        print(f"  new_numpy uses numpy 2's np.strings: {await new.shout(['atoll', 'uv'])}")
+
+
 if __name__ == "__main__":
     for backend in sys.argv[1:] or ["asyncio", "trio"]:
         print(f"[{backend}]")
         anyio.run(main, backend=backend)
+        anyio.run(extensions, backend=backend)

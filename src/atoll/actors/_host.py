@@ -280,8 +280,16 @@ class Host:
     async def _add_warm(self, built: BuiltEnv | None) -> None:
         key = built.key if built is not None else None
         actor = _ActorProcess(self._new_identity(), f"warm-{key or 'host'}", key)
-        await self._boot(actor, built, [], self._warm_imports.get(key, ()))
-        self._warm.setdefault(key, deque()).append(actor)
+        # In the pool while it starts: a spawn that comes meanwhile takes it
+        # and waits for its hello, rather than starting a cold process.
+        pool = self._warm.setdefault(key, deque())
+        pool.append(actor)
+        try:
+            await self._boot(actor, built, [], self._warm_imports.get(key, ()))
+        except BaseException:
+            if actor in pool:
+                pool.remove(actor)
+            raise
 
     async def _refill(self, built: BuiltEnv | None) -> None:
         try:
@@ -297,7 +305,7 @@ class Host:
             if not actor.exited.is_set():
                 assert self._tg is not None
                 self._tg.start_soon(self._refill, built)
-                return actor
+                return actor  # perhaps still starting: the caller waits for its hello
         return None
 
     async def _built(self, env: Env | None) -> BuiltEnv | None:
@@ -308,6 +316,7 @@ class Host:
         built = self._envs.get(env)
         if built is None:
             built = await build(env, cache_dir=self._env_cache, progress=self._build_progress)
+            os.utime(built.path)  # when it was last used, for `atoll env prune --unused-days`
             self._envs[env] = built
         return built
 
@@ -340,6 +349,8 @@ class Host:
             )
             if fresh:
                 await self._boot(actor, built, paths, ())
+            else:
+                await self._await_hello(actor)
             kinds, cls_key = await self._init(actor, payload, buffers)
         except BaseException as exc:
             with anyio.CancelScope(shield=True):
@@ -366,6 +377,14 @@ class Host:
         self._hub.expect(actor.identity, secret, actor.on_hello)
         try:
             await self._start_process(actor, secret, built, paths, imports)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await self._stop(actor, grace=0)
+            raise
+        await self._await_hello(actor)
+
+    async def _await_hello(self, actor: _ActorProcess) -> None:
+        try:
             with anyio.fail_after(self._spawn_timeout):
                 await actor.ready.wait()
             if actor.exited.is_set():

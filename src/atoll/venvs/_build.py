@@ -146,7 +146,14 @@ def _publish(tmp: str, final: str, env: Env, key: str, seconds: float) -> None:
     }
     with open(os.path.join(tmp, MANIFEST), "w") as f:
         json.dump(manifest, f, indent=1)
-    os.rename(tmp, final)
+    try:
+        os.rename(tmp, final)
+    except OSError:
+        if not _is_built(final):
+            raise
+        # Built meanwhile by a builder whose lock file `atoll env prune` had
+        # removed: the same key is the same environment, so use that one.
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def remove_partial(cache: str, key: str) -> None:
@@ -232,6 +239,17 @@ async def _uv(uv: str, args: Sequence[str], env: Env, say: Callable[[str], None]
         )
 
 
+def try_lock(path: str) -> int | None:
+    """The descriptor of ``path`` locked now, or None if someone holds it."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
 class _file_lock:
     """``flock`` on a file, waited for in a worker thread; cancellable."""
 
@@ -240,10 +258,9 @@ class _file_lock:
         self.fd = -1
 
     async def __aenter__(self) -> None:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        fd = try_lock(self.path)
+        if fd is None:
+            fd = os.open(self.path, os.O_RDWR)
             await _wait_for_lock(fd)
         self.fd = fd
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib.metadata
 import json
 import os
 import platform
@@ -93,6 +92,8 @@ def host_python_label() -> str:
 
 def runtime_pins() -> list[str]:
     """``name==version`` of each of atoll's runtime dependencies, as installed here."""
+    import importlib.metadata
+
     return [f"{name}=={importlib.metadata.version(name)}" for name in RUNTIME_PACKAGES]
 
 

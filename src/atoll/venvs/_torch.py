@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib.metadata
 import os
 import re
 import zipfile
@@ -79,6 +78,8 @@ class HostTorch:
 @functools.cache
 def host_torch() -> HostTorch:
     """The torch installed in this interpreter; EnvBuildError if there is none."""
+    import importlib.metadata
+
     try:
         dist = importlib.metadata.distribution("torch")
     except importlib.metadata.PackageNotFoundError:

@@ -1,0 +1,7 @@
+"""``python -m atoll``: the same as the ``atoll`` command."""
+
+import sys
+
+from .venvs._cli import main
+
+sys.exit(main())

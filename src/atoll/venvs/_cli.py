@@ -1,0 +1,177 @@
+"""``atoll env list | prune | build PATH``: see and manage the environment cache."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import anyio
+
+from .._errors import AtollError
+from ._build import MANIFEST, build, try_lock
+from ._env import default_cache_dir, runtime_pins
+from ._extension import read_extension
+
+
+def _entries(cache: str) -> Iterator[tuple[str, dict[str, Any] | None]]:
+    """Every environment directory in ``cache`` with its manifest (None: partial)."""
+    if not os.path.isdir(cache):
+        return
+    for entry in sorted(os.listdir(cache)):
+        path = os.path.join(cache, entry)
+        if not os.path.isdir(path):
+            continue
+        try:
+            with open(os.path.join(path, MANIFEST)) as f:
+                yield path, json.load(f)
+        except (OSError, ValueError):
+            yield path, None
+
+
+def _size(path: str) -> int:
+    seen: set[tuple[int, int]] = set()
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            st = os.lstat(os.path.join(root, name))
+            if (st.st_dev, st.st_ino) not in seen:
+                seen.add((st.st_dev, st.st_ino))
+                total += st.st_size
+    return total
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError
+
+
+def _stale(manifest: dict[str, Any]) -> str | None:
+    """Why this atoll cannot use an environment any more, or None."""
+    described = manifest.get("env", {})
+    if described.get("runtime") != runtime_pins():
+        return "built for other versions of atoll's dependencies"
+    python = described.get("python", "")
+    if os.path.isabs(python) and not os.path.exists(python):
+        return f"its interpreter {python} is gone"
+    return None
+
+
+def cmd_list(cache: str) -> int:
+    rows: list[tuple[str, ...]] = []
+    total = 0
+    for path, manifest in _entries(cache):
+        size = _size(path)
+        total += size
+        if manifest is None:
+            rows.append((os.path.basename(path)[:24], "(partial build)", "", _human(size), ""))
+            continue
+        described = manifest.get("env", {})
+        deps = ", ".join(described.get("dependencies", [])) or "-"
+        if described.get("share_torch"):
+            deps += " + host torch"
+        used = time.strftime("%Y-%m-%d", time.localtime(os.path.getmtime(path)))
+        note = _stale(manifest)
+        rows.append(
+            (manifest["key"][:12], manifest.get("name") or "-", deps, _human(size), used)
+            + ((f"unusable: {note}",) if note else ())
+        )
+    if not rows:
+        print(f"no environments in {cache}")
+        return 0
+    header = ("KEY", "NAME", "DEPENDENCIES", "SIZE", "LAST USED")
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(4)]
+    for row in [header, *rows]:
+        cells = [str(c).ljust(w) for c, w in zip(row[:4], widths, strict=True)] + list(row[4:])
+        print("  ".join(cells).rstrip())
+    print(f"{len(rows)} environment(s), {_human(total)} in {cache}")
+    return 0
+
+
+def cmd_prune(cache: str, everything: bool, unused_days: float | None) -> int:
+    for path, manifest in _entries(cache):
+        name = os.path.basename(path)
+        key = name.split("-")[1] if name.startswith(".tmp-") else name
+        lock = try_lock(os.path.join(cache, key + ".lock"))
+        if lock is None:
+            print(f"kept {name[:24]}: being built now")
+            continue
+        try:
+            _prune_one(path, manifest, everything, unused_days)
+        finally:
+            os.close(lock)
+    for entry in os.listdir(cache) if os.path.isdir(cache) else ():
+        if entry.endswith(".lock") and not os.path.isdir(os.path.join(cache, entry[:-5])):
+            os.unlink(os.path.join(cache, entry))
+    return 0
+
+
+def _prune_one(
+    path: str, manifest: dict[str, Any] | None, everything: bool, unused_days: float | None
+) -> None:
+    if manifest is None:
+        why: str | None = "partial build"
+    elif everything:
+        why = "--all"
+    elif unused_days is not None and time.time() - os.path.getmtime(path) > unused_days * 86400:
+        why = f"unused for over {unused_days:g} days"
+    else:
+        why = _stale(manifest)
+    if why is None:
+        return
+    size = _size(path)
+    shutil.rmtree(path, ignore_errors=True)
+    print(f"removed {os.path.basename(path)[:24]} ({_human(size)}): {why}")
+
+
+def cmd_build(cache: str, path: str, quiet: bool) -> int:
+    extension = read_extension(path)
+    built = anyio.run(lambda: build(extension.env, cache_dir=cache, progress=not quiet))
+    print(f"{extension.name}: {built.path} ({'built' if built.built else 'already built'})")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="atoll", description="atoll's command line")
+    commands = parser.add_subparsers(dest="command", required=True)
+    env = commands.add_parser("env", help="the cache of built environments")
+    env.add_argument(
+        "--cache-dir",
+        default=None,
+        help=f"the cache (default: ${{ATOLL_CACHE_DIR}}, else {default_cache_dir()})",
+    )
+    actions = env.add_subparsers(dest="action", required=True)
+    actions.add_parser("list", help="list built environments with their sizes")
+    prune = actions.add_parser(
+        "prune", help="remove partial builds and environments this atoll cannot use"
+    )
+    prune.add_argument("--all", action="store_true", help="remove every environment")
+    prune.add_argument(
+        "--unused-days", type=float, default=None, help="also remove those unused this long"
+    )
+    build_cmd = actions.add_parser("build", help="build an extension folder's environment")
+    build_cmd.add_argument("path", help="an extension folder (with a pyproject.toml)")
+    build_cmd.add_argument("--quiet", action="store_true", help="print only the result")
+    args = parser.parse_args(argv)
+    cache = os.path.abspath(args.cache_dir or default_cache_dir())
+    try:
+        if args.action == "list":
+            return cmd_list(cache)
+        if args.action == "prune":
+            return cmd_prune(cache, args.all, args.unused_days)
+        return cmd_build(cache, args.path, args.quiet)
+    except AtollError as exc:
+        print(f"atoll: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
