@@ -273,9 +273,19 @@ class Host:
         built = await self._built(env)
         key = built.key if built is not None else None
         self._warm_imports[key] = tuple(imports)
+        errors: list[Exception] = []
+
+        async def add() -> None:
+            try:
+                await self._add_warm(built)
+            except AtollError as exc:
+                errors.append(exc)
+
         async with anyio.create_task_group() as tg:
             for _ in range(count):
-                tg.start_soon(self._add_warm, built)
+                tg.start_soon(add)
+        if errors:
+            raise errors[0]
 
     async def _add_warm(self, built: BuiltEnv | None) -> None:
         key = built.key if built is not None else None
