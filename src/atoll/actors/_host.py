@@ -7,7 +7,6 @@ import itertools
 import json
 import os
 import pickle
-import secrets
 import subprocess
 import sys
 import sysconfig
@@ -258,12 +257,15 @@ class Host:
     async def prewarm(
         self, env: Env | None = None, *, count: int = 1, imports: Sequence[str] = ()
     ) -> None:
-        """Start ``count`` processes for ``env`` now, with ``imports`` imported,
-        to be taken by later :meth:`spawn` calls for that environment.
+        """Have ``count`` processes for ``env`` started and waiting, with
+        ``imports`` imported, to be taken by later :meth:`spawn` calls for that
+        environment; returns once they are all ready.
 
         A spawn then skips the interpreter's start and those imports (torch
         takes seconds): it only builds the actor. Each process taken is
-        replaced in the background, so the pool stays ``count`` strong.
+        replaced in the background, so the pool stays ``count`` strong; call
+        this again to wait for the replacements. ``imports`` apply to the
+        processes started from then on.
         """
         self._check_open()
         if count < 1:
@@ -273,17 +275,18 @@ class Host:
         built = await self._built(env)
         key = built.key if built is not None else None
         self._warm_imports[key] = tuple(imports)
+        waiting = [a for a in self._warm.get(key, ()) if not a.exited.is_set()]
         errors: list[Exception] = []
 
-        async def add() -> None:
+        async def one(actor: _ActorProcess | None) -> None:
             try:
-                await self._add_warm(built)
+                await (self._add_warm(built) if actor is None else self._await_hello(actor))
             except AtollError as exc:
                 errors.append(exc)
 
         async with anyio.create_task_group() as tg:
-            for _ in range(count):
-                tg.start_soon(add)
+            for actor in [*waiting[:count], *[None] * (count - len(waiting))]:
+                tg.start_soon(one, actor)
         if errors:
             raise errors[0]
 
@@ -383,7 +386,7 @@ class Host:
         """Start ``actor``'s process and wait for its hello."""
         self._actors[actor.identity] = actor
         self.node.peer_names[actor.identity] = actor.name
-        secret = secrets.token_bytes(32)
+        secret = os.urandom(32)
         self._hub.expect(actor.identity, secret, actor.on_hello)
         try:
             await self._start_process(actor, secret, built, paths, imports)

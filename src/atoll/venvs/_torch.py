@@ -15,7 +15,6 @@ import dataclasses
 import functools
 import os
 import re
-import zipfile
 from typing import Any
 
 from .._errors import EnvBuildError
@@ -48,6 +47,8 @@ class HostTorch:
 
     def stub_wheel(self, folder: str) -> str:
         """Write the metadata-only torch wheel into ``folder``; returns its path."""
+        import zipfile
+
         dist_info = f"torch-{self.version}.dist-info"
         metadata = "Metadata-Version: 2.1\nName: torch\nVersion: " + self.version + "\n"
         metadata += "".join(f"Requires-Dist: {r}\n" for r in self.requires)
