@@ -135,6 +135,18 @@ async def test_failed_build_carries_uvs_message(env_cache: str) -> None:
     assert not [e for e in os.listdir(env_cache) if e.startswith(f".tmp-{env.key()}")]
 
 
+async def test_unreachable_index_fails_fast_with_a_hint(
+    env_cache: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("UV_HTTP_RETRIES", "0")  # uv retries thrice by default: 7 s here
+    env = Env(["six==1.16.0"], index_url="http://127.0.0.1:9/simple")
+    with anyio.fail_after(30), pytest.raises(atoll.EnvBuildError) as caught:
+        await build(env, cache_dir=env_cache, progress=False)
+    assert "127.0.0.1:9" in caught.value.output  # uv's own account
+    assert "could not be reached" in str(caught.value)
+    assert not os.path.exists(os.path.join(env_cache, env.key()))
+
+
 async def test_spawn_reports_a_failed_build(env_cache: str) -> None:
     with anyio.fail_after(60):
         async with open_host(env_cache) as host:
@@ -279,6 +291,10 @@ async def test_numpy_one_and_two_side_by_side(env_cache: str) -> None:
             assert np.array_equal(scaled, data * 2.0)
             assert await new.shout(["a", "b"]) == ["A", "B"]
             assert await atoll.lookup("old-numpy") is not None  # registered by name
+            # an extension's environment can be prewarmed too
+            await host.prewarm(EXAMPLES / "old_numpy", imports=["numpy"])
+            again = await host.load_extension(EXAMPLES / "old_numpy", name="old-2")
+            assert (await again.summarize(data))["numpy"].startswith("1.")
 
 
 def _extension(folder: Path, manifest: str | None, code: str = "") -> Path:

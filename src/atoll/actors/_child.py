@@ -87,10 +87,11 @@ class _Child:
     async def _init(self, msg: m.Init, buffers: list[zmq.Frame]) -> None:
         reply: m.Result | m.Error
         try:
-            name, spec, args, kwargs = self.node._load(
+            name, spec, paths, args, kwargs = self.node._load(
                 msg.payload, buffers, "actor arguments", HOST
             )
             self.name = self.node.name = name
+            sys.path[:0] = paths  # an extension's folder
             cls = Codec().loads(spec, [], "actor class")
             if isinstance(cls, str):
                 cls = _entry_point(cls)

@@ -255,7 +255,11 @@ class Host:
             raise
 
     async def prewarm(
-        self, env: Env | None = None, *, count: int = 1, imports: Sequence[str] = ()
+        self,
+        env: Env | str | os.PathLike[str] | None = None,
+        *,
+        count: int = 1,
+        imports: Sequence[str] = (),
     ) -> None:
         """Have ``count`` processes for ``env`` started and waiting, with
         ``imports`` imported, to be taken by later :meth:`spawn` calls for that
@@ -265,13 +269,16 @@ class Host:
         takes seconds): it only builds the actor. Each process taken is
         replaced in the background, so the pool stays ``count`` strong; call
         this again to wait for the replacements. ``imports`` apply to the
-        processes started from then on.
+        processes started from then on. ``env`` may also be an extension
+        folder: its environment is prewarmed for :meth:`load_extension`.
         """
         self._check_open()
         if count < 1:
             raise ValueError(f"prewarm() needs count >= 1, got {count}")
         if isinstance(imports, str):
             raise TypeError(f"prewarm(imports=...) takes a list of module names, got {imports!r}")
+        if isinstance(env, (str, os.PathLike)):
+            env = read_extension(env).env
         built = await self._built(env)
         key = built.key if built is not None else None
         self._warm_imports[key] = tuple(imports)
@@ -298,7 +305,7 @@ class Host:
         pool = self._warm.setdefault(key, deque())
         pool.append(actor)
         try:
-            await self._boot(actor, built, [], self._warm_imports.get(key, ()))
+            await self._boot(actor, built, self._warm_imports.get(key, ()))
         except BaseException:
             if actor in pool:
                 pool.remove(actor)
@@ -307,7 +314,7 @@ class Host:
     async def _refill(self, built: BuiltEnv | None) -> None:
         try:
             await self._add_warm(built)
-        except (AtollError, OSError) as exc:
+        except Exception as exc:  # nobody waits for a refill: say it here
             if not self._closed:
                 print(f"atoll: could not start a warm actor process: {exc}", file=sys.stderr)
 
@@ -346,7 +353,7 @@ class Host:
         built: BuiltEnv | None,
         paths: list[str],
     ) -> Any:
-        actor = None if paths else self._take_warm(built)
+        actor = self._take_warm(built)
         if actor is None:
             actor = _ActorProcess(self._new_identity(), name, built.key if built else None)
             fresh = True
@@ -356,12 +363,12 @@ class Host:
             fresh = False
         try:
             payload, buffers = self.node.codec.dumps(
-                (name, spec, *prepare_args(args, kwargs, self.node.mark)),
+                (name, spec, paths, *prepare_args(args, kwargs, self.node.mark)),
                 f"arguments of {label}()",
                 actor.identity,
             )
             if fresh:
-                await self._boot(actor, built, paths, ())
+                await self._boot(actor, built, ())
             else:
                 await self._await_hello(actor)
             kinds, cls_key = await self._init(actor, payload, buffers)
@@ -380,7 +387,6 @@ class Host:
         self,
         actor: _ActorProcess,
         built: BuiltEnv | None,
-        paths: list[str],
         imports: Sequence[str],
     ) -> None:
         """Start ``actor``'s process and wait for its hello."""
@@ -389,7 +395,7 @@ class Host:
         secret = os.urandom(32)
         self._hub.expect(actor.identity, secret, actor.on_hello)
         try:
-            await self._start_process(actor, secret, built, paths, imports)
+            await self._start_process(actor, secret, built, imports)
         except BaseException:
             with anyio.CancelScope(shield=True):
                 await self._stop(actor, grace=0)
@@ -428,20 +434,19 @@ class Host:
         actor: _ActorProcess,
         secret: bytes,
         built: BuiltEnv | None,
-        paths: list[str],
         imports: Sequence[str],
     ) -> None:
         env = dict(os.environ)
         if built is None:
             argv = [sys.executable, "-m", "atoll.actors._child"]
             env["PYTHONPATH"] = os.pathsep.join(p for p in (_SRC_ROOT, env.get("PYTHONPATH")) if p)
-            sys_path = [*paths, *sys.path]
+            sys_path = sys.path
         else:
             # -I: no PYTHONPATH, no user site, no current directory; only the
             # environment's own packages, and atoll through the overlay.
             argv = [built.python, "-I", "-c", _ISOLATED_MAIN, self._overlay()]
             env.pop("VIRTUAL_ENV", None)
-            sys_path = paths
+            sys_path = []
         boot = {
             "hub": self._hub.endpoint,
             "identity": actor.identity.decode(),
@@ -465,7 +470,10 @@ class Host:
         self._tg.start_soon(self._supervise, actor)
         # The secret goes through the pipe, never argv. The pipe then stays
         # open: the child exits when it reads EOF, i.e. when this process dies.
-        await process.stdin.send(json.dumps(boot).encode() + b"\n")
+        try:
+            await process.stdin.send(json.dumps(boot).encode() + b"\n")
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+            pass  # it exited at once: its supervisor says how, and the wait for its hello ends
 
     async def _init(
         self, actor: _ActorProcess, payload: bytes, buffers: list[Any]

@@ -40,9 +40,24 @@ def _fds() -> set[str]:
 
 
 def _paths() -> set[str]:
-    return set(glob.glob(os.path.join(tempfile.gettempdir(), "atoll-*"))) | set(
+    found = set(glob.glob(os.path.join(tempfile.gettempdir(), "atoll-*"))) | set(
         glob.glob("/dev/shm/atoll*")
     )
+    # Names carry their host's pid: those of another live host (a second test
+    # run on this machine) are not this process's to answer for.
+    ours = {os.getpid()} | _children()
+    return {path for path in found if _host_pid(path) in ours or not _alive(_host_pid(path))}
+
+
+def _host_pid(path: str) -> int:
+    try:
+        return int(os.path.basename(path).split("-")[1])
+    except (IndexError, ValueError):
+        return -1
+
+
+def _alive(pid: int) -> bool:
+    return pid > 0 and os.path.exists(f"/proc/{pid}")
 
 
 def _start_pyzmq_collector() -> None:

@@ -226,7 +226,13 @@ async def _uv(uv: str, args: Sequence[str], env: Env, say: Callable[[str], None]
     if code != 0:
         said = "\n".join(output).strip()
         hint = ""
-        if env.share_torch and "torch" in said:
+        if "Failed to fetch" in said or "error sending request" in said:
+            hint = (
+                f"\nthe package index ({env.index_url or 'uv default: PyPI'}) could not be "
+                "reached: check the network, or give Env(index_url=..., find_links=...) "
+                "a reachable index"
+            )
+        elif env.share_torch and "torch" in said:
             hint = (
                 f"\nshare_torch=True provides the host's torch {host_torch().version}; "
                 "a dependency that needs another torch cannot be installed beside it"
