@@ -265,6 +265,20 @@ async def test_prewarmed_process_is_taken_and_replaced(env_cache: str) -> None:
             assert not await cold.imported("colorsys")
 
 
+async def test_closing_while_the_pool_refills_leaves_nothing(
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    # Each spawn from the pool starts a replacement; the host closes while it
+    # starts. The leak check fails the test if any process outlives the host.
+    for _ in range(3):
+        with anyio.fail_after(30):
+            async with atoll.open_host() as host:
+                await host.prewarm()
+                probe = await host.spawn(Probe)
+                assert await probe.imported("sys")
+    assert "could not start a warm" not in capfd.readouterr().err
+
+
 async def test_prewarm_with_a_failing_import_is_a_spawn_error(env_cache: str) -> None:
     with anyio.fail_after(60):
         async with open_host(env_cache) as host:

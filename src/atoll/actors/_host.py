@@ -390,6 +390,7 @@ class Host:
         imports: Sequence[str],
     ) -> None:
         """Start ``actor``'s process and wait for its hello."""
+        self._check_open()
         self._actors[actor.identity] = actor
         self.node.peer_names[actor.identity] = actor.name
         secret = os.urandom(32)
@@ -468,6 +469,11 @@ class Host:
         )
         assert self._tg is not None and process.stdin is not None
         self._tg.start_soon(self._supervise, actor)
+        if actor.stopping or self._closed:
+            # Stopped while it was being started (the host closing under a
+            # warm pool's refill): nobody else will, so end it now.
+            _signal(process, "kill")
+            raise ActorClosedError(f"actor {actor.name!r} was stopped while it started")
         # The secret goes through the pipe, never argv. The pipe then stays
         # open: the child exits when it reads EOF, i.e. when this process dies.
         try:
