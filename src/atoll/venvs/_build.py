@@ -27,7 +27,7 @@ from typing import Any
 import anyio
 
 from .._errors import EnvBuildError
-from ._env import Env, default_cache_dir, runtime_pins
+from ._env import Env, default_cache_dir, host_python, runtime_pins
 from ._torch import host_torch
 
 MANIFEST = "atoll-env.json"
@@ -171,7 +171,7 @@ def _label(env: Env, key: str) -> str:
 async def _build_into(tmp: str, env: Env, key: str, say: Callable[[str], None]) -> None:
     uv = find_uv()
     say(f"atoll: building environment {_label(env, key)} with uv")
-    python = env.python or env.describe()["python"]
+    python = env.python or host_python()
     await _uv(uv, ["venv", "--relocatable", "--quiet", "--python", python, tmp], env, say, tmp)
     args = ["pip", "install", "--python", os.path.join(tmp, "bin", "python")]
     if env.index_url:

@@ -59,7 +59,7 @@ def _stale(manifest: dict[str, Any]) -> str | None:
     described = manifest.get("env", {})
     if described.get("runtime") != runtime_pins():
         return "built for other versions of atoll's dependencies"
-    python = described.get("python", "")
+    python = described.get("python", "").split(" ")[0]
     if os.path.isabs(python) and not os.path.exists(python):
         return f"its interpreter {python} is gone"
     return None

@@ -70,7 +70,7 @@ class Env:
 
         return {
             "dependencies": sorted(self.dependencies),
-            "python": self.python or _host_python(),
+            "python": _python_key(self.python),
             "share_torch": host_torch().describe() if self.share_torch else None,
             "index_url": self.index_url,
             "extra_index_urls": list(self.extra_index_urls),
@@ -81,13 +81,15 @@ class Env:
         }
 
 
-def _host_python() -> str:
+def host_python() -> str:
     base = getattr(sys, "_base_executable", None) or sys.executable
     return os.path.realpath(base)
 
 
-def host_python_label() -> str:
-    return f"{platform.python_implementation()} {platform.python_version()}"
+def _python_key(python: str | None) -> str:
+    if python is None:  # the host's own: its path and its exact version
+        return f"{host_python()} {platform.python_version()}"
+    return python
 
 
 def runtime_pins() -> list[str]:
