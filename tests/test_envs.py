@@ -102,12 +102,16 @@ async def test_share_torch_uses_the_hosts_build(env_cache: str) -> None:
     torch = pytest.importorskip("torch")
     with anyio.fail_after(120):
         async with open_host(env_cache) as host:
-            probe = await host.spawn(Probe, env=Env([], share_torch=True))
+            # torchmetrics requires torch: the host's build satisfies it, nothing
+            # of torch is downloaded
+            probe = await host.spawn(Probe, env=Env(["torchmetrics"], share_torch=True))
             assert await probe.version_of("torch") == torch.__version__
             assert await probe.file_of("torch") == os.path.realpath(torch.__file__)
+            assert await probe.dist_version("torch") == torch.__version__
+            assert not (await probe.version_of("torchmetrics")).startswith("ImportError")
             assert await probe.tensor_sum(torch.arange(10.0)) == 45.0
-            # the host's numpy (which torch could use) stays the host's
-            assert (await probe.version_of("numpy")).startswith("ImportError")
+            # the host's other packages stay the host's
+            assert (await probe.version_of("hypothesis")).startswith("ImportError")
 
 
 async def test_share_torch_refuses_another_torch_before_installing(env_cache: str) -> None:
@@ -133,6 +137,14 @@ async def test_failed_build_carries_uvs_message(env_cache: str) -> None:
     assert "atoll-test-no-such-package-zz" in str(error)
     assert not os.path.exists(os.path.join(env_cache, env.key()))
     assert not [e for e in os.listdir(env_cache) if e.startswith(f".tmp-{env.key()}")]
+
+
+async def test_unsatisfiable_versions_are_uvs_error(env_cache: str) -> None:
+    env = Env(["six==1.16.0", "six==1.15.0"])
+    with anyio.fail_after(60), pytest.raises(atoll.EnvBuildError) as caught:
+        await build(env, cache_dir=env_cache, progress=False)
+    assert "unsatisfiable" in caught.value.output
+    assert "'six==1.16.0', 'six==1.15.0'" in str(caught.value)
 
 
 async def test_unreachable_index_fails_fast_with_a_hint(
