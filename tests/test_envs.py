@@ -95,6 +95,23 @@ async def test_cached_environment_is_reused(env_cache: str) -> None:
     assert not again.built
 
 
+class NeedsPytest(atoll.Actor):
+    """Its method uses a module the host has and its environment does not."""
+
+    async def version(self) -> str:
+        return pytest.__version__
+
+
+async def test_class_needing_a_missing_module_says_to_add_it(env_cache: str) -> None:
+    with anyio.fail_after(60):
+        async with open_host(env_cache) as host:
+            with pytest.raises(atoll.SpawnError) as caught:
+                await host.spawn(NeedsPytest, env=Env([]))
+    cause = caught.value.__cause__
+    assert isinstance(cause, ModuleNotFoundError)
+    assert "No module named 'pytest': it is not installed in the actor's environment" in str(cause)
+
+
 # -- share_torch -------------------------------------------------------------
 
 

@@ -98,6 +98,13 @@ class _Child:
             actor = cls(*args, **kwargs)
             await actor.on_start()
         except Exception as exc:
+            missing = _missing_module(exc) if self.boot.get("isolated") else None
+            if missing is not None:
+                exc = ModuleNotFoundError(
+                    f"No module named {missing!r}: it is not installed in the actor's "
+                    "environment; add it to the environment's dependencies",
+                    name=missing,
+                )
             reply = m.Error(msg.call_id, pack_error(exc, self.name))
         else:
             self.actor = actor
@@ -145,6 +152,16 @@ class _Child:
         self.socket.close()
         self.ctx.term()
         self.node.plane.close()
+
+
+def _missing_module(exc: BaseException) -> str | None:
+    """The module whose absence caused ``exc``, if that is what it was."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ModuleNotFoundError) and seen.name:
+            return seen.name
+        seen = seen.__cause__ or (None if seen.__suppress_context__ else seen.__context__)
+    return None
 
 
 def _entry_point(spec: str) -> type[Actor]:

@@ -455,6 +455,7 @@ class Host:
             "node": int(actor.identity[1:]),
             "name": actor.name,
             "sys_path": sys_path,
+            "isolated": built is not None,
             "imports": list(imports),
             "spin_us": self._spin_us,
             "shm_prefix": self._shm_prefix,
@@ -499,13 +500,7 @@ class Host:
         assert pending.header is not None
         if type(pending.header) is m.Error:
             cause = unpack_error(pending.header.payload)
-            hint = ""
-            if actor.key is not None and isinstance(cause, ModuleNotFoundError):
-                hint = (
-                    f"; {cause.name!r} is not installed in the actor's environment: "
-                    "add it to its dependencies"
-                )
-            raise SpawnError(f"actor {actor.name!r} failed to start: {cause!r}{hint}") from cause
+            raise SpawnError(f"actor {actor.name!r} failed to start: {cause!r}") from cause
         kinds, cls_key = Codec().loads(pending.header.payload, [], "actor description")
         return {k: Kind(v) for k, v in kinds.items()}, cls_key
 
