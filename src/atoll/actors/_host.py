@@ -54,10 +54,9 @@ _ISOLATED_MAIN = (
 class _ActorProcess:
     """The host's record of one actor process."""
 
-    def __init__(self, identity: bytes, name: str, key: str | None) -> None:
+    def __init__(self, identity: bytes, name: str) -> None:
         self.identity = identity
         self.name = name
-        self.key = key  # its environment's, None for this interpreter
         self.process: Process | None = None
         self.ready = anyio.Event()  # hello received, or the process exited
         self.exited = anyio.Event()
@@ -280,7 +279,7 @@ class Host:
         if isinstance(env, (str, os.PathLike)):
             env = read_extension(env).env
         built = await self._built(env)
-        key = built.key if built is not None else None
+        key = _pool_key(built)
         self._warm_imports[key] = tuple(imports)
         waiting = [a for a in self._warm.get(key, ()) if not a.exited.is_set()]
         errors: list[Exception] = []
@@ -298,8 +297,8 @@ class Host:
             raise errors[0]
 
     async def _add_warm(self, built: BuiltEnv | None) -> None:
-        key = built.key if built is not None else None
-        actor = _ActorProcess(self._new_identity(), f"warm-{key or 'host'}", key)
+        key = _pool_key(built)
+        actor = _ActorProcess(self._new_identity(), f"warm-{key or 'host'}")
         # In the pool while it starts: a spawn that comes meanwhile takes it
         # and waits for its hello, rather than starting a cold process.
         pool = self._warm.setdefault(key, deque())
@@ -319,7 +318,7 @@ class Host:
                 print(f"atoll: could not start a warm actor process: {exc}", file=sys.stderr)
 
     def _take_warm(self, built: BuiltEnv | None) -> _ActorProcess | None:
-        pool = self._warm.get(built.key if built is not None else None)
+        pool = self._warm.get(_pool_key(built))
         while pool:
             actor = pool.popleft()
             if not actor.exited.is_set():
@@ -355,7 +354,7 @@ class Host:
     ) -> Any:
         actor = self._take_warm(built)
         if actor is None:
-            actor = _ActorProcess(self._new_identity(), name, built.key if built else None)
+            actor = _ActorProcess(self._new_identity(), name)
             fresh = True
         else:
             actor.name = name
@@ -646,6 +645,11 @@ class Host:
         self._ctx.term()
         self.node.plane.close()
         _shm.sweep(self._shm_prefix)
+
+
+def _pool_key(built: BuiltEnv | None) -> str | None:
+    """Which warm pool serves spawns into ``built`` (None: this interpreter)."""
+    return built.key if built is not None else None
 
 
 class _ByValue:

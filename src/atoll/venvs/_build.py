@@ -105,6 +105,7 @@ async def build(env: Env, *, cache_dir: str | None = None, progress: Progress = 
     :class:`atoll.EnvBuildError` with uv's own message when the build fails.
     """
     started = time.monotonic()
+    say = _say(progress)
     cache, key = _cache_dir(cache_dir), env.key()
     final = os.path.join(cache, key)
     if _is_built(final):
@@ -115,13 +116,13 @@ async def build(env: Env, *, cache_dir: str | None = None, progress: Progress = 
         remove_partial(cache, key)
         tmp = tempfile.mkdtemp(prefix=f".tmp-{key}-", dir=cache)
         try:
-            await _build_into(tmp, env, key, _say(progress))
+            await _build_into(tmp, env, key, say)
             _publish(tmp, final, env, key, time.monotonic() - started)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     seconds = time.monotonic() - started
-    _say(progress)(f"atoll: environment {_label(env, key)} ready in {seconds:.1f} s")
+    say(f"atoll: environment {_label(env, key)} ready in {seconds:.1f} s")
     return BuiltEnv(key, final, True, seconds)
 
 
