@@ -103,7 +103,6 @@ class Host:
         self.node = Node(HOST, 0, "host", self._transmit, plane)
         self._hub.socket.spin = spin_us * 1e-6
         self.node.wait_reply = self._hub.socket.wait_for
-        self.node.wake_reader = self._hub.socket.wake_reader
         self._actors: dict[bytes, _ActorProcess] = {}
         self._numbers = itertools.count(1)
         self._names = itertools.count(1)
@@ -128,7 +127,6 @@ class Host:
         job = self.node.on_message(HOST, copied)
         if job is not None:
             socket.submit(job)
-        socket.wake_reader()
 
     def register(self, name: str, service: Any) -> Any:
         """Make ``service`` (an Actor, or any object) a named service living in

@@ -158,8 +158,6 @@ class Node:
         self.on_bye: Callable[[], None] | None = None
         self.wait_reply: Callable[[anyio.Event], Awaitable[None]] | None = None
         """Set by the transport: wait for a reply, reading the socket meanwhile."""
-        self.wake_reader: Callable[[], None] = _nothing
-        """Set by the transport: a call ended without a message (see wait_reply)."""
         self.codec = Codec(self._reduce, plane)
 
     # -- lifecycle ---------------------------------------------------------
@@ -201,7 +199,6 @@ class Node:
         pending, self._pending = self._pending, {}
         for p in pending.values():
             p.fail(make_exc())
-        self.wake_reader()
         for scope in self._running.values():
             scope.cancel()
         self._drop_queued(lambda src, call_id: True)
@@ -214,7 +211,6 @@ class Node:
             if p.dest == peer:
                 del self._pending[call_id]
                 p.fail(make_exc())
-        self.wake_reader()
         for (src, _), scope in list(self._running.items()):
             if src == peer:
                 scope.cancel()
@@ -613,10 +609,6 @@ class Node:
             for key, value in list(self._export_keys.items()):
                 if value == oid:
                     del self._export_keys[key]
-
-
-def _nothing() -> None:
-    pass
 
 
 class _Callback:

@@ -34,9 +34,10 @@ turns once.
 from __future__ import annotations
 
 import errno
+import select
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Callable, Coroutine, Generator, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, cast
 
@@ -50,15 +51,22 @@ from .._errors import TransportError
 # Plain ints: pyzmq's IntFlag members make every ``&`` and option lookup go
 # through ``enum``, which shows on the per-call path.
 _EVENTS = int(zmq.EVENTS)
+_RCVMORE = int(zmq.RCVMORE)
 _POLLIN = int(zmq.POLLIN)
 _POLLOUT = int(zmq.POLLOUT)
 _NOBLOCK = int(zmq.NOBLOCK)
+_NOBLOCK_MORE = int(zmq.NOBLOCK | zmq.SNDMORE)
+
+# pyzmq's own methods, without the conveniences of its Socket class (type
+# checks, enum flags) that cost a few microseconds per message.
+_zsend = zmq.backend.Socket.send
+_zrecv = zmq.backend.Socket.recv
 
 _RECV_BATCH = 256
 """Messages handled per wake-up before yielding to other tasks."""
 
 
-Job = Callable[[], Awaitable[None]]
+Job = Callable[[], Coroutine[Any, Any, None]]
 """Work a message handler asks to run in a task."""
 
 OnMessage = Callable[[list[zmq.Frame]], "Job | None"]
@@ -79,27 +87,81 @@ def map_zmq_errors(what: str) -> Iterator[None]:
         raise TransportError(f"{what}: {exc.strerror}") from exc
 
 
+def _send_frames(sock: zmq.Socket[Any], frames: Sequence[Any]) -> None:
+    """Send one multipart message, all or nothing (``zmq.Again`` if the
+    socket cannot take it now: a message's first frame decides)."""
+    last = len(frames) - 1
+    for i, frame in enumerate(frames):
+        _zsend(sock, frame, _NOBLOCK if i == last else _NOBLOCK_MORE, False, False)
+
+
+class _Resumed:
+    """The rest of a coroutine whose first step was taken by hand.
+
+    Awaiting it passes whatever the event loop sends or throws straight to the
+    coroutine, exactly as ``await coro`` would have from the start.
+    """
+
+    __slots__ = ("_coro", "_first")
+
+    def __init__(self, coro: Coroutine[Any, Any, None], first: Any) -> None:
+        self._coro = coro
+        self._first = first
+
+    def __await__(self) -> Generator[Any, Any, None]:
+        coro = self._coro
+        value = self._first
+        while True:
+            try:
+                sent = yield value
+            except GeneratorExit:
+                coro.close()
+                raise
+            except BaseException as exc:
+                try:
+                    value = coro.throw(exc)
+                except StopIteration:
+                    return
+            else:
+                try:
+                    value = coro.send(sent)
+                except StopIteration:
+                    return
+
+
+def _start(job: Job) -> _Resumed | None:
+    """Run ``job`` up to its first suspension: None if it finished."""
+    coro = job()
+    try:
+        first = coro.send(None)
+    except StopIteration:
+        return None
+    return _Resumed(coro, first)
+
+
 class AsyncSocket:
     """Owns one ZeroMQ socket: one task reads it, any task of its thread sends."""
 
     def __init__(self, sock: zmq.Socket[Any], *, backlog_limit: int = 100_000) -> None:
         self._sock = sock
         self._fd = cast(int, sock.getsockopt(zmq.FD))
+        self._get = cast("Callable[[int], int]", sock.get)
+        self._fd_poller = select.poll()
+        self._fd_poller.register(self._fd, select.POLLIN)
         self._backlog: deque[Sequence[Any]] = deque()
         self._backlog_limit = backlog_limit
         self._on_message: OnMessage | None = None
         self._busy = False  # inside _catch_up: do not recurse into it
         self._jobs: deque[Job] = deque()
         self._idle: deque[anyio.Event] = deque()
-        self._reading = False  # a task holds the reader's seat
-        self._reader_scope: anyio.CancelScope | None = None
-        self._seat_wanted = False  # a caller holds the seat or waits for it
-        self._seat_free: anyio.Event | None = None
-        self._seat_scope: anyio.CancelScope | None = None
+        self._reading = False  # a worker holds the reader's seat
         self._max_idle = 8
         self._workers: TaskGroup | None = None
         self.spin = 0.0
         """Seconds a lone caller polls for its reply before sleeping (0: never)."""
+        self.linger = 0.0
+        """Seconds the reader polls for the next message after handling some,
+        before it goes back to the event loop to sleep (0: never)."""
         self._closed = False
 
     @property
@@ -120,7 +182,7 @@ class AsyncSocket:
             self._enqueue(frames)
         else:
             try:
-                sock.send_multipart(frames, _NOBLOCK, copy=False)
+                _send_frames(sock, frames)
             except zmq.Again:
                 self._enqueue(frames)
             except zmq.ZMQError as exc:
@@ -141,7 +203,7 @@ class AsyncSocket:
         backlog = self._backlog
         while backlog:
             try:
-                sock.send_multipart(backlog[0], _NOBLOCK, copy=False)
+                _send_frames(sock, backlog[0])
             except zmq.Again:
                 return
             except zmq.ZMQError as exc:
@@ -157,16 +219,15 @@ class AsyncSocket:
 
         Called by the reader after each wake-up, and by any task after a zmq
         call that may have consumed the descriptor's edge. Jobs that handlers
-        return are queued, and a worker is promoted for each, except one job
-        found by the reader, which it runs itself.
+        return are queued: the reader runs them next, else a worker is woken
+        for each.
         """
         sock = self._sock
-        get = cast("Callable[[int], int]", sock.get)
+        get = self._get
         on_message = self._on_message
         assert on_message is not None
         jobs = self._jobs
         queued = 0
-        handled = 0
         self._busy = True
         try:
             for _ in range(_RECV_BATCH):
@@ -177,10 +238,11 @@ class AsyncSocket:
                 if not events & _POLLIN:
                     return True
                 try:
-                    frames = sock.recv_multipart(_NOBLOCK, copy=False)
+                    frames = [_zrecv(sock, _NOBLOCK, False, False)]
                 except zmq.Again:
                     continue
-                handled += 1
+                while get(_RCVMORE):
+                    frames.append(_zrecv(sock, _NOBLOCK, False, False))
                 job = on_message(frames)
                 if job is not None:
                     jobs.append(job)
@@ -188,12 +250,9 @@ class AsyncSocket:
             return False
         finally:
             self._busy = False
-            if handled and self._seat_scope is not None:
-                self._seat_scope.cancel()  # we may have read the seat holder's reply
-            if reader and queued:
-                queued -= 1  # the reader runs one itself
-            for _ in range(queued):
-                self._promote()
+            if not reader:
+                for _ in range(queued):
+                    self._promote()
 
     async def serve(self, on_message: OnMessage, *, max_idle_workers: int = 128) -> None:
         """Read until cancelled, calling ``on_message(frames)`` for each message.
@@ -204,11 +263,12 @@ class AsyncSocket:
         propagates and ends the socket's service: a reader never swallows
         errors.
 
-        Workers take turns as the reader (leader/follower): only one waits on
-        the descriptor at a time. The reader that receives a job hands the
-        reader role to an idle worker (waking it, without creating a task),
-        then runs the job itself, so a job that does not suspend has done its
-        work before the event loop turns once.
+        Workers take turns as the reader: only one waits on the descriptor at
+        a time. The reader runs the jobs it receives itself, each up to its
+        first suspension: a job that does not suspend has replied before the
+        event loop turns once, and costs no task switch. A job that does
+        suspend makes its worker hand the reader's seat to an idle worker
+        (waking it, without creating a task) and see the job through.
         """
         if self._on_message is not None:
             raise RuntimeError("this socket already has an owner task")
@@ -228,18 +288,20 @@ class AsyncSocket:
         idle = self._idle
         while not self._closed:
             if jobs:
-                job = jobs.popleft()
-                if not self._reading:
-                    self._promote()
-                await job()
-            elif not self._reading and not self._seat_wanted:
+                rest = _start(jobs.popleft())
+                if rest is not None:
+                    if not self._reading:
+                        self._promote()
+                    await rest
+            elif not self._reading:
                 self._reading = True
                 try:
-                    await self._read_until_job()
+                    rest = await self._read_until_job_waits()
                 finally:
                     self._reading = False
-                    if self._seat_free is not None:
-                        self._seat_free.set()  # evicted by a caller: its turn to read
+                if rest is not None:
+                    self._promote()  # the next reader
+                    await rest
             elif len(idle) < self._max_idle:
                 wake = anyio.Event()
                 idle.append(wake)
@@ -247,78 +309,57 @@ class AsyncSocket:
             else:
                 return  # enough workers wait already
 
-    async def _read_until_job(self) -> None:
-        while not self._closed and not self._seat_wanted:
+    async def _read_until_job_waits(self) -> _Resumed | None:
+        """Read and run jobs until one suspends (returned, for this worker to
+        see through) or the socket closes (None)."""
+        jobs = self._jobs
+        while not self._closed:
             drained = self._catch_up(reader=True)
-            if self._jobs:
-                return
-            if drained:
-                with anyio.CancelScope() as self._reader_scope:
-                    await self._await_input()
-                self._reader_scope = None
-            else:
+            while jobs:
+                rest = _start(jobs.popleft())
+                if rest is not None:
+                    return rest
+            if not drained:
                 await anyio.lowlevel.checkpoint()  # a full batch: let others run
+            elif not (self.linger and self._poll(self.linger)):
+                await self._await_input()
+        return None
 
     async def wait_for(self, done: anyio.Event) -> None:
-        """Wait until ``done`` is set, reading the socket meanwhile if no
-        other caller does.
+        """Wait until ``done`` is set, polling the socket for up to
+        :attr:`spin` seconds first.
 
-        For a caller that expects its reply soon: rather than let a worker
-        receive the reply and wake it (a task switch, on the critical path),
-        the caller takes the reader's seat and receives it itself, handling
-        whatever else arrives as the reader would. Evicting the worker happens
-        while the peer is still working on the request.
+        For a lone caller that expects its reply soon: a reply read here,
+        synchronously, skips the reader's wake-up and a task switch, the two
+        biggest costs of a round trip. The event loop turns once first (a
+        checkpoint: other tasks run, and a cancelled caller stops here).
         """
-        if self._seat_wanted or self._on_message is None or self._closed:
+        await anyio.lowlevel.checkpoint()
+        if done.is_set() or not self.spin or self._on_message is None or self._busy:
             await done.wait()
             return
-        self._seat_wanted = True
-        try:
-            if self._reading:
-                self._seat_free = free = anyio.Event()
-                if self._reader_scope is not None:
-                    self._reader_scope.cancel()
-                await free.wait()
-            self._reading = True
-            try:
-                await self._read_until_set(done)
-            finally:
-                self._reading = False
-        finally:
-            self._seat_wanted = False
-            self._seat_free = None
-            self._promote()  # a worker reads from here on
-
-    async def _read_until_set(self, done: anyio.Event) -> None:
-        while not done.is_set():
-            if self._closed:
-                await done.wait()  # whoever closed the socket fails the call
-                return
-            drained = self._catch_up()
+        while not self._closed and self._poll(self.spin):
+            self._catch_up()
             if done.is_set():
                 return
-            if drained and self.spin and self._spin(self.spin):
-                continue
-            if drained:
-                # Woken by input, or by wake_reader(): the call may have
-                # ended without a message reaching this task.
-                with anyio.CancelScope() as self._seat_scope:
-                    await self._await_input()
-                self._seat_scope = None
-            else:
-                await anyio.lowlevel.checkpoint()
+        await done.wait()
 
-    def _spin(self, budget: float) -> bool:
-        """Poll for input for up to ``budget`` seconds without yielding.
+    def _poll(self, budget: float) -> bool:
+        """Poll for input for up to ``budget`` seconds without yielding;
+        return True as soon as there is some.
 
-        Only a lone caller waiting for its reply does this: a reply that comes
-        within the budget skips an event-loop wake-up, the biggest cost left
-        on the per-call path. Other tasks wait at most ``budget`` meanwhile.
+        Other tasks of this thread wait at most ``budget`` meanwhile.
         """
-        get = cast("Callable[[int], int]", self._sock.get)
-        deadline = time.perf_counter() + budget
-        while time.perf_counter() < deadline:
-            if get(_EVENTS) & _POLLIN:
+        get = self._get
+        if get(_EVENTS) & _POLLIN:
+            return True
+        # Reading EVENTS costs a few times more than asking the kernel about
+        # the descriptor, which only turns readable when ZeroMQ has news.
+        fd_ready = self._fd_poller.poll
+        clock = time.perf_counter
+        deadline = clock() + budget
+        while clock() < deadline:
+            if fd_ready(0) and get(_EVENTS) & _POLLIN:
                 return True
         return False
 
@@ -329,12 +370,6 @@ class AsyncSocket:
         except anyio.ClosedResourceError:
             if not self._closed:
                 raise
-
-    def wake_reader(self) -> None:
-        """Make a caller that reads for its reply look at it again (its call
-        may have ended some other way: a failure, another task's read)."""
-        if self._seat_scope is not None:
-            self._seat_scope.cancel()
 
     def submit(self, job: Job) -> None:
         """Run ``job`` in one of this socket's workers."""
