@@ -59,7 +59,7 @@ class _Child:
         plane = Plane(_shm.owner_prefix(self.shm_prefix, os.getpid()), transfer=boot["transfer"])
         self.node = Node(boot["identity"].encode(), boot["node"], self.name, self._transmit, plane)
         self.socket.spin = self.socket.linger = float(boot.get("spin_us", 0)) * 1e-6
-        self.node.wait_reply = self.socket.wait_for
+        self.node.poll_for = self.socket.poll_for
         _runtime.child_node = self.node
         self.stop = anyio.Event()
         self.node.on_bye = self.stop.set

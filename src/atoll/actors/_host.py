@@ -102,7 +102,7 @@ class Host:
         plane = Plane(_shm.owner_prefix(self._shm_prefix, os.getpid()), transfer=transfer)
         self.node = Node(HOST, 0, "host", self._transmit, plane)
         self._hub.socket.spin = spin_us * 1e-6
-        self.node.wait_reply = self._hub.socket.wait_for
+        self.node.poll_for = self._hub.socket.poll_for
         self._actors: dict[bytes, _ActorProcess] = {}
         self._numbers = itertools.count(1)
         self._names = itertools.count(1)
@@ -489,7 +489,7 @@ class Host:
         node._pending[call_id] = pending
         self._hub.send(actor.identity, [m.encode(m.Init(call_id, payload)), *buffers])
         try:
-            await pending.event.wait()
+            await pending.wait()
         finally:
             node._pending.pop(call_id, None)
         if pending.error is not None:

@@ -59,18 +59,37 @@ ExcFactory = Callable[[], Exception]
 
 
 class _Pending:
-    __slots__ = ("dest", "error", "event", "frames", "header")
+    """A call out, until its reply (``header``) or a failure (``error``)."""
+
+    __slots__ = ("dest", "done", "error", "event", "frames", "header")
 
     def __init__(self, dest: bytes) -> None:
         self.dest = dest
-        self.event = anyio.Event()
+        self.done = False
+        self.event: anyio.Event | None = None  # made only if somebody sleeps on it
         self.header: m.Result | m.Error | None = None
         self.frames: list[zmq.Frame] = []
         self.error: Exception | None = None
 
+    def is_done(self) -> bool:
+        return self.done
+
+    async def wait(self) -> None:
+        if not self.done:
+            if self.event is None:
+                self.event = anyio.Event()
+            await self.event.wait()
+
+    def finish(self, header: m.Result | m.Error | None, frames: list[zmq.Frame]) -> None:
+        self.header = header
+        self.frames = frames
+        self.done = True
+        if self.event is not None:
+            self.event.set()
+
     def fail(self, exc: Exception) -> None:
         self.error = exc
-        self.event.set()
+        self.finish(None, [])
 
 
 class _StreamIn:
@@ -156,8 +175,8 @@ class Node:
         self.peer_names: dict[bytes, str] = {}
         self.dropped: Counter[str] = Counter()
         self.on_bye: Callable[[], None] | None = None
-        self.wait_reply: Callable[[anyio.Event], Awaitable[None]] | None = None
-        """Set by the transport: wait for a reply, reading the socket meanwhile."""
+        self.poll_for: Callable[[Callable[[], bool]], Awaitable[None]] | None = None
+        """Set by the transport: read the socket a while, for a reply expected soon."""
         self.codec = Codec(self._reduce, plane)
 
     # -- lifecycle ---------------------------------------------------------
@@ -293,10 +312,9 @@ class Node:
             # The only call out reads the socket for its reply, unless the reply
             # comes from this very process (a service of the host): then another
             # task of this loop makes it, and reading would only hold it up.
-            if len(self._pending) == 1 and self.wait_reply is not None and dest != self.identity:
-                await self.wait_reply(pending.event)
-            else:
-                await pending.event.wait()
+            if len(self._pending) == 1 and self.poll_for is not None and dest != self.identity:
+                await self.poll_for(pending.is_done)
+            await pending.wait()
         except BaseException:
             if self._pending.pop(call_id, None) is not None:
                 self._send_quietly(dest, [m.encode(m.Cancel(call_id))])
@@ -444,9 +462,7 @@ class Node:
         if pending is None:
             return  # the caller gave up (cancelled) before the reply came
         if type(pending) is _Pending:
-            pending.header = msg
-            pending.frames = frames[1:]
-            pending.event.set()
+            pending.finish(msg, frames[1:])
         elif type(msg) is m.Error:
             pending.fail(unpack_error(msg.payload))
 

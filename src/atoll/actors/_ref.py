@@ -46,6 +46,9 @@ class ActorRef(Generic[A]):
     def __getattr__(self, name: str) -> _Method:
         if name.startswith("_"):
             raise AttributeError(name)
+        method = self._methods.get(name)
+        if method is not None:
+            return method
         kind = self._kinds.get(name)
         if kind is None:
             raise AttributeError(f"actor {self._name!r} has no public method {name!r}")

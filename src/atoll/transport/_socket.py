@@ -34,6 +34,7 @@ turns once.
 from __future__ import annotations
 
 import errno
+import os
 import select
 import time
 from collections import deque
@@ -325,9 +326,9 @@ class AsyncSocket:
                 await self._await_input()
         return None
 
-    async def wait_for(self, done: anyio.Event) -> None:
-        """Wait until ``done`` is set, polling the socket for up to
-        :attr:`spin` seconds first.
+    async def poll_for(self, done: Callable[[], bool]) -> None:
+        """Read the socket until ``done()``, for up to :attr:`spin` seconds
+        of waiting; the caller then sleeps on its own event if need be.
 
         For a lone caller that expects its reply soon: a reply read here,
         synchronously, skips the reader's wake-up and a task switch, the two
@@ -335,14 +336,10 @@ class AsyncSocket:
         checkpoint: other tasks run, and a cancelled caller stops here).
         """
         await anyio.lowlevel.checkpoint()
-        if done.is_set() or not self.spin or self._on_message is None or self._busy:
-            await done.wait()
+        if not self.spin or self._on_message is None or self._busy:
             return
-        while not self._closed and self._poll(self.spin):
+        while not done() and not self._closed and self._poll(self.spin):
             self._catch_up()
-            if done.is_set():
-                return
-        await done.wait()
 
     def _poll(self, budget: float) -> bool:
         """Poll for input for up to ``budget`` seconds without yielding;
@@ -354,13 +351,17 @@ class AsyncSocket:
         if get(_EVENTS) & _POLLIN:
             return True
         # Reading EVENTS costs a few times more than asking the kernel about
-        # the descriptor, which only turns readable when ZeroMQ has news.
+        # the descriptor, which only turns readable when ZeroMQ has news. Each
+        # turn gives the CPU away if another thread wants it: ZeroMQ's I/O
+        # threads and the peer, which may share this core, carry the reply.
         fd_ready = self._fd_poller.poll
+        give_way = os.sched_yield
         clock = time.perf_counter
         deadline = clock() + budget
         while clock() < deadline:
             if fd_ready(0) and get(_EVENTS) & _POLLIN:
                 return True
+            give_way()
         return False
 
     async def _await_input(self) -> None:
