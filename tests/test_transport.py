@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+from typing import Any
 
 import anyio
 import pytest
@@ -125,6 +126,29 @@ def test_codec_sends_large_buffers_out_of_band() -> None:
     assert codec.loads(data, buffers) == [big, bytearray(big), big]
     small, none = codec.dumps(prepare(b"y" * 10))
     assert none == [] and codec.loads(small, []) == b"y" * 10
+
+
+def test_codec_hooks_still_see_what_the_plain_fast_path_leaves() -> None:
+    seen: list[Any] = []
+
+    def reducer(obj: Any) -> Any:
+        seen.append(obj)
+        return NotImplemented
+
+    codec = Codec(reducer)
+    plain = ((1, "a", [2.5, None]), {"k": b"z" * 10, "j": (True,)})
+    data, buffers = codec.dumps(plain)
+    assert buffers == [] and seen == [] and codec.loads(data, []) == plain
+    # Deep, long, or keyed by a tuple: the hook sees the memoryview at the
+    # bottom, as it would without the fast path.
+    view = memoryview(b"v")
+    for value in ([[[[view]]]], [*range(100), view], {(1, 2): view}):
+        seen.clear()
+        data, buffers = codec.dumps(value)
+        assert any(obj is view for obj in seen), value
+        assert codec.loads(data, buffers) == value
+    data, buffers = codec.dumps(prepare(b"b" * OOB_THRESHOLD))
+    assert len(buffers) == 1
 
 
 def test_codec_uses_cloudpickle_only_when_needed() -> None:

@@ -128,6 +128,36 @@ def prepare_args(
     )
 
 
+_SCALARS = frozenset({type(None), bool, int, float, complex, str})
+_PLAIN_ITEMS = 16
+"""Containers up to this long are checked for the plain fast path."""
+
+
+def _plain(x: Any, depth: int = 3) -> bool:
+    """True for small values that plain C pickle handles alone: scalars, short
+    ``bytes`` and short tuples, lists and dicts of such. No hook would change
+    how they are pickled, so :meth:`Codec.dumps` skips the hooks."""
+    t = type(x)
+    if t in _SCALARS:
+        return True
+    if t is bytes:
+        return len(x) < OOB_THRESHOLD
+    if t is dict:
+        if depth == 0 or len(x) > _PLAIN_ITEMS or not _SCALARS.issuperset(map(type, x)):
+            return False
+        values = x.values()
+    elif t is tuple or t is list:
+        if depth == 0 or len(x) > _PLAIN_ITEMS:
+            return False
+        values = x
+    else:
+        return False
+    for v in values:  # noqa: SIM110 (a loop is cheaper than all() and a generator)
+        if not _plain(v, depth - 1):
+            return False
+    return True
+
+
 def _main_defined(obj: object) -> bool:
     return (
         isinstance(obj, (type, types.FunctionType))
@@ -190,6 +220,8 @@ class Codec:
 
     def dumps(self, obj: Any, what: str = "value", dest: bytes = b"") -> tuple[bytes, list[Any]]:
         """Pickle ``obj`` for ``dest``; return the payload and the frames that follow it."""
+        if _plain(obj):
+            return pickle.dumps(obj, 5), []
         buffers: list[Any] = []
 
         def keep(buf: pickle.PickleBuffer) -> bool:

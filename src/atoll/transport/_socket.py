@@ -52,7 +52,6 @@ from .._errors import TransportError
 # Plain ints: pyzmq's IntFlag members make every ``&`` and option lookup go
 # through ``enum``, which shows on the per-call path.
 _EVENTS = int(zmq.EVENTS)
-_RCVMORE = int(zmq.RCVMORE)
 _POLLIN = int(zmq.POLLIN)
 _POLLOUT = int(zmq.POLLOUT)
 _NOBLOCK = int(zmq.NOBLOCK)
@@ -153,6 +152,7 @@ class AsyncSocket:
         self._backlog_limit = backlog_limit
         self._on_message: OnMessage | None = None
         self._busy = False  # inside _catch_up: do not recurse into it
+        self._received = 0  # messages handled so far
         self._jobs: deque[Job] = deque()
         self._idle: deque[anyio.Event] = deque()
         self._reading = False  # a worker holds the reader's seat
@@ -239,11 +239,14 @@ class AsyncSocket:
                 if not events & _POLLIN:
                     return True
                 try:
-                    frames = [_zrecv(sock, _NOBLOCK, False, False)]
+                    frame = _zrecv(sock, _NOBLOCK, False, False)
                 except zmq.Again:
                     continue
-                while get(_RCVMORE):
-                    frames.append(_zrecv(sock, _NOBLOCK, False, False))
+                frames = [frame]
+                while frame.more:
+                    frame = _zrecv(sock, _NOBLOCK, False, False)
+                    frames.append(frame)
+                self._received += 1
                 job = on_message(frames)
                 if job is not None:
                     jobs.append(job)
@@ -315,6 +318,7 @@ class AsyncSocket:
         see through) or the socket closes (None)."""
         jobs = self._jobs
         while not self._closed:
+            seen = self._received
             drained = self._catch_up(reader=True)
             while jobs:
                 rest = _start(jobs.popleft())
@@ -322,7 +326,10 @@ class AsyncSocket:
                     return rest
             if not drained:
                 await anyio.lowlevel.checkpoint()  # a full batch: let others run
-            elif not (self.linger and self._poll(self.linger)):
+            elif not (self.linger and self._received - seen == 1 and self._poll(self.linger)):
+                # Lingering pays off for a peer that sends one message, waits for
+                # the answer and sends the next. Many messages at once mean more
+                # are coming anyway, and the CPU is better left to their senders.
                 await self._await_input()
         return None
 
@@ -339,7 +346,10 @@ class AsyncSocket:
         if not self.spin or self._on_message is None or self._busy:
             return
         while not done() and not self._closed and self._poll(self.spin):
+            seen = self._received
             self._catch_up()
+            if self._received != seen and not done():
+                return  # news for other tasks: let them run rather than hold them up
 
     def _poll(self, budget: float) -> bool:
         """Poll for input for up to ``budget`` seconds without yielding;
