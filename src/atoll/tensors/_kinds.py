@@ -46,18 +46,32 @@ def array_extent(a: Any) -> Extent | None:
 
 def tensor_handled(t: Any) -> bool:
     """A dense CPU tensor whose bytes can be shared as they are."""
-    return bool(t.is_cpu and t.layout is _torch().strided and not t.is_quantized)
+    return bool(t.is_cpu and t.layout is _torch().strided and not dtype_info(t.dtype).quantized)
 
 
-_dtype_info: dict[Any, tuple[str, int]] = {}
+class DtypeInfo(NamedTuple):
+    name: str
+    """``torch.<name>`` is the dtype."""
+    itemsize: int
+    complex: bool
+    quantized: bool
 
 
-def dtype_info(dtype: Any) -> tuple[str, int]:
-    """A torch dtype's name (``torch.<name>`` is the dtype) and item size."""
+_dtype_info: dict[Any, DtypeInfo] = {}
+
+
+def dtype_info(dtype: Any) -> DtypeInfo:
+    """What the tensor plane needs to know of a torch dtype (cached)."""
     info = _dtype_info.get(dtype)
     if info is None:
-        info = _dtype_info[dtype] = (str(dtype).removeprefix("torch."), dtype.itemsize)
+        name = str(dtype).removeprefix("torch.")
+        quantized = name.startswith("qu") or name.startswith("qi")
+        info = _dtype_info[dtype] = DtypeInfo(name, dtype.itemsize, dtype.is_complex, quantized)
     return info
+
+
+def torch_strided() -> Any:
+    return _torch().strided
 
 
 def _torch() -> Any:

@@ -262,6 +262,8 @@ class _Incoming:
         return storage, origin
 
     def unused_leases(self) -> Iterator[int]:
+        if len(self.bases) == len(self.entries):
+            return  # every region was used (the usual case)
         for index, entry in enumerate(self.entries):
             if entry[0] == _SHARED and index not in self.bases:
                 yield entry[5]
@@ -319,6 +321,9 @@ class Plane:
         self._starts: list[int] = []  # sorted start addresses of segments and mappings
         self._at: dict[int, _Segment | _Mapping] = {}
         self._leases: dict[bytes, dict[int, Any]] = {}  # a _Segment, or a view held
+        # Views handed out, by id of the weak reference that sees them die:
+        # (peer to unlease to or None, lease, owner, id of the view).
+        self._watched: dict[int, tuple[bytes | None, int, _Segment | _Mapping, int]] = {}
         self._gone: set[bytes] = set()
         # Notes from finalizers: (peer to unlease to or None, lease, owner).
         self.dead: deque[tuple[bytes | None, int, _Segment | _Mapping, int]] = deque()
@@ -400,16 +405,18 @@ class Plane:
         return (_rebuild_array, (index, extent.ptr, dtype, a.shape, a.strides, a.flags.writeable))
 
     def _reduce_tensor(self, t: Any, batch: Batch) -> Any:
-        if not _kinds.tensor_handled(t):
+        # Each torch call costs; this path makes as few as it can.
+        info = _kinds.dtype_info(t.dtype)
+        if not t.is_cpu or info.quantized or t.layout is not _kinds.torch_strided():
             return NotImplemented
         parameter = type(t) is not sys.modules["torch"].Tensor
         grad = t.requires_grad
         copy = id(t) in batch.copy_ids
         if grad:
             t = t.detach()  # the data travels; the graph does not
-        if t.is_neg() or (t.is_complex() and t.is_conj()):
+        if t.is_neg() or (info.complex and t.is_conj()):
             t = t.resolve_conj().resolve_neg()  # lazy bits: make them real data
-        dtype, itemsize = _kinds.dtype_info(t.dtype)
+        dtype, itemsize = info.name, info.itemsize
         shape = tuple(t.shape)
         stride = t.stride()
         ptr = t.data_ptr()
@@ -639,19 +646,19 @@ class Plane:
         keep their exporter alive, where a memoryview slice would only keep
         the mmap."""
         base = _buffer_type(owner.size).from_buffer(owner.mm)
+        watch = weakref.ref(base, self._on_dead)
+        self._watched[id(watch)] = (src, lease, owner, id(base))
         if isinstance(owner, _Segment):
             owner.holds += 1
         else:
             owner.live += 1
-            owner.bases[id(base)] = (offset, offset + size, weakref.ref(base))
-        finalizer = weakref.finalize(base, self._on_dead, src, lease, owner, id(base))
-        finalizer.atexit = False
+            owner.bases[id(base)] = (offset, offset + size, watch)
         return base
 
-    def _on_dead(self, src: bytes | None, lease: int, owner: Any, view_id: int) -> None:
+    def _on_dead(self, watch: weakref.ref[Any]) -> None:
         # Any thread, any moment: queue it, ring, touch nothing else. On the
         # loop's thread during a call, the call's reply will drain the queue.
-        self.dead.append((src, lease, owner, view_id))
+        self.dead.append(self._watched.pop(id(watch)))
         if not self._rung and not (self.serving and threading.get_ident() == self._loop):
             self._ring()
 
@@ -694,11 +701,13 @@ class Plane:
         return tuple(kept)
 
     def _idle_mapping(self, mapping: _Mapping) -> None:
-        if any(mapping.name.startswith(p) for p in self._orphans):
+        if self._orphans and mapping.name.startswith(tuple(self._orphans)):
             self._unmap(mapping)  # its owner is gone: nothing will reuse it
             return
         idle = self._idle
         idle[mapping.name] = mapping
+        if len(idle) == 1:
+            return
         total = sum(mp.size for mp in idle.values())
         while len(idle) > 1 and (len(idle) > _IDLE_MAPPINGS or total > _IDLE_BYTES):
             _, oldest = idle.popitem(last=False)
