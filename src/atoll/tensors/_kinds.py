@@ -120,7 +120,8 @@ def storage_of(base: Any) -> Any:
 
 
 def rebuild_tensor(
-    storage: Any,
+    roots: dict[Any, Any],
+    base: Any,
     offset: int,
     dtype: str,
     shape: tuple[int, ...],
@@ -128,9 +129,21 @@ def rebuild_tensor(
     requires_grad: bool,
     parameter: bool,
 ) -> Any:
+    """A tensor over ``base`` at byte ``offset``; tensors rebuilt over one
+    base share one storage. ``roots`` (one per base) keeps, per dtype, a flat
+    tensor over the whole base that the others are strided views of: two torch
+    calls for the first tensor of a base, one for each next of its dtype."""
     torch = _torch()
     dt = getattr(torch, dtype)
-    t = torch.empty((0,), dtype=dt).set_(storage, offset // dt.itemsize, shape, stride)
+    root = roots.get(dt)
+    if root is None:
+        if not roots:
+            root = torch.frombuffer(base, dtype=dt, count=len(base) // dt.itemsize)
+        else:  # another dtype over the same bytes: the same storage still
+            storage = next(iter(roots.values())).untyped_storage()
+            root = torch.empty((0,), dtype=dt).set_(storage, 0, (storage.nbytes() // dt.itemsize,))
+        roots[dt] = root
+    t = root.as_strided(shape, stride, offset // dt.itemsize)
     if requires_grad or parameter:
         return _finish_tensor(torch, t, requires_grad, parameter)
     return t

@@ -225,7 +225,7 @@ def _same(value: Any) -> Any:
 class _Incoming:
     """The regions of one message being unpickled; built on first use."""
 
-    __slots__ = ("bases", "entries", "frames", "plane", "src", "storages")
+    __slots__ = ("bases", "entries", "frames", "plane", "roots", "src")
 
     def __init__(
         self, plane: Plane, src: bytes, entries: list[tuple[Any, ...]], frames: Sequence[Any]
@@ -235,7 +235,7 @@ class _Incoming:
         self.entries = entries
         self.frames = frames
         self.bases: dict[int, tuple[Any, int]] = {}
-        self.storages: dict[int, Any] = {}
+        self.roots: dict[int, dict[Any, Any]] = {}  # per region: see rebuild_tensor
 
     def base(self, index: int) -> tuple[Any, int]:
         """A buffer holding region ``index``, and the sender's address of the
@@ -254,12 +254,12 @@ class _Incoming:
             found = self.bases[index] = (buffer, origin)
         return found
 
-    def storage(self, index: int) -> tuple[Any, int]:
-        storage = self.storages.get(index)
+    def tensor(self, index: int, ptr: int, *meta: Any) -> Any:
         base, origin = self.base(index)
-        if storage is None:
-            storage = self.storages[index] = _kinds.storage_of(base)
-        return storage, origin
+        roots = self.roots.get(index)
+        if roots is None:
+            roots = self.roots[index] = {}
+        return _kinds.rebuild_tensor(roots, base, ptr - origin, *meta)
 
     def unused_leases(self) -> Iterator[int]:
         if len(self.bases) == len(self.entries):
@@ -278,8 +278,7 @@ def _rebuild_array(index: int, ptr: int, *meta: Any) -> Any:
 
 
 def _rebuild_tensor(index: int, ptr: int, *meta: Any) -> Any:
-    storage, origin = _incoming.get().storage(index)
-    return _kinds.rebuild_tensor(storage, ptr - origin, *meta)
+    return _incoming.get().tensor(index, ptr, *meta)
 
 
 def _rebuild_buffer(index: int, ptr: int, nbytes: int, kind: str) -> Any:
