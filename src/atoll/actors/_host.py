@@ -723,8 +723,11 @@ async def open_host(
     ``stop_timeout`` is the grace an actor gets to stop before it is
     terminated; ``spawn_timeout`` bounds a spawn. ``spin_us``: a caller with
     the only call in flight polls for its reply this long before sleeping,
-    which saves an event-loop wake-up when replies are fast; other tasks of
-    the loop wait at most that long meanwhile. 0 turns it off.
+    and an actor that has just answered a lone call polls as long for the
+    next one. That saves event-loop wake-ups (the largest cost of a round
+    trip) when replies and calls come fast; the polling gives the CPU away
+    at each turn, and other tasks of the loop wait at most ``spin_us``
+    meanwhile. 0 turns it off: every wait sleeps in the event loop.
 
     ``transfer`` says how numpy arrays, CPU tensors and byte buffers of
     64 KiB or more travel, for the host and every actor it spawns:
