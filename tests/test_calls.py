@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import anyio
+import anyio.lowlevel
 import pytest
 
 import atoll
@@ -115,3 +116,34 @@ async def test_reply_polling_can_be_turned_off() -> None:
     with pytest.raises(ValueError, match="spin_us"):
         async with atoll.open_host(spin_us=-1):
             pass
+
+
+@pytest.mark.parametrize("spin_us", [150, 0])
+async def test_a_loop_of_quick_calls_lets_other_tasks_run_and_can_be_cancelled(
+    spin_us: float,
+) -> None:
+    # Replies that a polling caller reads itself never make it sleep; each call
+    # still passes through the event loop once, so a timeout around a tight
+    # loop of calls fires, and other tasks of the loop keep running.
+    async with atoll.open_host(spin_us=spin_us) as host:
+        counter = await host.spawn(Counter)
+        ticks = 0
+        calls = 0
+
+        async def tick() -> None:
+            nonlocal ticks
+            while True:
+                ticks += 1
+                await anyio.lowlevel.checkpoint()
+
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(tick)
+                with anyio.move_on_after(0.3) as scope:
+                    while True:
+                        await counter.add(1)
+                        calls += 1
+                tg.cancel_scope.cancel()
+        assert scope.cancelled_caught
+        assert calls > 10 and ticks >= calls // 2
+        assert await counter.get() in (calls, calls + 1)  # the last one may have run
