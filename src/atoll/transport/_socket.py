@@ -17,18 +17,20 @@ edge-triggered and shared by reads and writes, which sets the rules here:
   flushes the backlog) on the spot, synchronously, as the reader would have;
 * closing first wakes the reader (``notify_closing``) so no waiter hangs.
 
-Sends are made directly from the calling task: ``send_multipart`` with
+Sends are made directly from the calling task: a multipart send with
 ``NOBLOCK`` completes without yielding, so frames of different messages never
 interleave, and the hot path pays no task hop. A message the socket cannot
 take at once goes to a bounded backlog, flushed on ``POLLOUT``. All of this
-runs on the event loop's thread.
+runs on the event loop's thread. Any task of that thread may also *read*
+synchronously (a caller polling for its reply, see :meth:`AsyncSocket.poll_for`):
+it drains what it finds, so the reader waiting on the descriptor misses nothing.
 
 Why a pool rather than one owner task that spawns a task per message:
 measured on a 2-core machine, a task per incoming call added about 70 us to a
-round trip of about 60 us. Here the reader that receives work hands the
-reader role to an idle worker (an event, no new task) and runs the work
-itself, so a call that does not suspend has replied before the event loop
-turns once.
+round trip of about 60 us. Here the reader runs the work it receives itself,
+up to its first suspension, so a call that does not suspend has replied
+before the event loop turns once; only work that suspends makes the reader
+hand its role to an idle worker (an event, no new task).
 """
 
 from __future__ import annotations
