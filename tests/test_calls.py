@@ -122,9 +122,9 @@ async def test_reply_polling_can_be_turned_off() -> None:
 async def test_a_loop_of_quick_calls_lets_other_tasks_run_and_can_be_cancelled(
     spin_us: float,
 ) -> None:
-    # Replies that a polling caller reads itself never make it sleep; the
-    # event loop still turns at least once a millisecond, so a timeout around
-    # a tight loop of calls fires, and other tasks of the loop keep running.
+    # Replies that a polling caller reads itself never make it sleep; each call
+    # still passes through the event loop once, so a timeout around a tight
+    # loop of calls fires, and other tasks of the loop keep running.
     async with atoll.open_host(spin_us=spin_us) as host:
         counter = await host.spawn(Counter)
         ticks = 0
@@ -145,5 +145,5 @@ async def test_a_loop_of_quick_calls_lets_other_tasks_run_and_can_be_cancelled(
                         calls += 1
                 tg.cancel_scope.cancel()
         assert scope.cancelled_caught
-        assert calls > 10 and ticks > 10
+        assert calls > 10 and ticks >= calls // 2
         assert await counter.get() in (calls, calls + 1)  # the last one may have run

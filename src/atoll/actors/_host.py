@@ -727,9 +727,7 @@ async def open_host(
     next one. That saves event-loop wake-ups (the largest cost of a round
     trip) when replies and calls come fast; the polling gives the CPU away
     at each turn, and other tasks of the loop wait at most ``spin_us``
-    meanwhile (and a caller whose replies come that fast lets them run at
-    least once a millisecond). 0 turns it off: every wait sleeps in the
-    event loop.
+    meanwhile. 0 turns it off: every wait sleeps in the event loop.
 
     ``transfer`` says how numpy arrays, CPU tensors and byte buffers of
     64 KiB or more travel, for the host and every actor it spawns:

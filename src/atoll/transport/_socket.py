@@ -64,9 +64,6 @@ _NOBLOCK_MORE = int(zmq.NOBLOCK | zmq.SNDMORE)
 _zsend = zmq.backend.Socket.send
 _zrecv = zmq.backend.Socket.recv
 
-_YIELD_EVERY = 0.001
-"""A caller polling for replies lets the event loop turn at least this often."""
-
 _RECV_BATCH = 256
 """Messages handled per wake-up before yielding to other tasks."""
 
@@ -158,7 +155,6 @@ class AsyncSocket:
         self._on_message: OnMessage | None = None
         self._busy = False  # inside _catch_up: do not recurse into it
         self._received = 0  # messages handled so far
-        self._yielded = 0.0  # when poll_for last let the event loop turn
         self._jobs: deque[Job] = deque()
         self._idle: deque[anyio.Event] = deque()
         self._reading = False  # a worker holds the reader's seat
@@ -345,17 +341,10 @@ class AsyncSocket:
 
         For a lone caller that expects its reply soon: a reply read here,
         synchronously, skips the reader's wake-up and a task switch, the two
-        biggest costs of a round trip. A cancelled caller stops here first;
-        the event loop turns here too (other tasks run, deadlines fire) if it
-        has not in the last :data:`_YIELD_EVERY` seconds: a turn per call
-        would cost a few percent of a round trip.
+        biggest costs of a round trip. The event loop turns once first (a
+        checkpoint: other tasks run, and a cancelled caller stops here).
         """
-        now = time.perf_counter()
-        if now - self._yielded >= _YIELD_EVERY:
-            await anyio.lowlevel.checkpoint()
-            self._yielded = time.perf_counter()
-        else:
-            await anyio.lowlevel.checkpoint_if_cancelled()
+        await anyio.lowlevel.checkpoint()
         if not self.spin or self._on_message is None or self._busy:
             return
         while not done() and not self._closed and self._poll(self.spin):
