@@ -298,6 +298,10 @@ class Holder(atoll.Actor):
     async def ptr(self, t: Any) -> int:
         return int(t.data_ptr())
 
+    async def storages(self, ts: list[Any]) -> int:
+        """How many distinct storages the tensors ``ts`` are views of."""
+        return len({t.untyped_storage()._cdata for t in ts})
+
     async def plane_stats(self) -> dict[str, int]:
         from atoll.actors._runtime import current_plane
 

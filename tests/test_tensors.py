@@ -62,6 +62,24 @@ async def test_a_shared_tensor_is_not_copied_and_writes_are_shared() -> None:
         assert host.node.plane.stats()["segment_bytes"] == before + segment_size(8 * MIB)
 
 
+async def test_views_of_one_storage_in_several_dtypes_arrive_sharing_it() -> None:
+    async with atoll.open_host() as host:
+        echo = await host.spawn(Echo)
+        holder = await host.spawn(Holder)
+        base = atoll.share(torch.arange(1 << 16, dtype=torch.float32))
+        views = [base[8:40], base.view(torch.int32)[100:108], base.view(torch.uint8)[3:11], base]
+        assert await holder.storages(views) == 1
+        assert await holder.storages([v.clone() for v in views]) == 4
+        for sent in (views, [v.clone() for v in views[:3]] + [base.clone()]):
+            back = await echo.echo(sent)
+            for v, w in zip(sent, back, strict=True):
+                assert (w.dtype, w.shape, w.stride()) == (v.dtype, v.shape, v.stride())
+                assert torch.equal(v, w)
+            if sent is views:  # one storage sent, one storage back
+                ptrs = {w.untyped_storage().data_ptr() for w in back}
+                assert ptrs == {base.untyped_storage().data_ptr()}
+
+
 async def test_copy_on_send_keeps_the_senders_memory_private() -> None:
     async with atoll.open_host() as host:
         holder = await host.spawn(Holder)
