@@ -175,6 +175,22 @@ async def test_big_buffers_come_back_through_shared_memory() -> None:
 # -- leases --------------------------------------------------------------------
 
 
+async def test_a_shared_tensor_dropped_here_frees_its_segment() -> None:
+    # Views of this process's own segments (share(), a tensor sent back to us)
+    # hold the segment; dropping the last one puts it back in the free pool.
+    async with atoll.open_host() as host:
+        echo = await host.spawn(Echo)
+        plane = host.node.plane
+        t = atoll.share(torch.ones(MIB // 4))
+        back = await echo.echo(t)
+        assert back.data_ptr() == t.data_ptr()
+        assert plane.stats()["free_bytes"] == 0
+        del t, back
+        plane.drain()  # our views are gone: the echo's lease on it goes back to it...
+        await echo.pid()  # ...which lets go of its view before this reply, and says so in it
+        assert plane.stats()["free_bytes"] == segment_size(MIB)
+
+
 async def test_memory_is_reused_only_after_its_lease_is_released() -> None:
     async with atoll.open_host() as host:
         holder = await host.spawn(Holder)

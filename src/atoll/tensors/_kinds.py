@@ -46,7 +46,7 @@ def array_extent(a: Any) -> Extent | None:
 
 def tensor_handled(t: Any) -> bool:
     """A dense CPU tensor whose bytes can be shared as they are."""
-    return bool(t.is_cpu and t.layout is _torch().strided and not dtype_info(t.dtype).quantized)
+    return bool(t.is_cpu and t.layout is torch_strided() and not dtype_info(t.dtype).quantized)
 
 
 class DtypeInfo(NamedTuple):

@@ -291,6 +291,10 @@ def _rebuild_buffer(index: int, ptr: int, nbytes: int, kind: str) -> Any:
     return bytes(view) if kind == "bytes" else bytearray(view)
 
 
+_DeadNote = tuple[bytes | None, int, Any, int]
+"""A view that died: (peer to unlease to or None, lease, owner, id of the view)."""
+
+
 class Plane:
     """One process's side of the tensor plane."""
 
@@ -320,12 +324,11 @@ class Plane:
         self._starts: list[int] = []  # sorted start addresses of segments and mappings
         self._at: dict[int, _Segment | _Mapping] = {}
         self._leases: dict[bytes, dict[int, Any]] = {}  # a _Segment, or a view held
-        # Views handed out, by id of the weak reference that sees them die:
-        # (peer to unlease to or None, lease, owner, id of the view).
-        self._watched: dict[int, tuple[bytes | None, int, _Segment | _Mapping, int]] = {}
+        # Views handed out, by id of the weak reference that sees them die: that
+        # reference, and the note its death leaves in ``dead``.
+        self._watched: dict[int, tuple[weakref.ref[Any], _DeadNote]] = {}
         self._gone: set[bytes] = set()
-        # Notes from finalizers: (peer to unlease to or None, lease, owner).
-        self.dead: deque[tuple[bytes | None, int, _Segment | _Mapping, int]] = deque()
+        self.dead: deque[_DeadNote] = deque()
         self._bell: tuple[int, int] | None = None
         self._rung = False
         self.serving = 0
@@ -646,7 +649,8 @@ class Plane:
         the mmap."""
         base = _buffer_type(owner.size).from_buffer(owner.mm)
         watch = weakref.ref(base, self._on_dead)
-        self._watched[id(watch)] = (src, lease, owner, id(base))
+        # Kept here until it fires: a weak reference that dies first never calls back.
+        self._watched[id(watch)] = (watch, (src, lease, owner, id(base)))
         if isinstance(owner, _Segment):
             owner.holds += 1
         else:
@@ -657,7 +661,7 @@ class Plane:
     def _on_dead(self, watch: weakref.ref[Any]) -> None:
         # Any thread, any moment: queue it, ring, touch nothing else. On the
         # loop's thread during a call, the call's reply will drain the queue.
-        self.dead.append(self._watched.pop(id(watch)))
+        self.dead.append(self._watched.pop(id(watch))[1])
         if not self._rung and not (self.serving and threading.get_ident() == self._loop):
             self._ring()
 
