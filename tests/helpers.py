@@ -53,6 +53,9 @@ class Echo(atoll.Actor):
     async def call(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> Any:
         return await fn(*args)
 
+    async def loaded(self, modules: list[str]) -> list[str]:
+        return [name for name in modules if name in sys.modules]
+
     def call_sync(self, fn: Callable[..., Any], *args: Any) -> Any:
         return fn(*args)
 

@@ -15,6 +15,8 @@ Run each extension as an actor process and call it as a local async object::
         assert await c.add(5) == 15
 """
 
+from typing import TYPE_CHECKING, Any
+
 from ._errors import ActorClosedError as ActorClosedError
 from ._errors import ActorDiedError as ActorDiedError
 from ._errors import AtollError as AtollError
@@ -26,19 +28,56 @@ from ._errors import RemoteTraceback as RemoteTraceback
 from ._errors import SerializationError as SerializationError
 from ._errors import SpawnError as SpawnError
 from ._errors import TransportError as TransportError
-from .actors import Actor as Actor
-from .actors import ActorRef as ActorRef
-from .actors import Host as Host
-from .actors import open_host as open_host
-from .actors._blocking import BlockingHost as BlockingHost
-from .actors._blocking import blocking_host as blocking_host
-from .actors._registry import Subscription as Subscription
-from .actors._runtime import lookup as lookup
-from .actors._runtime import publish as publish
-from .actors._runtime import share as share
-from .tensors import SharedMemoryError as SharedMemoryError
-from .tensors import copy_on_send as copy_on_send
-from .venvs import Env as Env
+from .actors._actor import Actor as Actor
+
+if TYPE_CHECKING:
+    from .actors._blocking import BlockingHost as BlockingHost
+    from .actors._blocking import blocking_host as blocking_host
+    from .actors._host import Host as Host
+    from .actors._host import open_host as open_host
+    from .actors._ref import ActorRef as ActorRef
+    from .actors._registry import Subscription as Subscription
+    from .actors._runtime import lookup as lookup
+    from .actors._runtime import publish as publish
+    from .actors._runtime import share as share
+    from .tensors._plane import copy_on_send as copy_on_send
+    from .tensors._shm import SharedMemoryError as SharedMemoryError
+    from .venvs._env import Env as Env
+
+# The rest is imported on first use. An actor process imports this package
+# (its class derives from Actor) but never builds environments, spawns or
+# blocks a thread: importing the host's side too would cost it tens of
+# milliseconds before its first call.
+_LAZY = {
+    "ActorRef": "atoll.actors._ref",
+    "BlockingHost": "atoll.actors._blocking",
+    "Env": "atoll.venvs._env",
+    "Host": "atoll.actors._host",
+    "SharedMemoryError": "atoll.tensors._shm",
+    "Subscription": "atoll.actors._registry",
+    "blocking_host": "atoll.actors._blocking",
+    "copy_on_send": "atoll.tensors._plane",
+    "lookup": "atoll.actors._runtime",
+    "open_host": "atoll.actors._host",
+    "publish": "atoll.actors._runtime",
+    "share": "atoll.actors._runtime",
+}
+
+
+def __getattr__(name: str) -> Any:
+    where = _LAZY.get(name)
+    if where is None:
+        raise AttributeError(f"module 'atoll' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(where), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
 
 __version__ = "0.1.0"
 

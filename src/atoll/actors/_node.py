@@ -21,7 +21,6 @@ from contextvars import ContextVar
 from typing import Any
 
 import anyio
-import anyio.from_thread
 import anyio.lowlevel
 import zmq
 from anyio.abc import TaskGroup
@@ -268,6 +267,8 @@ class Node:
         loop's thread, the result itself (blocking) on any other thread."""
         if threading.get_ident() == self._loop_thread:
             return self.call(dest, target, method, args, kwargs)
+        import anyio.from_thread  # only threads need it; actor processes start without it
+
         return anyio.from_thread.run(
             self._call_from_thread,
             dest,
@@ -806,10 +807,14 @@ class _BlockingStream:
         return self
 
     def __next__(self) -> Any:
+        import anyio.from_thread
+
         try:
             return anyio.from_thread.run(self._stream.__anext__, token=self._token)
         except StopAsyncIteration:
             raise StopIteration from None
 
     def close(self) -> None:
+        import anyio.from_thread
+
         anyio.from_thread.run(self._stream.aclose, token=self._token)

@@ -6,8 +6,6 @@ import threading
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
-import anyio.from_thread
-
 from ..transport._hub import HOST
 from ._registry import REGISTRY_OID, class_key
 
@@ -68,6 +66,8 @@ def publish(topic: str, value: Any) -> None:
     if threading.get_ident() == node._loop_thread:
         node.notify(HOST, REGISTRY_OID, "publish", (topic, value), {})
     else:
+        import anyio.from_thread  # only threads need it; actor processes start without it
+
         anyio.from_thread.run_sync(
             node.notify, HOST, REGISTRY_OID, "publish", (topic, value), {}, token=node._token
         )

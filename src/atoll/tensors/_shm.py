@@ -15,8 +15,6 @@ import ctypes
 import errno
 import mmap
 import os
-import secrets
-import shutil
 
 from .._errors import AtollError
 from ..transport._hub import pid_alive
@@ -36,7 +34,7 @@ def available() -> bool:
 def host_prefix() -> str:
     """A new name prefix for the segments of one host's run (the calling
     process is the host); the tag keeps two hosts of one process apart."""
-    return f"{PREFIX}{os.getpid()}-{secrets.token_hex(3)}-"
+    return f"{PREFIX}{os.getpid()}-{os.urandom(3).hex()}-"
 
 
 def owner_prefix(host: str, pid: int) -> str:
@@ -75,7 +73,8 @@ def create(name: str, size: int) -> mmap.mmap:
         except OSError as exc:
             if exc.errno not in (errno.ENOSPC, errno.ENOMEM):
                 raise
-            free = shutil.disk_usage(SHM_DIR).free
+            fs = os.statvfs(SHM_DIR)
+            free = fs.f_bavail * fs.f_frsize
             raise SharedMemoryError(
                 f"{SHM_DIR} has no room for {size / 2**20:.1f} MiB ({free / 2**20:.1f} MiB "
                 "free). Give it more room (docker: --shm-size), send less at once, or open "

@@ -16,11 +16,7 @@ messages) is dropped and counted in :attr:`Hub.dropped`.
 
 from __future__ import annotations
 
-import glob
-import hmac
 import os
-import shutil
-import tempfile
 from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -39,6 +35,12 @@ Unroutable = Callable[[bytes, bytes, list[zmq.Frame]], None]
 
 def sweep_dead_hosts() -> None:
     """Remove hub directories left by hosts that died without cleaning up."""
+    # The host's side imports its tools where it uses them: actor processes
+    # import this module too, and start faster without them.
+    import glob
+    import shutil
+    import tempfile
+
     for path in glob.glob(os.path.join(tempfile.gettempdir(), "atoll-*-*")):
         try:
             pid = int(os.path.basename(path).split("-")[1])
@@ -53,6 +55,8 @@ def remove_hub_dir(endpoint: str) -> None:
     if endpoint.startswith("ipc://"):
         path = os.path.dirname(endpoint[len("ipc://") :])
         if os.path.basename(path).startswith("atoll-"):
+            import shutil
+
             shutil.rmtree(path, ignore_errors=True)
 
 
@@ -80,6 +84,8 @@ class Hub:
     """The host's ROUTER on an ``ipc://`` path inside a private 0700 directory."""
 
     def __init__(self, ctx: zmq.Context[Any]) -> None:
+        import tempfile
+
         sweep_dead_hosts()
         # mkdtemp makes it 0700; the pid in the name lets a sweeper tell
         # whether the owner is still alive.
@@ -158,6 +164,8 @@ class Hub:
         await self.socket.serve(on_message)
 
     def _admit(self, src: bytes, peer: _Peer, header: zmq.Frame) -> None:
+        import hmac
+
         try:
             hello = decode(header)
         except DecodeError:
@@ -171,5 +179,7 @@ class Hub:
 
     def close(self) -> None:
         """Close the socket and remove the private directory."""
+        import shutil
+
         self.socket.close()
         shutil.rmtree(self._dir, ignore_errors=True)
