@@ -14,7 +14,8 @@ edge-triggered and shared by reads and writes, which sets the rules here:
 * a ``send`` (or the ``EVENTS`` read after it) from another task can consume
   the edge while messages wait; nobody would wake the reader for them, so the
   sending task handles what it uncovered itself: it drains pending input (and
-  flushes the backlog) on the spot, synchronously, as the reader would have;
+  flushes the backlog) on the spot, synchronously, as the reader would have
+  (a job the reader itself runs leaves that to the reader, which is next);
 * closing first wakes the reader (``notify_closing``) so no waiter hangs.
 
 Sends are made directly from the calling task: a multipart send with
@@ -153,7 +154,8 @@ class AsyncSocket:
         self._backlog: deque[Sequence[Any]] = deque()
         self._backlog_limit = backlog_limit
         self._on_message: OnMessage | None = None
-        self._busy = False  # inside _catch_up: do not recurse into it
+        # In _catch_up, or the reader runs jobs: a send leaves the catch-up to it.
+        self._busy = False
         self._received = 0  # messages handled so far
         self._jobs: deque[Job] = deque()
         self._idle: deque[anyio.Event] = deque()
@@ -322,16 +324,28 @@ class AsyncSocket:
         while not self._closed:
             seen = self._received
             drained = self._catch_up(reader=True)
-            while jobs:
-                rest = _start(jobs.popleft())
-                if rest is not None:
-                    return rest
+            ran = bool(jobs)
+            if ran:
+                # Sends made by these jobs leave the catch-up to this loop (it is
+                # next anyway): one EVENTS read per batch instead of one per reply.
+                self._busy = True
+                try:
+                    while jobs:
+                        rest = _start(jobs.popleft())
+                        if rest is not None:
+                            return rest
+                finally:
+                    self._busy = False
             if not drained:
                 await anyio.lowlevel.checkpoint()  # a full batch: let others run
-            elif not (self.linger and self._received - seen == 1 and self._poll(self.linger)):
+            elif self.linger and self._received - seen == 1:
                 # Lingering pays off for a peer that sends one message, waits for
                 # the answer and sends the next. Many messages at once mean more
                 # are coming anyway, and the CPU is better left to their senders.
+                # (_poll reads EVENTS first: it sees what the jobs' sends uncovered.)
+                if not self._poll(self.linger):
+                    await self._await_input()
+            elif not (ran and self._get(_EVENTS) & self._wanted()):
                 await self._await_input()
         return None
 
@@ -354,13 +368,14 @@ class AsyncSocket:
                 return  # news for other tasks: let them run rather than hold them up
 
     def _poll(self, budget: float) -> bool:
-        """Poll for input for up to ``budget`` seconds without yielding;
-        return True as soon as there is some.
+        """Poll for input (or room for the backlog) for up to ``budget``
+        seconds without yielding; return True as soon as there is some.
 
         Other tasks of this thread wait at most ``budget`` meanwhile.
         """
         get = self._get
-        if get(_EVENTS) & _POLLIN:
+        wanted = self._wanted()
+        if get(_EVENTS) & wanted:
             return True
         # Reading EVENTS costs a few times more than asking the kernel about
         # the descriptor, which only turns readable when ZeroMQ has news. Each
@@ -371,10 +386,15 @@ class AsyncSocket:
         clock = time.perf_counter
         deadline = clock() + budget
         while clock() < deadline:
-            if fd_ready(0) and get(_EVENTS) & _POLLIN:
+            if fd_ready(0) and get(_EVENTS) & wanted:
                 return True
             give_way()
         return False
+
+    def _wanted(self) -> int:
+        """The EVENTS bits that mean work for a reader: input, or room to
+        flush the backlog."""
+        return _POLLIN | _POLLOUT if self._backlog else _POLLIN
 
     async def _await_input(self) -> None:
         """Wait for the descriptor; a close() ends the wait quietly."""
