@@ -37,13 +37,15 @@ hand its role to an idle worker (an event, no new task).
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import select
+import sys
 import time
 from collections import deque
 from collections.abc import Callable, Coroutine, Generator, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, cast
+from typing import Any, Generic, TypeVar, cast
 
 import anyio
 import anyio.lowlevel
@@ -68,6 +70,8 @@ _zrecv = zmq.backend.Socket.recv
 _RECV_BATCH = 256
 """Messages handled per wake-up before yielding to other tasks."""
 
+
+T = TypeVar("T")
 
 Job = Callable[[], Coroutine[Any, Any, None]]
 """Work a message handler asks to run in a task."""
@@ -98,20 +102,21 @@ def _send_frames(sock: zmq.Socket[Any], frames: Sequence[Any]) -> None:
         _zsend(sock, frame, _NOBLOCK if i == last else _NOBLOCK_MORE, False, False)
 
 
-class _Resumed:
+class Resumed(Generic[T]):
     """The rest of a coroutine whose first step was taken by hand.
 
     Awaiting it passes whatever the event loop sends or throws straight to the
-    coroutine, exactly as ``await coro`` would have from the start.
+    coroutine, exactly as ``await coro`` would have from the start, and gives
+    the coroutine's result.
     """
 
     __slots__ = ("_coro", "_first")
 
-    def __init__(self, coro: Coroutine[Any, Any, None], first: Any) -> None:
+    def __init__(self, coro: Coroutine[Any, Any, T], first: Any) -> None:
         self._coro = coro
         self._first = first
 
-    def __await__(self) -> Generator[Any, Any, None]:
+    def __await__(self) -> Generator[Any, Any, T]:
         coro = self._coro
         value = self._first
         while True:
@@ -123,23 +128,67 @@ class _Resumed:
             except BaseException as exc:
                 try:
                     value = coro.throw(exc)
-                except StopIteration:
-                    return
+                except StopIteration as returned:
+                    return returned.value  # type: ignore[no-any-return]
             else:
                 try:
                     value = coro.send(sent)
-                except StopIteration:
-                    return
+                except StopIteration as returned:
+                    return returned.value  # type: ignore[no-any-return]
 
 
-def _start(job: Job) -> _Resumed | None:
+class _FutureEvent:
+    """A one-shot event on asyncio that is a bare future: what anyio's Event
+    makes too, under two wrappers (anyio's and asyncio.Event)."""
+
+    __slots__ = ("_future",)
+
+    def __init__(self, loop: Any) -> None:
+        self._future = loop.create_future()
+
+    def set(self) -> None:
+        if not self._future.done():
+            self._future.set_result(None)
+
+    def wait(self) -> Any:
+        return self._future
+
+
+def event_maker() -> Callable[[], Any]:
+    """The cheapest one-shot event of the running event loop: makes objects
+    with ``set()`` and ``await .wait()``, for one waiter.
+
+    For the waits of the per-call path, where anyio's Event (a backend lookup
+    per event, and wrappers) costs 2-4 us a call on this kind of machine.
+    Cancellation is the event loop's own, as with anyio's Event.
+    """
+    if "asyncio" in sys.modules:
+        import asyncio
+
+        try:
+            return functools.partial(_FutureEvent, asyncio.get_running_loop())
+        except RuntimeError:
+            pass  # not asyncio's loop
+    if "trio" in sys.modules:
+        import trio
+
+        try:
+            trio.lowlevel.current_task()
+        except RuntimeError:
+            pass
+        else:
+            return trio.Event
+    return anyio.Event
+
+
+def _start(job: Job) -> Resumed[None] | None:
     """Run ``job`` up to its first suspension: None if it finished."""
     coro = job()
     try:
         first = coro.send(None)
     except StopIteration:
         return None
-    return _Resumed(coro, first)
+    return Resumed(coro, first)
 
 
 class AsyncSocket:
@@ -158,7 +207,8 @@ class AsyncSocket:
         self._busy = False
         self._received = 0  # messages handled so far
         self._jobs: deque[Job] = deque()
-        self._idle: deque[anyio.Event] = deque()
+        self._idle: deque[Any] = deque()  # events of idle workers
+        self._new_event: Callable[[], Any] = anyio.Event
         self._reading = False  # a worker holds the reader's seat
         self._max_idle = 8
         self._workers: TaskGroup | None = None
@@ -282,6 +332,7 @@ class AsyncSocket:
             raise RuntimeError("this socket already has an owner task")
         self._on_message = on_message
         self._max_idle = max_idle_workers
+        self._new_event = event_maker()
         try:
             with map_zmq_errors("receive"):
                 async with anyio.create_task_group() as tg:
@@ -311,13 +362,13 @@ class AsyncSocket:
                     self._promote()  # the next reader
                     await rest
             elif len(idle) < self._max_idle:
-                wake = anyio.Event()
+                wake = self._new_event()
                 idle.append(wake)
                 await wake.wait()
             else:
                 return  # enough workers wait already
 
-    async def _read_until_job_waits(self) -> _Resumed | None:
+    async def _read_until_job_waits(self) -> Resumed[None] | None:
         """Read and run jobs until one suspends (returned, for this worker to
         see through) or the socket closes (None)."""
         jobs = self._jobs
