@@ -119,6 +119,9 @@ def storage_of(base: Any) -> Any:
     return _torch().frombuffer(base, dtype=_torch().uint8).untyped_storage()
 
 
+_torch_dtypes: dict[str, Any] = {}
+
+
 def rebuild_tensor(
     roots: dict[Any, Any],
     base: Any,
@@ -133,10 +136,12 @@ def rebuild_tensor(
     base share one storage. ``roots`` (one per base) keeps, per dtype, a flat
     tensor over the whole base that the others are strided views of: two torch
     calls for the first tensor of a base, one for each next of its dtype."""
-    torch = _torch()
-    dt = getattr(torch, dtype)
+    dt = _torch_dtypes.get(dtype)
+    if dt is None:
+        dt = _torch_dtypes[dtype] = getattr(_torch(), dtype)
     root = roots.get(dt)
     if root is None:
+        torch = _torch()
         if not roots:
             root = torch.frombuffer(base, dtype=dt, count=len(base) // dt.itemsize)
         else:  # another dtype over the same bytes: the same storage still
@@ -145,7 +150,7 @@ def rebuild_tensor(
         roots[dt] = root
     t = root.as_strided(shape, stride, offset // dt.itemsize)
     if requires_grad or parameter:
-        return _finish_tensor(torch, t, requires_grad, parameter)
+        return _finish_tensor(_torch(), t, requires_grad, parameter)
     return t
 
 

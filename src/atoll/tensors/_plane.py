@@ -35,7 +35,7 @@ import threading
 import types
 import weakref
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from contextvars import ContextVar
 from typing import Any, TypeVar
 
@@ -225,7 +225,7 @@ def _same(value: Any) -> Any:
 class _Incoming:
     """The regions of one message being unpickled; built on first use."""
 
-    __slots__ = ("bases", "entries", "frames", "plane", "roots", "src")
+    __slots__ = ("bases", "entries", "frames", "plane", "src")
 
     def __init__(
         self, plane: Plane, src: bytes, entries: list[tuple[Any, ...]], frames: Sequence[Any]
@@ -234,12 +234,12 @@ class _Incoming:
         self.src = src
         self.entries = entries
         self.frames = frames
-        self.bases: dict[int, tuple[Any, int]] = {}
-        self.roots: dict[int, dict[Any, Any]] = {}  # per region: see rebuild_tensor
+        # Per region: a buffer holding it, the sender's address of the
+        # buffer's first byte (a view at sender address p sits at offset
+        # p - that), and the roots of the tensors rebuilt over it.
+        self.bases: dict[int, tuple[Any, int, dict[Any, Any]]] = {}
 
-    def base(self, index: int) -> tuple[Any, int]:
-        """A buffer holding region ``index``, and the sender's address of the
-        buffer's first byte: a view at sender address p sits at offset p - that."""
+    def base(self, index: int) -> tuple[Any, int, dict[Any, Any]]:
         found = self.bases.get(index)
         if found is None:
             entry = self.entries[index]
@@ -251,38 +251,32 @@ class _Incoming:
                 buffer = bytearray(self.frames[entry[2]])
             else:
                 buffer = bytearray(entry[2])
-            found = self.bases[index] = (buffer, origin)
+            found = self.bases[index] = (buffer, origin, {})
         return found
 
-    def tensor(self, index: int, ptr: int, *meta: Any) -> Any:
-        base, origin = self.base(index)
-        roots = self.roots.get(index)
-        if roots is None:
-            roots = self.roots[index] = {}
-        return _kinds.rebuild_tensor(roots, base, ptr - origin, *meta)
-
-    def unused_leases(self) -> Iterator[int]:
-        if len(self.bases) == len(self.entries):
-            return  # every region was used (the usual case)
-        for index, entry in enumerate(self.entries):
-            if entry[0] == _SHARED and index not in self.bases:
-                yield entry[5]
+    def unused_leases(self) -> list[int]:
+        return [
+            entry[5]
+            for index, entry in enumerate(self.entries)
+            if entry[0] == _SHARED and index not in self.bases
+        ]
 
 
 _incoming: ContextVar[_Incoming] = ContextVar("atoll_incoming")
 
 
 def _rebuild_array(index: int, ptr: int, *meta: Any) -> Any:
-    base, origin = _incoming.get().base(index)
+    base, origin, _ = _incoming.get().base(index)
     return _kinds.rebuild_array(base, ptr - origin, *meta)
 
 
 def _rebuild_tensor(index: int, ptr: int, *meta: Any) -> Any:
-    return _incoming.get().tensor(index, ptr, *meta)
+    base, origin, roots = _incoming.get().base(index)
+    return _kinds.rebuild_tensor(roots, base, ptr - origin, *meta)
 
 
 def _rebuild_buffer(index: int, ptr: int, nbytes: int, kind: str) -> Any:
-    base, origin = _incoming.get().base(index)
+    base, origin, _ = _incoming.get().base(index)
     start = ptr - origin
     # A view of a view of ``base`` still holds ``base`` (its exporter).
     view = memoryview(base).cast("B")[start : start + nbytes]
@@ -612,11 +606,12 @@ class Plane:
     def end_load(self, state: tuple[Any, Any]) -> None:
         incoming, token = state
         _incoming.reset(token)
-        # Regions nothing was built on (the load failed first): release now.
-        unused = [(incoming.src, lease, _NO_OWNER, 0) for lease in incoming.unused_leases()]
-        if unused:
-            self.dead.extend(unused)
-            self._ring()
+        if len(incoming.bases) < len(incoming.entries):
+            # Regions nothing was built on (the load failed first): release now.
+            unused = [(incoming.src, lease, _NO_OWNER, 0) for lease in incoming.unused_leases()]
+            if unused:
+                self.dead.extend(unused)
+                self._ring()
 
     def _attach(self, src: bytes, name: str, offset: int, size: int, lease: int) -> Any:
         with self._lock:
