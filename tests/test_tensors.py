@@ -80,6 +80,24 @@ async def test_views_of_one_storage_in_several_dtypes_arrive_sharing_it() -> Non
                 assert ptrs == {base.untyped_storage().data_ptr()}
 
 
+async def test_a_whole_flat_tensor_sent_before_its_views_stays_apart_from_them() -> None:
+    # The first tensor of a region that spans all of it is built in one step
+    # (it is the region's root): the views after it must still be their own
+    # tensors, aliased to it, with their own autograd flags.
+    async with atoll.open_host() as host:
+        echo = await host.spawn(Echo)
+        flat = atoll.share(torch.arange(1 << 16, dtype=torch.float32))
+        whole, part, again = await echo.echo([flat, flat[8:40], flat])
+        assert whole is again and part is not whole
+        assert (part.shape, part.storage_offset()) == ((32,), 8)
+        part[0] = -1.0
+        assert float(whole[8]) == -1.0 == float(flat[8])
+        tracked = flat.detach().requires_grad_(True)
+        whole, part = await echo.echo([tracked, flat[1:3]])
+        assert whole.requires_grad and whole.is_leaf and not part.requires_grad
+        assert part.untyped_storage().data_ptr() == whole.untyped_storage().data_ptr()
+
+
 async def test_copy_on_send_keeps_the_senders_memory_private() -> None:
     async with atoll.open_host() as host:
         holder = await host.spawn(Holder)

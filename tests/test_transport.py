@@ -135,7 +135,7 @@ def test_codec_hooks_still_see_what_the_plain_fast_path_leaves() -> None:
         seen.append(obj)
         return NotImplemented
 
-    codec = Codec(reducer)
+    codec = Codec({memoryview: reducer})
     plain = ((1, "a", [2.5, None]), {"k": b"z" * 10, "j": (True,)})
     data, buffers = codec.dumps(plain)
     assert buffers == [] and seen == [] and codec.loads(data, []) == plain

@@ -178,7 +178,9 @@ class Node:
         self.on_bye: Callable[[], None] | None = None
         self.poll_for: Callable[[Callable[[], bool]], Awaitable[None]] | None = None
         """Set by the transport: read the socket a while, for a reply expected soon."""
-        self.codec = Codec(self._reduce, plane)
+        self.codec = Codec(
+            {_Callback: self._reduce_callback, RemoteCallable: RemoteCallable._forward}, plane
+        )
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -608,13 +610,8 @@ class Node:
             return _Callback(value)
         return value
 
-    def _reduce(self, obj: Any) -> Any:
-        t = type(obj)
-        if t is _Callback:
-            return self._export_callable(obj.fn)
-        if t is RemoteCallable:
-            return obj._forward()
-        return NotImplemented
+    def _reduce_callback(self, callback: _Callback) -> Any:
+        return self._export_callable(callback.fn)
 
     def _export_callable(self, fn: Any) -> tuple[Any, ...]:
         try:

@@ -57,16 +57,17 @@ class DtypeInfo(NamedTuple):
     quantized: bool
 
 
-_dtype_info: dict[Any, DtypeInfo] = {}
+dtype_infos: dict[Any, DtypeInfo] = {}
+"""What :func:`dtype_info` learnt, by torch dtype."""
 
 
 def dtype_info(dtype: Any) -> DtypeInfo:
     """What the tensor plane needs to know of a torch dtype (cached)."""
-    info = _dtype_info.get(dtype)
+    info = dtype_infos.get(dtype)
     if info is None:
         name = str(dtype).removeprefix("torch.")
         quantized = name.startswith("qu") or name.startswith("qi")
-        info = _dtype_info[dtype] = DtypeInfo(name, dtype.itemsize, dtype.is_complex, quantized)
+        info = dtype_infos[dtype] = DtypeInfo(name, dtype.itemsize, dtype.is_complex, quantized)
     return info
 
 
@@ -123,32 +124,44 @@ _torch_dtypes: dict[str, Any] = {}
 
 
 def rebuild_tensor(
-    roots: dict[Any, Any],
-    base: Any,
-    offset: int,
+    region: tuple[Any, int, dict[Any, Any], int, int],
+    ptr: int,
     dtype: str,
     shape: tuple[int, ...],
     stride: tuple[int, ...],
     requires_grad: bool,
     parameter: bool,
 ) -> Any:
-    """A tensor over ``base`` at byte ``offset``; tensors rebuilt over one
-    base share one storage. ``roots`` (one per base) keeps, per dtype, a flat
-    tensor over the whole base that the others are strided views of: two torch
-    calls for the first tensor of a base, one for each next of its dtype."""
+    """The tensor that sat at sender address ``ptr``, over a received region
+    (see ``_Incoming.bases``). Tensors rebuilt over one region share one
+    storage: ``roots`` keeps, per dtype, a flat tensor over the whole region
+    that the others are strided views of. Each torch call costs several
+    microseconds when caches are cold, so a tensor that is its region's whole
+    flat root is that root, in one call."""
+    buffer, origin, roots, start, size = region
     dt = _torch_dtypes.get(dtype)
     if dt is None:
         dt = _torch_dtypes[dtype] = getattr(_torch(), dtype)
+    itemsize = dt.itemsize
+    offset = (ptr - origin - start) // itemsize
     root = roots.get(dt)
     if root is None:
-        torch = _torch()
         if not roots:
-            root = torch.frombuffer(base, dtype=dt, count=len(base) // dt.itemsize)
+            root = roots[dt] = _torch().frombuffer(
+                buffer, dtype=dt, count=size // itemsize, offset=start
+            )
+            if (
+                not offset
+                and len(shape) == 1
+                and shape[0] * itemsize == size
+                and stride[0] == 1
+                and not (requires_grad or parameter)
+            ):
+                return root
         else:  # another dtype over the same bytes: the same storage still
             storage = next(iter(roots.values())).untyped_storage()
-            root = torch.empty((0,), dtype=dt).set_(storage, 0, (storage.nbytes() // dt.itemsize,))
-        roots[dt] = root
-    t = root.as_strided(shape, stride, offset // dt.itemsize)
+            root = roots[dt] = _torch().empty((0,), dtype=dt).set_(storage, 0, (size // itemsize,))
+    t = root.as_strided(shape, stride, offset)
     if requires_grad or parameter:
         return _finish_tensor(_torch(), t, requires_grad, parameter)
     return t

@@ -44,7 +44,7 @@ import msgspec
 
 from .._errors import SerializationError
 from ..transport import _messages as m
-from ..transport._codec import Lifted
+from ..transport._codec import Handler, Lifted
 from . import _kinds, _shm
 
 V = TypeVar("V")
@@ -236,22 +236,22 @@ class _Incoming:
         self.frames = frames
         # Per region: a buffer holding it, the sender's address of the
         # buffer's first byte (a view at sender address p sits at offset
-        # p - that), and the roots of the tensors rebuilt over it.
-        self.bases: dict[int, tuple[Any, int, dict[Any, Any]]] = {}
+        # p - that), the roots of the tensors rebuilt over it, and where in
+        # the buffer the region lies (offset, size).
+        self.bases: dict[int, tuple[Any, int, dict[Any, Any], int, int]] = {}
 
-    def base(self, index: int) -> tuple[Any, int, dict[Any, Any]]:
+    def base(self, index: int) -> tuple[Any, int, dict[Any, Any], int, int]:
         found = self.bases.get(index)
         if found is None:
             entry = self.entries[index]
             kind, origin = entry[0], entry[1]
             if kind == _SHARED:
                 buffer: Any = self.plane._attach(self.src, *entry[2:])
-                origin -= entry[3]  # the buffer is the whole segment
-            elif kind == _IN_FRAME:
-                buffer = bytearray(self.frames[entry[2]])
+                start, size = entry[3], entry[4]  # the buffer is the whole segment
             else:
-                buffer = bytearray(entry[2])
-            found = self.bases[index] = (buffer, origin, {})
+                buffer = bytearray(self.frames[entry[2]] if kind == _IN_FRAME else entry[2])
+                start, size = 0, len(buffer)
+            found = self.bases[index] = (buffer, origin - start, {}, start, size)
         return found
 
     def unused_leases(self) -> list[int]:
@@ -265,18 +265,37 @@ class _Incoming:
 _incoming: ContextVar[_Incoming] = ContextVar("atoll_incoming")
 
 
+def _batch(pickler: Any) -> Batch:
+    """The regions noted so far while ``pickler`` runs."""
+    batch = pickler.batch
+    if batch is None:
+        batch = pickler.batch = Batch()
+    return batch  # type: ignore[no-any-return]
+
+
+def _kind(t: type) -> str | None:
+    """ "tensor" or "array" for the types the plane carries by their memory."""
+    module = t.__module__
+    if module == "numpy":
+        return "array" if t is sys.modules["numpy"].ndarray else None
+    if module.startswith("torch"):
+        torch = sys.modules["torch"]
+        if t is torch.Tensor or t is torch.nn.Parameter:
+            return "tensor"
+    return None
+
+
 def _rebuild_array(index: int, ptr: int, *meta: Any) -> Any:
-    base, origin, _ = _incoming.get().base(index)
+    base, origin, *_ = _incoming.get().base(index)
     return _kinds.rebuild_array(base, ptr - origin, *meta)
 
 
 def _rebuild_tensor(index: int, ptr: int, *meta: Any) -> Any:
-    base, origin, roots = _incoming.get().base(index)
-    return _kinds.rebuild_tensor(roots, base, ptr - origin, *meta)
+    return _kinds.rebuild_tensor(_incoming.get().base(index), ptr, *meta)
 
 
 def _rebuild_buffer(index: int, ptr: int, nbytes: int, kind: str) -> Any:
-    base, origin, _ = _incoming.get().base(index)
+    base, origin, *_ = _incoming.get().base(index)
     start = ptr - origin
     # A view of a view of ``base`` still holds ``base`` (its exporter).
     view = memoryview(base).cast("B")[start : start + nbytes]
@@ -330,7 +349,7 @@ class Plane:
         meanwhile ring no bell, as the reply (or the call's end) drains."""
         self._loop = 0
         self._closed = False
-        self._types: dict[type, Callable[[Any, Batch], Any] | None] = {
+        self._types: dict[type, Handler] = {
             memoryview: self._reduce_memoryview,
             Lifted: self._reduce_lifted,
             CopyOnSend: self._reduce_copy_on_send,
@@ -338,44 +357,27 @@ class Plane:
 
     # -- sending: noting regions while pickling, sealing them after -------
 
-    def reduce(self, obj: Any, pickler: Any) -> Any:
-        """A pickling reduction for an array, tensor or buffer, else NotImplemented."""
-        handler = self._handler(type(obj))
-        if handler is None:
-            return NotImplemented
-        batch = pickler.batch
-        if batch is None:
-            batch = pickler.batch = Batch()
-        return handler(obj, batch)
+    def handler(self, t: type) -> Handler | None:
+        """What reduces an array, tensor or buffer of type ``t`` while
+        pickling, or None (see :class:`~atoll.transport._codec.Sidecar`)."""
+        kind = _kind(t)
+        if kind == "tensor":
+            return self._tensor_reducer(sys.modules["torch"])
+        if kind == "array":
+            return self._reduce_array
+        return self._types.get(t)
 
-    def _handler(self, t: type) -> Callable[[Any, Batch], Any] | None:
-        try:
-            return self._types[t]  # one lookup: this runs for every object pickled
-        except KeyError:
-            handler = self._types[t] = self._handler_for(t)
-            return handler
-
-    def _handler_for(self, t: type) -> Callable[[Any, Batch], Any] | None:
-        module = t.__module__
-        if module == "numpy":
-            np = sys.modules["numpy"]
-            return self._reduce_array if t is np.ndarray else None
-        if module.startswith("torch"):
-            torch = sys.modules["torch"]
-            if t is torch.Tensor or t is torch.nn.Parameter:
-                return self._reduce_tensor
-        return None
-
-    def _reduce_lifted(self, lifted: Lifted, batch: Batch) -> Any:
+    def _reduce_lifted(self, lifted: Lifted, pickler: Any) -> Any:
         data = lifted.data
         if len(data) < self.threshold or self.transfer == "inline":
             return NotImplemented  # an out-of-band frame, sent without a copy
-        index = batch.add(("bytes", id(data)), 0, len(data), True, memoryview(data))
+        index = _batch(pickler).add(("bytes", id(data)), 0, len(data), True, memoryview(data))
         return (_rebuild_buffer, (index, 0, len(data), type(data).__name__))
 
-    def _reduce_memoryview(self, mv: memoryview, batch: Batch) -> Any:
+    def _reduce_memoryview(self, mv: memoryview, pickler: Any) -> Any:
         if mv.nbytes < self.threshold or self.transfer == "inline":
             return NotImplemented
+        batch = _batch(pickler)
         flat = mv.cast("B") if mv.contiguous else memoryview(mv.tobytes())
         try:
             lo = _shm.address(flat)
@@ -386,47 +388,57 @@ class Plane:
             index = batch.add(("buffer", lo), lo, lo + flat.nbytes, id(mv) in batch.copy_ids)
         return (_rebuild_buffer, (index, lo, flat.nbytes, "memoryview"))
 
-    def _reduce_copy_on_send(self, wrapper: CopyOnSend, batch: Batch) -> Any:
-        _collect_ids(wrapper.value, batch.copy_ids)
+    def _reduce_copy_on_send(self, wrapper: CopyOnSend, pickler: Any) -> Any:
+        _collect_ids(wrapper.value, _batch(pickler).copy_ids)
         return (_same, (wrapper.value,))
 
-    def _reduce_array(self, a: Any, batch: Batch) -> Any:
+    def _reduce_array(self, a: Any, pickler: Any) -> Any:
         extent = _kinds.array_extent(a)
         if extent is None:
             return NotImplemented
         dtype = a.dtype.str
         if a.size == 0:
             return (_kinds.empty_array, (dtype, a.shape, a.strides))
+        batch = _batch(pickler)
         index = batch.add(extent.key, extent.lo, extent.hi, id(a) in batch.copy_ids)
         return (_rebuild_array, (index, extent.ptr, dtype, a.shape, a.strides, a.flags.writeable))
 
-    def _reduce_tensor(self, t: Any, batch: Batch) -> Any:
-        # Each torch call costs; this path makes as few as it can.
-        info = _kinds.dtype_info(t.dtype)
-        if not t.is_cpu or info.quantized or t.layout is not _kinds.torch_strided():
-            return NotImplemented
-        parameter = type(t) is not sys.modules["torch"].Tensor
-        grad = t.requires_grad
-        copy = id(t) in batch.copy_ids
-        if grad:
-            t = t.detach()  # the data travels; the graph does not
-        if t.is_neg() or (info.complex and t.is_conj()):
-            t = t.resolve_conj().resolve_neg()  # lazy bits: make them real data
-        dtype, itemsize = info.name, info.itemsize
-        shape = tuple(t.shape)
-        stride = t.stride()
-        ptr = t.data_ptr()
-        span = 0
-        for n, step in zip(shape, stride, strict=True):
-            if not n:
-                return (_kinds.empty_tensor, (dtype, shape, stride, grad, parameter))
-            span += (n - 1) * step
-        if ptr % itemsize:
-            t = t.clone()  # a view at an address its dtype cannot sit at
-            stride, ptr = t.stride(), t.data_ptr()
-        key = ("tensor", ptr - t.storage_offset() * itemsize)  # where its storage starts
-        index = batch.add(key, ptr, ptr + (span + 1) * itemsize, copy)
-        return (_rebuild_tensor, (index, ptr, dtype, shape, stride, grad, parameter))
+    @staticmethod
+    def _tensor_reducer(torch: Any) -> Handler:
+        # Runs for every tensor sent, and each torch call costs several
+        # microseconds when caches are cold: it makes as few as it can.
+        plain_tensor, strided = torch.Tensor, torch.strided
+        infos, dtype_info, empty_tensor = _kinds.dtype_infos, _kinds.dtype_info, _kinds.empty_tensor
+
+        def reduce_tensor(t: Any, pickler: Any) -> Any:
+            info = infos.get(t.dtype) or dtype_info(t.dtype)
+            if not t.is_cpu or info.quantized or t.layout is not strided:
+                return NotImplemented
+            parameter = type(t) is not plain_tensor
+            grad = t.requires_grad
+            batch = pickler.batch or _batch(pickler)
+            copy = id(t) in batch.copy_ids
+            if grad:
+                t = t.detach()  # the data travels; the graph does not
+            if t.is_neg() or (info.complex and t.is_conj()):
+                t = t.resolve_conj().resolve_neg()  # lazy bits: make them real data
+            dtype, itemsize = info.name, info.itemsize
+            shape = tuple(t.shape)
+            stride = t.stride()
+            ptr = t.data_ptr()
+            span = 0
+            for n, step in zip(shape, stride, strict=True):
+                if not n:
+                    return (empty_tensor, (dtype, shape, stride, grad, parameter))
+                span += (n - 1) * step
+            if ptr % itemsize:
+                t = t.clone()  # a view at an address its dtype cannot sit at
+                stride, ptr = t.stride(), t.data_ptr()
+            key = ("tensor", ptr - t.storage_offset() * itemsize)  # where its storage starts
+            index = batch.add(key, ptr, ptr + (span + 1) * itemsize, copy)
+            return (_rebuild_tensor, (index, ptr, dtype, shape, stride, grad, parameter))
+
+        return reduce_tensor
 
     def seal(self, batch: Batch, dest: bytes) -> tuple[bytes, list[Any]]:
         """The head describing ``batch``'s regions, and the frames that carry some."""
@@ -548,10 +560,10 @@ class Plane:
     def share(self, value: Any) -> Any:
         """Move an array or tensor into this process's arena (see :func:`atoll.share`)."""
         t = type(value)
-        handler = self._handler(t)
-        if handler == self._reduce_tensor and _kinds.tensor_handled(value):
+        kind = _kind(t)
+        if kind == "tensor" and _kinds.tensor_handled(value):
             return self._share_tensor(value)
-        if handler == self._reduce_array and _kinds.array_extent(value) is not None:
+        if kind == "array" and _kinds.array_extent(value) is not None:
             return self._share_array(value)
         raise TypeError(f"share() takes a numpy array or a CPU torch tensor, got {t.__qualname__}")
 

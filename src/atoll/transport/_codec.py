@@ -26,6 +26,13 @@ _LIFT_SCAN_LIMIT = 64
 Reducer = Callable[[Any], Any]
 """A hook returning a ``__reduce__`` tuple for runtime objects, or ``NotImplemented``."""
 
+Handler = Callable[[Any, Any], Any]
+"""What the pickler runs for an object of one type: ``handler(obj, pickler)``
+returns a ``__reduce__`` tuple, or ``NotImplemented`` for pickle's own way."""
+
+_LEARNT_TYPES = 4096
+"""How many types' handlers a codec remembers (it starts over past that)."""
+
 _HEADED = 0
 """First byte of a payload that starts with a sidecar head (a pickle stream
 starts with the PROTO opcode, 0x80), followed by the head's length (4 bytes)."""
@@ -34,14 +41,15 @@ starts with the PROTO opcode, 0x80), followed by the head's length (4 bytes)."""
 class Sidecar(Protocol):
     """Carries some values beside the pickle stream (the tensor plane).
 
-    ``reduce`` sees each object first and may return a reduction, keeping
-    what it needs in ``pickler.batch``; ``seal`` turns a batch into a head and
-    extra frames (sent after the pickle's own) once the pickle is complete;
+    ``handler`` names, once per type, what reduces its objects (or None); a
+    handler may keep what it needs in ``pickler.batch``. ``seal`` turns a
+    batch into a head and extra frames (sent after the pickle's own) once the
+    pickle is complete;
     a stream with such a head is unpickled between ``begin_load`` (which
     says how many of the last frames are the sidecar's) and ``end_load``.
     """
 
-    def reduce(self, obj: Any, pickler: Any) -> Any: ...
+    def handler(self, t: type) -> Handler | None: ...
 
     def seal(self, batch: Any, dest: bytes) -> tuple[bytes, list[Any]]: ...
 
@@ -158,59 +166,96 @@ def _plain(x: Any, depth: int = 3) -> bool:
     return True
 
 
-def _main_defined(obj: object) -> bool:
-    return (
-        isinstance(obj, (type, types.FunctionType))
-        and getattr(obj, "__module__", None) == "__main__"
-    )
+def _reduce_memoryview(view: memoryview, pickler: Any) -> Any:
+    flat = view if view.contiguous else view.tobytes()
+    return (_rebuild_memoryview, (pickle.PickleBuffer(flat),))
+
+
+def _check_main(obj: Any, pickler: Any) -> Any:
+    # Defined in ``__main__``: the receiving process cannot import it.
+    if getattr(obj, "__module__", None) == "__main__":
+        raise _NeedsCloudpickle
+    return NotImplemented
+
+
+def _chain(first: Handler, then: Handler) -> Handler:
+    def handler(obj: Any, pickler: Any) -> Any:
+        reduced = first(obj, pickler)
+        return then(obj, pickler) if reduced is NotImplemented else reduced
+
+    return handler
+
+
+def _call_reducer(reducer: Reducer) -> Handler:
+    return lambda obj, pickler: reducer(obj)
 
 
 class Codec:
-    """Pickles values with out-of-band buffers; ``reducer`` handles runtime objects."""
+    """Pickles values with out-of-band buffers; ``reducers`` (by exact type)
+    handle runtime objects, and ``sidecar`` carries values beside the stream."""
 
-    def __init__(self, reducer: Reducer | None = None, sidecar: Sidecar | None = None) -> None:
-        self._reducer = reducer
+    def __init__(
+        self, reducers: dict[type, Reducer] | None = None, sidecar: Sidecar | None = None
+    ) -> None:
+        self._reducers = dict(reducers or {})
         self._sidecar = sidecar
-        codec = self
+        # The pickler asks about every object that is not a plain container or
+        # scalar; one lookup by type answers (learnt once per type).
+        plain: dict[type, Handler | None] = {}
+        self._handlers: tuple[dict[type, Handler | None], ...] = plain, {}
+        learn = self._learn
 
         class _Pickler(pickle.Pickler):
             batch: Any = None
 
             def reducer_override(self, obj: Any) -> Any:
-                return codec._reduce(obj, self, cloud=False)
+                try:
+                    handler = plain[type(obj)]
+                except KeyError:
+                    handler = learn(type(obj), cloud=False)
+                return NotImplemented if handler is None else handler(obj, self)
 
         self._pickler_cls = _Pickler
         self._cloud_pickler_cls: type[pickle.Pickler] | None = None
 
-    def _reduce(self, obj: Any, pickler: Any, *, cloud: bool) -> Any:
-        if self._reducer is not None:
-            reduced = self._reducer(obj)
-            if reduced is not NotImplemented:
-                return reduced
+    def _learn(self, t: type, *, cloud: bool) -> Handler | None:
+        found: list[Handler] = []
+        reducer = self._reducers.get(t)
+        if reducer is not None:
+            found.append(_call_reducer(reducer))
         if self._sidecar is not None:
-            reduced = self._sidecar.reduce(obj, pickler)
-            if reduced is not NotImplemented:
-                return reduced
-        if type(obj) is memoryview:
-            return (
-                _rebuild_memoryview,
-                (pickle.PickleBuffer(obj if obj.contiguous else obj.tobytes()),),
-            )
-        if not cloud and _main_defined(obj):
-            raise _NeedsCloudpickle
-        return NotImplemented
+            handler = self._sidecar.handler(t)
+            if handler is not None:
+                found.append(handler)
+        if t is memoryview:
+            found.append(_reduce_memoryview)
+        if not cloud and (issubclass(t, type) or t is types.FunctionType):
+            found.append(_check_main)
+        chosen = None
+        for handler in reversed(found):
+            chosen = handler if chosen is None else _chain(handler, chosen)
+        learnt = self._handlers[cloud]
+        if len(learnt) >= _LEARNT_TYPES:
+            learnt.clear()  # types made on the fly: do not keep them all alive
+        learnt[t] = chosen
+        return chosen
 
     def _cloud_pickler(self) -> type[pickle.Pickler]:
         if self._cloud_pickler_cls is None:
             import cloudpickle  # imported only when plain pickle cannot do the job
 
-            codec = self
+            handlers = self._handlers[True]
+            learn = self._learn
 
             class _CloudPickler(cloudpickle.Pickler):  # type: ignore[misc]
                 batch: Any = None
 
                 def reducer_override(self, obj: Any) -> Any:
-                    reduced = codec._reduce(obj, self, cloud=True)
+                    try:
+                        handler = handlers[type(obj)]
+                    except KeyError:
+                        handler = learn(type(obj), cloud=True)
+                    reduced = NotImplemented if handler is None else handler(obj, self)
                     if reduced is NotImplemented:
                         return super().reducer_override(obj)
                     return reduced
