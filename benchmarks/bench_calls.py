@@ -7,6 +7,9 @@ Rows:
   zmq floor, anyio/X    same echo server; client on atoll's AnyIO socket
   atoll no-op, X        ``await ref.noop()`` through a real actor process (with the
                         default reply polling, and with ``spin_us=0``)
+  atoll __main__ class  ``await ref.take(Point(1.0, 2.0))``: an instance of a class
+                        defined in ``__main__`` (this script), which the actor
+                        cannot import (a class from a notebook or script)
   atoll 100 in flight   calls/s with 100 concurrent callers on one ref
   spawn to first reply  ``host.spawn`` plus the first call, per actor
   death detected        SIGKILL of an actor to ActorDiedError in its caller
@@ -18,6 +21,7 @@ Each latency row is the median (and p99) of per-call times, best median over
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import multiprocessing
 import os
 import signal
@@ -118,21 +122,31 @@ async def raw_anyio(endpoint: str, n: int) -> list[float]:
     return out
 
 
+@dataclasses.dataclass
+class Point:
+    x: float
+    y: float
+
+
 class Noop(atoll.Actor):
     async def noop(self) -> None:
         return None
 
+    async def take(self, value: Any) -> None:
+        return None
 
-async def atoll_latency(n: int, spin_us: float = 150) -> list[float]:
+
+async def atoll_latency(n: int, spin_us: float = 150, value: Any = None) -> list[float]:
     async with atoll.open_host(spin_us=spin_us) as host:
         ref = await host.spawn(Noop)
+        call = ref.noop if value is None else lambda: ref.take(value)
         for _ in range(200):
-            await ref.noop()
+            await call()
         out = []
         clock = time.perf_counter
         for _ in range(n):
             t = clock()
-            await ref.noop()
+            await call()
             out.append(clock() - t)
         return out
 
@@ -233,6 +247,11 @@ def main() -> None:
         rows.append((f"atoll no-op call, {backend}", med, p99))
         med, p99 = best_of(rounds, lambda b=backend: anyio.run(atoll_latency, n, 0, backend=b))
         rows.append((f"atoll no-op call, {backend}, spin_us=0", med, p99))
+        med, p99 = best_of(
+            rounds,
+            lambda b=backend: anyio.run(atoll_latency, n, 150, Point(1.0, 2.0), backend=b),
+        )
+        rows.append((f"atoll call, __main__ dataclass, {backend}", med, p99))
 
     print(f"python {sys.version.split()[0]}, pyzmq {zmq.__version__}, libzmq {zmq.zmq_version()}")
     print(f"{'':42} {'median':>10} {'p99':>10} {'x floor':>8}")

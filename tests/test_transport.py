@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pickle
 from typing import Any
+from unittest import mock
 
 import anyio
 import pytest
@@ -159,6 +160,24 @@ def test_codec_uses_cloudpickle_only_when_needed() -> None:
     data, _ = codec.dumps(fn)
     assert codec.loads(data, [])(1) == 2
     assert pickle.loads(plain) == {"a": 1}
+
+
+def test_codec_pickles_a_class_defined_in_main_once() -> None:
+    import cloudpickle
+
+    point = type("Point", (), {"__module__": "__main__", "__init__": _set_xy})
+    codec = Codec()
+    with mock.patch.object(cloudpickle, "dumps", wraps=cloudpickle.dumps) as dumps:
+        payloads = [codec.dumps([point(i, -i), point(0, 0)])[0] for i in range(3)]
+    assert dumps.call_count == 1  # the class, once; the instances by plain pickle
+    assert codec._cloud_pickler_cls is None
+    for i, payload in enumerate(payloads):
+        p, q = codec.loads(payload, [])
+        assert type(p) is type(q) is point and (p.x, p.y) == (i, -i)
+
+
+def _set_xy(self: Any, x: int, y: int) -> None:
+    self.x, self.y = x, y
 
 
 def test_codec_reports_what_it_cannot_pickle() -> None:

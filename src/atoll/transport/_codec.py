@@ -12,6 +12,8 @@ from __future__ import annotations
 import io
 import pickle
 import types
+import weakref
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
@@ -178,6 +180,43 @@ def _check_main(obj: Any, pickler: Any) -> Any:
     return NotImplemented
 
 
+_by_value: weakref.WeakKeyDictionary[type, tuple[Any, ...]] = weakref.WeakKeyDictionary()
+"""Classes defined in ``__main__`` that were sent: how they are sent (by value)."""
+
+_received: OrderedDict[bytes, type] = OrderedDict()
+"""Classes received by value, by their digest: the most recent ``_RECEIVED_CLASSES``."""
+_RECEIVED_CLASSES = 256
+
+
+def _reduce_main_class(cls: type, pickler: Any) -> Any:
+    """A class defined in ``__main__`` (a script, a notebook) travels by value:
+    pickled by cloudpickle once, its bytes sent with a digest that lets the
+    receiver rebuild it once too. (cloudpickle on every message costs a
+    no-op call ten times over.) Later changes to the class object are not
+    sent, as the receiver keeps the class it first rebuilt either way."""
+    if cls.__module__ != "__main__":
+        return NotImplemented
+    reduction = _by_value.get(cls)
+    if reduction is None:
+        import hashlib
+
+        import cloudpickle
+
+        blob = cloudpickle.dumps(cls, protocol=5)
+        digest = hashlib.blake2b(blob, digest_size=16).digest()
+        reduction = _by_value[cls] = (_class_by_value, (digest, blob))
+    return reduction
+
+
+def _class_by_value(digest: bytes, blob: bytes) -> type:
+    cls = _received.get(digest)
+    if cls is None:
+        cls = _received[digest] = pickle.loads(blob)
+        if len(_received) > _RECEIVED_CLASSES:
+            _received.popitem(last=False)
+    return cls
+
+
 def _chain(first: Handler, then: Handler) -> Handler:
     def handler(obj: Any, pickler: Any) -> Any:
         reduced = first(obj, pickler)
@@ -229,7 +268,9 @@ class Codec:
                 found.append(handler)
         if t is memoryview:
             found.append(_reduce_memoryview)
-        if not cloud and (issubclass(t, type) or t is types.FunctionType):
+        if not cloud and issubclass(t, type):
+            found.append(_reduce_main_class)
+        elif not cloud and t is types.FunctionType:
             found.append(_check_main)
         chosen = None
         for handler in reversed(found):
