@@ -11,7 +11,8 @@ Rows:
                         defined in ``__main__`` (this script), which the actor
                         cannot import (a class from a notebook or script)
   atoll 100 in flight   calls/s with 100 concurrent callers on one ref
-  spawn to first reply  ``host.spawn`` plus the first call, per actor
+  spawn to first reply  ``host.spawn`` plus the first call, per actor; and the same
+                        taking a process that ``host.prewarm()`` started beforehand
   death detected        SIGKILL of an actor to ActorDiedError in its caller
 
 Each latency row is the median (and p99) of per-call times, best median over
@@ -170,10 +171,12 @@ async def atoll_throughput(n: int, in_flight: int = 100) -> float:
         return per_task * in_flight / (time.perf_counter() - t)
 
 
-async def spawn_to_first_reply(n: int) -> list[float]:
+async def spawn_to_first_reply(n: int, warm: bool = False) -> list[float]:
     out = []
     async with atoll.open_host() as host:
         for _ in range(n):
+            if warm:
+                await host.prewarm()  # a started process waits (not timed)
             t = time.perf_counter()
             ref = await host.spawn(Noop)
             await ref.noop()
@@ -263,6 +266,9 @@ def main() -> None:
     for backend in ("asyncio", "trio"):
         med, p99 = _summary(anyio.run(spawn_to_first_reply, 20, backend=backend))
         print(f"{'spawn to first reply, ' + backend:42} {med * 1e3:8.1f}ms {p99 * 1e3:8.1f}ms")
+        med, p99 = _summary(anyio.run(spawn_to_first_reply, 20, True, backend=backend))
+        label = "the same from host.prewarm(), " + backend
+        print(f"{label:42} {med * 1e3:8.1f}ms {p99 * 1e3:8.1f}ms")
         med, p99 = _summary(anyio.run(death_detection, 10, backend=backend))
         print(f"{'SIGKILL to ActorDiedError, ' + backend:42} {med * 1e3:8.1f}ms {p99 * 1e3:8.1f}ms")
 
