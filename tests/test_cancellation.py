@@ -6,7 +6,7 @@ import anyio
 import pytest
 
 import atoll
-from helpers import Sleeper
+from helpers import Counter, Sleeper
 
 pytestmark = pytest.mark.anyio
 
@@ -104,3 +104,19 @@ async def test_call_cancelled_while_waiting_for_its_turn_never_runs() -> None:
             started_count, cancelled_count = await sleeper.stats()
         assert started_count == 1, "the cancelled call still ran"
         assert cancelled_count == 1
+
+
+async def test_a_quick_call_in_a_cancelled_scope_is_cancelled() -> None:
+    # Right after another call, so the event loop is not due a turn: the
+    # caller still stops at the call, not after it.
+    async with atoll.open_host() as host:
+        counter = await host.spawn(Counter)
+        with anyio.fail_after(10):
+            for _ in range(3):
+                await counter.add(1)
+                with anyio.CancelScope() as scope:
+                    scope.cancel()
+                    await counter.add(100)
+                    raise AssertionError("a cancelled caller went on")
+                assert scope.cancelled_caught
+            assert await counter.get() % 100 == 3
