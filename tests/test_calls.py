@@ -122,11 +122,9 @@ async def test_reply_polling_can_be_turned_off() -> None:
 async def test_a_loop_of_quick_calls_lets_other_tasks_run_and_can_be_cancelled(
     spin_us: float,
 ) -> None:
-    # Replies that a polling caller reads itself never make it sleep; a
-    # cancelled caller still stops at its next call, and the loop still turns
-    # at least once a millisecond, so a timeout around a tight loop of calls
-    # fires, and other tasks of the loop keep running (0.3 s of calls: ~300
-    # turns; a loop that gave way only when a reply came late: a few dozen).
+    # Replies that a polling caller reads itself never make it sleep; each call
+    # still passes through the event loop once, so a timeout around a tight
+    # loop of calls fires, and other tasks of the loop keep running.
     async with atoll.open_host(spin_us=spin_us) as host:
         counter = await host.spawn(Counter)
         ticks = 0
@@ -141,14 +139,11 @@ async def test_a_loop_of_quick_calls_lets_other_tasks_run_and_can_be_cancelled(
         with anyio.fail_after(10):
             async with anyio.create_task_group() as tg:
                 tg.start_soon(tick)
-                start = anyio.current_time()
                 with anyio.move_on_after(0.3) as scope:
                     while True:
                         await counter.add(1)
                         calls += 1
-                elapsed = anyio.current_time() - start
                 tg.cancel_scope.cancel()
         assert scope.cancelled_caught
-        # At least a turn per 3 ms of calling (one per call when calls sleep).
-        assert calls > 10 and ticks >= min(calls // 2, elapsed / 0.003)
+        assert calls > 10 and ticks >= calls // 2
         assert await counter.get() in (calls, calls + 1)  # the last one may have run

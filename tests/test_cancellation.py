@@ -107,7 +107,7 @@ async def test_call_cancelled_while_waiting_for_its_turn_never_runs() -> None:
 
 
 async def test_a_quick_call_in_a_cancelled_scope_is_cancelled() -> None:
-    # Right after another call, so the event loop is not due a turn: the
+    # Replies read while polling never make the caller sleep: a cancelled
     # caller still stops at the call, not after it.
     async with atoll.open_host() as host:
         counter = await host.spawn(Counter)

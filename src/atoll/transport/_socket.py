@@ -67,9 +67,6 @@ _NOBLOCK_MORE = int(zmq.NOBLOCK | zmq.SNDMORE)
 _zsend = zmq.backend.Socket.send
 _zrecv = zmq.backend.Socket.recv
 
-_TURN_INTERVAL = 0.001
-"""At most this long (seconds) between event-loop turns given by callers
-whose replies :meth:`AsyncSocket.poll_for` reads without suspending."""
 _RECV_BATCH = 256
 """Messages handled per wake-up before yielding to other tasks."""
 
@@ -217,7 +214,6 @@ class AsyncSocket:
         self._workers: TaskGroup | None = None
         self.spin = 0.0
         """Seconds a lone caller polls for its reply before sleeping (0: never)."""
-        self._next_turn = 0.0  # see poll_for
         self.linger = 0.0
         """Seconds the reader polls for the next message after handling some,
         before it goes back to the event loop to sleep (0: never)."""
@@ -410,19 +406,10 @@ class AsyncSocket:
 
         For a lone caller that expects its reply soon: a reply read here,
         synchronously, skips the reader's wake-up and a task switch, the two
-        biggest costs of a round trip. A cancelled caller stops here first.
-        A call whose reply is read here never suspends, so the event loop
-        turns first if it has not been given a turn for a while
-        (``_TURN_INTERVAL``): a task that makes such calls in a loop cannot
-        starve the others, and the calls in between skip the turn's cost (a
-        few microseconds, more on trio).
+        biggest costs of a round trip. The event loop turns once first (a
+        checkpoint: other tasks run, and a cancelled caller stops here).
         """
-        now = time.perf_counter()
-        if now >= self._next_turn:
-            self._next_turn = now + _TURN_INTERVAL
-            await anyio.lowlevel.checkpoint()
-        else:
-            await anyio.lowlevel.checkpoint_if_cancelled()
+        await anyio.lowlevel.checkpoint()
         if not self.spin or self._on_message is None or self._busy:
             return
         while not done() and not self._closed and self._poll(self.spin):
