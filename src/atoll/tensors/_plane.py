@@ -274,7 +274,8 @@ def _batch(pickler: Any) -> Batch:
 
 
 def _kind(t: type) -> str | None:
-    """ "tensor" or "array" for the types the plane carries by their memory."""
+    """What the plane calls a type it carries by its memory ("tensor" or
+    "array"), or None."""
     module = t.__module__
     if module == "numpy":
         return "array" if t is sys.modules["numpy"].ndarray else None

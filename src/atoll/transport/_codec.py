@@ -46,9 +46,9 @@ class Sidecar(Protocol):
     ``handler`` names, once per type, what reduces its objects (or None); a
     handler may keep what it needs in ``pickler.batch``. ``seal`` turns a
     batch into a head and extra frames (sent after the pickle's own) once the
-    pickle is complete;
-    a stream with such a head is unpickled between ``begin_load`` (which
-    says how many of the last frames are the sidecar's) and ``end_load``.
+    pickle is complete. A stream with such a head is unpickled between
+    ``begin_load`` (which says how many of the last frames are the
+    sidecar's) and ``end_load``.
     """
 
     def handler(self, t: type) -> Handler | None: ...
@@ -194,7 +194,7 @@ def _reduce_main_class(cls: type, pickler: Any) -> Any:
     receiver rebuild it once too. (cloudpickle on every message costs a
     no-op call ten times over.) Later changes to the class object are not
     sent, as the receiver keeps the class it first rebuilt either way."""
-    if cls.__module__ != "__main__":
+    if getattr(cls, "__module__", None) != "__main__":
         return NotImplemented
     reduction = _by_value.get(cls)
     if reduction is None:
@@ -202,7 +202,10 @@ def _reduce_main_class(cls: type, pickler: Any) -> Any:
 
         import cloudpickle
 
-        blob = cloudpickle.dumps(cls, protocol=5)
+        try:
+            blob = cloudpickle.dumps(cls, protocol=5)
+        except Exception:
+            raise _NeedsCloudpickle from None  # the whole message, and its error
         digest = hashlib.blake2b(blob, digest_size=16).digest()
         reduction = _by_value[cls] = (_class_by_value, (digest, blob))
     return reduction
