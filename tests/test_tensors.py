@@ -80,6 +80,21 @@ async def test_views_of_one_storage_in_several_dtypes_arrive_sharing_it() -> Non
                 assert ptrs == {base.untyped_storage().data_ptr()}
 
 
+async def test_views_in_dtypes_that_do_not_divide_their_storage_arrive_together() -> None:
+    # 10 bytes (inline) and 128 KiB + 2 (shared memory), seen as bytes and as
+    # float32 over the first 8: the region is not a whole number of floats.
+    async with atoll.open_host() as host:
+        echo = await host.spawn(Echo)
+        for n in (10, (1 << 17) + 2):
+            raw = torch.arange(n, dtype=torch.uint8)
+            floats = raw[:8].view(torch.float32)
+            for sent in ([floats, raw], [raw, floats]):
+                back = await echo.echo(sent)
+                for v, w in zip(sent, back, strict=True):
+                    assert (w.dtype, w.shape) == (v.dtype, v.shape) and torch.equal(v, w)
+                assert back[0].untyped_storage().data_ptr() == back[1].untyped_storage().data_ptr()
+
+
 async def test_a_whole_flat_tensor_sent_before_its_views_stays_apart_from_them() -> None:
     # The first tensor of a region that spans all of it is built in one step
     # (it is the region's root): the views after it must still be their own

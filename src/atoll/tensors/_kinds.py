@@ -146,8 +146,9 @@ def rebuild_tensor(
     offset = (ptr - origin - start) // itemsize
     root = roots.get(dt)
     if root is None:
-        if not roots:
-            root = roots[dt] = _torch().frombuffer(
+        torch = _torch()
+        if not roots and not size % itemsize:
+            root = roots[dt] = torch.frombuffer(
                 buffer, dtype=dt, count=size // itemsize, offset=start
             )
             if (
@@ -158,9 +159,16 @@ def rebuild_tensor(
                 and not (requires_grad or parameter)
             ):
                 return root
-        else:  # another dtype over the same bytes: the same storage still
+        else:
+            # Another dtype over the same bytes: the same storage still. The
+            # storage holds the whole region, so a region whose size this
+            # dtype does not divide starts with a byte root.
+            if not roots:
+                roots[torch.uint8] = torch.frombuffer(
+                    buffer, dtype=torch.uint8, count=size, offset=start
+                )
             storage = next(iter(roots.values())).untyped_storage()
-            root = roots[dt] = _torch().empty((0,), dtype=dt).set_(storage, 0, (size // itemsize,))
+            root = roots[dt] = torch.empty((0,), dtype=dt).set_(storage, 0, (size // itemsize,))
     t = root.as_strided(shape, stride, offset)
     if requires_grad or parameter:
         return _finish_tensor(_torch(), t, requires_grad, parameter)
