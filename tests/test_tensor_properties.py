@@ -59,3 +59,38 @@ def test_array_views_round_trip_exactly_and_stay_aliased(echo: Any, pair: Any) -
         got = back_view.__array_interface__["data"][0] - back_base.__array_interface__["data"][0]
         assert got == offset
         assert np.shares_memory(back_base, back_view)
+
+
+_REINTERPRET = ["uint8", "int16", "int32", "float32", "float64", "complex128", "bfloat16"]
+
+
+@st.composite
+def _one_storage_in_several_dtypes(draw: Any) -> list[Any]:
+    """Bytes (inline or shared-memory sized), and views of slices of them in
+    other dtypes, in any order: a storage whose size need not divide by the
+    views' item sizes."""
+    n = draw(st.one_of(st.integers(1, 300), st.integers(1 << 16, (1 << 16) + 300)))
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31)))
+    raw = torch.randint(0, 256, (n,), dtype=torch.uint8, generator=gen)
+    views = [raw]
+    for name in draw(st.lists(st.sampled_from(_REINTERPRET), min_size=1, max_size=3)):
+        dtype = getattr(torch, name)
+        count = n // dtype.itemsize
+        if count:
+            a = draw(st.integers(0, count - 1))
+            b = draw(st.integers(a + 1, count))
+            views.append(raw[a * dtype.itemsize : b * dtype.itemsize].view(dtype))
+    return draw(st.permutations(views))
+
+
+@_settings
+@given(views=_one_storage_in_several_dtypes())
+def test_views_of_one_storage_in_several_dtypes_round_trip(echo: Any, views: Any) -> None:
+    back = echo.echo(views)
+    raw_back = next(w for v, w in zip(views, back, strict=True) if v.dtype == torch.uint8)
+    start = views[[v.dtype for v in views].index(torch.uint8)].data_ptr()
+    for v, w in zip(views, back, strict=True):
+        assert (w.dtype, w.shape, w.stride()) == (v.dtype, v.shape, v.stride())
+        assert torch.equal(w.view(torch.uint8), v.view(torch.uint8))  # bitwise: NaNs too
+        assert w.untyped_storage().data_ptr() == raw_back.untyped_storage().data_ptr()
+        assert w.data_ptr() - raw_back.data_ptr() == v.data_ptr() - start
