@@ -95,6 +95,27 @@ async def test_views_in_dtypes_that_do_not_divide_their_storage_arrive_together(
                 assert back[0].untyped_storage().data_ptr() == back[1].untyped_storage().data_ptr()
 
 
+async def test_lazy_conjugates_negations_and_unaligned_tensors_arrive_intact() -> None:
+    # Each is not plain memory as it stands: a conjugate view (a lazy bit), the
+    # imaginary part of one (a lazy negation), a float32 at an odd address.
+    async with atoll.open_host() as host:
+        echo = await host.spawn(Echo)
+        holder = await host.spawn(Holder)
+        for n in (4, 1 << 15):  # inline, and shared memory
+            ramp = torch.arange(n, dtype=torch.float32)
+            z = torch.complex(ramp, -ramp)
+            back = await echo.echo(z.conj())
+            assert back.is_conj() and torch.equal(back, z.conj())
+            imaginary = z.conj().imag
+            assert imaginary.is_neg() and torch.equal(await echo.echo(imaginary), -z.imag)
+            odd = torch.frombuffer(bytearray(4 * n + 1), dtype=torch.float32, offset=1, count=n)
+            odd.copy_(ramp)
+            assert torch.equal(await echo.echo(odd), ramp)
+        shared = atoll.share(torch.zeros(1 << 15, dtype=torch.complex64))
+        await holder.fill(shared.conj(), 1 + 2j)  # a view of this memory, conjugate there too
+        assert complex(shared[7]) == 1 - 2j
+
+
 async def test_a_whole_flat_tensor_sent_before_its_views_stays_apart_from_them() -> None:
     # The first tensor of a region that spans all of it is built in one step
     # (it is the region's root): the views after it must still be their own

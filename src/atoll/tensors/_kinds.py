@@ -131,6 +131,7 @@ def rebuild_tensor(
     stride: tuple[int, ...],
     requires_grad: bool,
     parameter: bool,
+    conj: bool = False,
 ) -> Any:
     """The tensor that sat at sender address ``ptr``, over a received region
     (see ``_Incoming.bases``). Tensors rebuilt over one region share one
@@ -156,7 +157,7 @@ def rebuild_tensor(
                 and len(shape) == 1
                 and shape[0] * itemsize == size
                 and stride[0] == 1
-                and not (requires_grad or parameter)
+                and not (requires_grad or parameter or conj)
             ):
                 return root
         else:
@@ -170,6 +171,8 @@ def rebuild_tensor(
             storage = next(iter(roots.values())).untyped_storage()
             root = roots[dt] = torch.empty((0,), dtype=dt).set_(storage, 0, (size // itemsize,))
     t = root.as_strided(shape, stride, offset)
+    if conj:
+        t = t.conj()
     if requires_grad or parameter:
         return _finish_tensor(_torch(), t, requires_grad, parameter)
     return t

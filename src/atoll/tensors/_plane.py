@@ -169,12 +169,13 @@ class _Group:
 class Batch:
     """The regions of one message being pickled."""
 
-    __slots__ = ("copy_ids", "groups", "keys")
+    __slots__ = ("copy_ids", "groups", "keep", "keys")
 
     def __init__(self) -> None:
         self.groups: list[_Group] = []
         self.keys: dict[Any, int] = {}
         self.copy_ids: set[int] = set()
+        self.keep: list[Any] = []  # tensors made while pickling: their memory is read at seal
 
     def add(self, key: Any, lo: int, hi: int, copy: bool, view: memoryview | None = None) -> int:
         if copy:
@@ -421,8 +422,13 @@ class Plane:
             copy = id(t) in batch.copy_ids
             if grad:
                 t = t.detach()  # the data travels; the graph does not
-            if t.is_neg() or (info.complex and t.is_conj()):
-                t = t.resolve_conj().resolve_neg()  # lazy bits: make them real data
+            conj = info.complex and t.is_conj()
+            if t.is_neg():
+                # A lazy negation (the imaginary part of a conjugate view): sent
+                # as real data, a copy that must live until the batch is sealed.
+                t = t.resolve_conj().resolve_neg()
+                conj = False
+                batch.keep.append(t)
             dtype, itemsize = info.name, info.itemsize
             shape = tuple(t.shape)
             stride = t.stride()
@@ -435,9 +441,11 @@ class Plane:
             if ptr % itemsize:
                 t = t.clone()  # a view at an address its dtype cannot sit at
                 stride, ptr = t.stride(), t.data_ptr()
+                batch.keep.append(t)
             key = ("tensor", ptr - t.storage_offset() * itemsize)  # where its storage starts
             index = batch.add(key, ptr, ptr + (span + 1) * itemsize, copy)
-            return (_rebuild_tensor, (index, ptr, dtype, shape, stride, grad, parameter))
+            # A conjugate view travels as the memory it views, and is one again.
+            return (_rebuild_tensor, (index, ptr, dtype, shape, stride, grad, parameter, conj))
 
         return reduce_tensor
 
