@@ -50,9 +50,14 @@ VALUES_SCRIPT = textwrap.dedent(
         def norm(self):
             return (self.x ** 2 + self.y ** 2) ** 0.5
 
+    class Refused(Exception):
+        pass
+
     class Keeper(atoll.Actor):
         def __init__(self):
             self.types = set()
+        async def refuse(self, why):
+            raise Refused(why)
         async def norm(self, p):
             self.types.add(type(p))
             return len(self.types), p.norm()
@@ -66,6 +71,10 @@ VALUES_SCRIPT = textwrap.dedent(
                 print(*await k.norm(Point(x, y)))
             back = await k.mirror(Point(1, 2))
             print(type(back) is Point, back)
+            try:
+                await k.refuse("no")
+            except Refused as exc:
+                print("Refused:", exc)
 
     anyio.run(main, backend=sys.argv[1])
     """
@@ -74,7 +83,8 @@ VALUES_SCRIPT = textwrap.dedent(
 
 def test_instances_of_a_class_defined_in_main_cross_as_that_class() -> None:
     # The class travels by value; the receiver rebuilds it once and keeps it,
-    # and an instance sent back arrives as the sender's own class.
+    # and an instance sent back arrives as the sender's own class. An exception
+    # class of the script raised in the actor is caught as itself.
     for backend in ("asyncio", "trio"):
         out = subprocess.run(
             [sys.executable, "-c", VALUES_SCRIPT, backend],
@@ -88,4 +98,5 @@ def test_instances_of_a_class_defined_in_main_cross_as_that_class() -> None:
             "1 10.0",
             "1 13.0",
             "True Point(x=2, y=1)",
+            "Refused: no",
         ]

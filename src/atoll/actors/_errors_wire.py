@@ -6,14 +6,15 @@ import pickle
 import traceback
 
 from .._errors import RemoteError, RemoteTraceback
+from ..transport._codec import dumps_main_by_value
 
 
 def pack_error(exc: BaseException, actor: str) -> bytes:
     """Serialize ``exc`` with its traceback text and the name of the actor."""
     text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     try:
-        exc_bytes: bytes | None = pickle.dumps(exc, protocol=5)
-    except Exception:
+        exc_bytes: bytes | None = dumps_main_by_value(exc)
+    except Exception:  # not picklable: it arrives as RemoteError, with its name and text
         exc_bytes = None
     type_name = f"{type(exc).__module__}.{type(exc).__qualname__}"
     return pickle.dumps((exc_bytes, type_name, str(exc), text, actor), protocol=5)

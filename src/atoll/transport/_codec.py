@@ -220,6 +220,19 @@ def _class_by_value(digest: bytes, blob: bytes) -> type:
     return cls
 
 
+class _MainClassPickler(pickle.Pickler):
+    def reducer_override(self, obj: Any) -> Any:
+        return _reduce_main_class(obj, self) if isinstance(obj, type) else NotImplemented
+
+
+def dumps_main_by_value(obj: Any) -> bytes:
+    """Plain pickle of ``obj``, except that classes defined in ``__main__``
+    go by value (an exception class of a script raised in an actor, say)."""
+    f = io.BytesIO()
+    _MainClassPickler(f, protocol=5).dump(obj)
+    return f.getvalue()
+
+
 def _chain(first: Handler, then: Handler) -> Handler:
     def handler(obj: Any, pickler: Any) -> Any:
         reduced = first(obj, pickler)
