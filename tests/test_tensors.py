@@ -116,6 +116,19 @@ async def test_lazy_conjugates_negations_and_unaligned_tensors_arrive_intact() -
         assert complex(shared[7]) == 1 - 2j
 
 
+async def test_arrays_made_by_separate_frombuffer_calls_on_one_buffer_stay_aliased() -> None:
+    async with atoll.open_host() as host:
+        echo = await host.spawn(Echo)
+        for n in (10, 40_000):  # inline, and shared memory
+            buf = bytearray(8 * n + 3)
+            floats = np.frombuffer(buf, dtype=np.float64, offset=3, count=n)
+            floats[:] = np.arange(n)
+            raw = np.frombuffer(buf, dtype=np.uint8)
+            back_floats, back_raw = await echo.echo((floats, raw))
+            assert back_floats.tobytes() == floats.tobytes() and back_raw.tobytes() == bytes(buf)
+            assert np.shares_memory(back_floats, back_raw)
+
+
 async def test_a_whole_flat_tensor_sent_before_its_views_stays_apart_from_them() -> None:
     # The first tensor of a region that spans all of it is built in one step
     # (it is the region's root): the views after it must still be their own

@@ -41,7 +41,10 @@ def array_extent(a: Any) -> Extent | None:
     root = a
     while isinstance(root.base, type(a)):
         root = root.base
-    return Extent(ptr, lo, hi, ("array", id(root if root.base is None else root.base)))
+    owner = root if root.base is None else root.base
+    if type(owner) is memoryview and owner.obj is not None:
+        owner = owner.obj  # np.frombuffer makes a memoryview per call: its exporter is shared
+    return Extent(ptr, lo, hi, ("array", id(owner)))
 
 
 def tensor_handled(t: Any) -> bool:
