@@ -111,8 +111,8 @@ def _view_ops(draw: Any, ndim: int, negative: bool) -> list[tuple[str, int, int,
 @st.composite
 def tensor_views(draw: Any) -> tuple[Any, Any]:
     """A torch tensor and a view of it (strided slices, transposes, storage
-    offsets) over every dtype, 0-d and zero-size shapes included, some large
-    enough to go through shared memory."""
+    offsets, conjugates) over every dtype, 0-d and zero-size shapes included,
+    some large enough to go through shared memory."""
     import torch
 
     dtype = getattr(torch, draw(st.sampled_from(TORCH_DTYPES)))
@@ -133,6 +133,8 @@ def tensor_views(draw: Any) -> tuple[Any, Any]:
             view = view[tuple(index)]
         else:
             view = view.transpose(a, b)
+    if dtype.is_complex and draw(st.booleans()):
+        view = view.conj()  # a lazy conjugate: the same memory, read conjugated
     return base, view
 
 
