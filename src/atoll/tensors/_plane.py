@@ -288,8 +288,8 @@ def _kind(t: type) -> str | None:
 
 
 def _rebuild_array(index: int, ptr: int, *meta: Any) -> Any:
-    base, origin, *_ = _incoming.get().base(index)
-    return _kinds.rebuild_array(base, ptr - origin, *meta)
+    region = _incoming.get().base(index)
+    return _kinds.rebuild_array(region[0], ptr - region[1], *meta)
 
 
 def _rebuild_tensor(index: int, ptr: int, *meta: Any) -> Any:
@@ -297,8 +297,8 @@ def _rebuild_tensor(index: int, ptr: int, *meta: Any) -> Any:
 
 
 def _rebuild_buffer(index: int, ptr: int, nbytes: int, kind: str) -> Any:
-    base, origin, *_ = _incoming.get().base(index)
-    start = ptr - origin
+    region = _incoming.get().base(index)
+    base, start = region[0], ptr - region[1]
     # A view of a view of ``base`` still holds ``base`` (its exporter).
     view = memoryview(base).cast("B")[start : start + nbytes]
     if kind == "memoryview":

@@ -257,7 +257,8 @@ class Codec:
         # The pickler asks about every object that is not a plain container or
         # scalar; one lookup by type answers (learnt once per type).
         plain: dict[type, Handler | None] = {}
-        self._handlers: tuple[dict[type, Handler | None], ...] = plain, {}
+        self._plain_handlers = plain
+        self._cloud_handlers: dict[type, Handler | None] = {}
         learn = self._learn
 
         class _Pickler(pickle.Pickler):
@@ -291,7 +292,7 @@ class Codec:
         chosen = None
         for handler in reversed(found):
             chosen = handler if chosen is None else _chain(handler, chosen)
-        learnt = self._handlers[cloud]
+        learnt = self._cloud_handlers if cloud else self._plain_handlers
         if len(learnt) >= _LEARNT_TYPES:
             learnt.clear()  # types made on the fly: do not keep them all alive
         learnt[t] = chosen
@@ -301,7 +302,7 @@ class Codec:
         if self._cloud_pickler_cls is None:
             import cloudpickle  # imported only when plain pickle cannot do the job
 
-            handlers = self._handlers[True]
+            handlers = self._cloud_handlers
             learn = self._learn
 
             class _CloudPickler(cloudpickle.Pickler):  # type: ignore[misc]
