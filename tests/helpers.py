@@ -56,6 +56,14 @@ class Echo(atoll.Actor):
     async def loaded(self, modules: list[str]) -> list[str]:
         return [name for name in modules if name in sys.modules]
 
+    async def atoll_loaders(self) -> dict[str, str]:
+        """Each loaded atoll module's loader, by class name."""
+        return {
+            name: type(module.__spec__.loader).__name__
+            for name, module in list(sys.modules.items())
+            if name.split(".")[0] == "atoll"
+        }
+
     def call_sync(self, fn: Callable[..., Any], *args: Any) -> Any:
         return fn(*args)
 

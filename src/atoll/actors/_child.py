@@ -1,4 +1,4 @@
-"""Entry point of an actor process: ``python -m atoll.actors._child``.
+"""An actor process: ``main()``, which ``_boot`` runs (or ``python -m atoll.actors._child``).
 
 The host writes one JSON line to our stdin (hub endpoint, identity, the
 per-spawn secret, sys.path) and keeps the pipe open. EOF on stdin means the

@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 import anyio
 import anyio.lowlevel
+import anyio.to_thread
 import zmq
 from anyio.abc import Process, TaskGroup
 
@@ -36,6 +37,7 @@ from ..transport._socket import Job
 from ..venvs import BuiltEnv, Env, Progress, build, read_extension
 from . import _runtime
 from ._actor import Actor, Kind, method_kinds
+from ._boot import write_table
 from ._errors_wire import pack_error, unpack_error
 from ._node import ExcFactory, Node, _Pending
 from ._ref import ACTOR_OID, ActorRef
@@ -46,9 +48,7 @@ A = TypeVar("A", bound=Actor)
 _STDERR_TAIL_LINES = 20
 _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
 _SRC_ROOT = os.path.dirname(_PACKAGE_DIR)
-_ISOLATED_MAIN = (
-    "import sys; sys.path.insert(0, sys.argv.pop(1)); from atoll.actors._child import main; main()"
-)
+_BOOT_SCRIPT = os.path.join(_PACKAGE_DIR, "actors", "_boot.py")
 
 
 class _ActorProcess:
@@ -113,6 +113,8 @@ class Host:
         self._warm_imports: dict[str | None, tuple[str, ...]] = {}
         self._tg: TaskGroup | None = None
         self._closed = False
+        self._code_table: str | None = None
+        self._code_table_lock = anyio.Lock()
         self.registry = Registry(self.node)
         self.node.export(RegistryService(self.registry), "registry", oid=REGISTRY_OID, actor=True)
 
@@ -418,6 +420,16 @@ class Host:
                 raise SpawnError(f"actor {actor.name!r} failed to start: {exc}") from exc
             raise
 
+    async def _write_code_table(self) -> str:
+        """The compiled code of atoll's modules for actor processes (see ``_boot``),
+        written once per host."""
+        async with self._code_table_lock:
+            if self._code_table is None:
+                path = os.path.join(self._hub.dir, "code")
+                await anyio.to_thread.run_sync(write_table, path, _PACKAGE_DIR)
+                self._code_table = path
+        return self._code_table
+
     def _overlay(self) -> str:
         """A directory holding only atoll (a link to this process's copy): what
         an isolated actor process gets of the host's packages."""
@@ -435,14 +447,15 @@ class Host:
         imports: Sequence[str],
     ) -> None:
         env = dict(os.environ)
+        table = await self._write_code_table()
         if built is None:
-            argv = [sys.executable, "-m", "atoll.actors._child"]
+            argv = [sys.executable, _BOOT_SCRIPT, "", table]
             env["PYTHONPATH"] = os.pathsep.join(p for p in (_SRC_ROOT, env.get("PYTHONPATH")) if p)
             sys_path = sys.path
         else:
             # -I: no PYTHONPATH, no user site, no current directory; only the
             # environment's own packages, and atoll through the overlay.
-            argv = [built.python, "-I", "-c", _ISOLATED_MAIN, self._overlay()]
+            argv = [built.python, "-I", _BOOT_SCRIPT, self._overlay(), table]
             env.pop("VIRTUAL_ENV", None)
             sys_path = []
         boot = {

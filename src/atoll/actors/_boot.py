@@ -1,0 +1,148 @@
+"""The first code an actor process runs, and the code table its host writes.
+
+The host starts an actor as ``python .../atoll/actors/_boot.py LIB TABLE``:
+LIB is a directory to put first on ``sys.path`` (or empty), TABLE a file of
+compiled code for atoll's own modules (or empty). Both come before anything
+of atoll is imported, which is why this file runs as a script.
+
+Why a table: where Python keeps no bytecode cache (``PYTHONDONTWRITEBYTECODE=1``,
+common in containers, with an editable install; a read-only tree installed
+without bytecode), every actor process would compile atoll from source again,
+some tens of milliseconds per spawn. The host compiles (or reads from its own
+bytecode cache) each module once and writes the table into its private
+directory; each actor then loads the code from it. A module whose source
+changed since (size or mtime differ), or an interpreter of another version or
+optimisation level, falls back to the ordinary import: a stale table never
+runs old code.
+"""
+
+from __future__ import annotations
+
+import marshal
+import os
+import sys
+from importlib.machinery import ModuleSpec, SourceFileLoader
+from importlib.util import MAGIC_NUMBER, spec_from_file_location
+from types import CodeType
+from typing import Any
+
+# The atoll modules an actor process imports before its first call. A module
+# missing here is compiled as usual (slower, still correct); a test checks
+# that an actor loads every atoll module it has from the table.
+CHILD_MODULES = (
+    "atoll",
+    "atoll._errors",
+    "atoll.actors",
+    "atoll.actors._actor",
+    "atoll.actors._child",
+    "atoll.actors._errors_wire",
+    "atoll.actors._node",
+    "atoll.actors._ref",
+    "atoll.actors._registry",
+    "atoll.actors._runtime",
+    "atoll.actors._turns",
+    "atoll.tensors",
+    "atoll.tensors._kinds",
+    "atoll.tensors._plane",
+    "atoll.tensors._shm",
+    "atoll.transport",
+    "atoll.transport._codec",
+    "atoll.transport._hub",
+    "atoll.transport._messages",
+    "atoll.transport._socket",
+)
+
+# (source path, is a package, (st_mtime_ns, st_size) of the source, code)
+_Entry = tuple[str, bool, tuple[int, int], CodeType]
+
+
+def _header() -> bytes:
+    return MAGIC_NUMBER + bytes([sys.flags.optimize])
+
+
+def write_table(path: str, package_dir: str, modules: tuple[str, ...] = CHILD_MODULES) -> None:
+    """Compile ``modules`` (of the package at ``package_dir``) into a table at ``path``."""
+    root = os.path.basename(package_dir)
+    entries: dict[str, _Entry] = {}
+    for name in modules:
+        first, *rest = name.split(".")
+        if first != root:
+            raise ValueError(f"{name!r} is not a module of the package at {package_dir!r}")
+        base = os.path.join(package_dir, *rest)
+        is_package = os.path.isdir(base)
+        source = os.path.join(base, "__init__.py") if is_package else base + ".py"
+        stat = os.stat(source)  # before reading: a later edit then never matches
+        code = SourceFileLoader(name, source).get_code(name)
+        assert code is not None
+        entries[name] = (source, is_package, (stat.st_mtime_ns, stat.st_size), code)
+    with open(path, "wb") as f:
+        f.write(_header() + marshal.dumps(entries))
+
+
+class _TableLoader(SourceFileLoader):
+    """A source loader that hands out the host's code while the source is unchanged."""
+
+    def __init__(self, fullname: str, path: str, stamp: tuple[int, int], code: CodeType) -> None:
+        super().__init__(fullname, path)
+        self._stamp: tuple[int, int] | None = stamp
+        self._code = code
+
+    def get_code(self, fullname: str) -> CodeType:
+        stamp, self._stamp = self._stamp, None  # once: a reload reads the source
+        if fullname == self.name and stamp is not None:
+            stat = os.stat(self.path)
+            if (stat.st_mtime_ns, stat.st_size) == stamp:
+                return self._code
+        code = super().get_code(fullname)
+        assert code is not None
+        return code
+
+
+class _TableFinder:
+    """First on ``sys.meta_path``: finds the table's modules, each once."""
+
+    def __init__(self, entries: dict[str, _Entry]) -> None:
+        self._entries = entries
+
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> ModuleSpec | None:
+        entry = self._entries.pop(fullname, None)
+        if entry is None:
+            return None
+        if not self._entries:
+            sys.meta_path.remove(self)
+        source, is_package, stamp, code = entry
+        loader = _TableLoader(fullname, source, stamp, code)
+        return spec_from_file_location(
+            fullname, source, loader=loader, submodule_search_locations=[] if is_package else None
+        )
+
+
+def install_table(path: str) -> bool:
+    """Serve the modules in the table at ``path``; False if this interpreter can't use it."""
+    with open(path, "rb") as f:
+        data = f.read()
+    header = _header()
+    if not data.startswith(header):
+        return False  # another Python version or -O level: import as usual
+    entries: dict[str, _Entry] = marshal.loads(data[len(header) :])
+    sys.meta_path.insert(0, _TableFinder(entries))
+    return True
+
+
+def _main() -> None:
+    here = os.path.dirname(os.path.realpath(__file__))
+    if sys.path and sys.path[0] == here:
+        del sys.path[0]  # a script's directory; atoll's internals aren't top-level modules
+    lib, table = sys.argv[1:3]
+    del sys.argv[1:3]
+    if lib:
+        sys.path.insert(0, lib)
+    if table:
+        install_table(table)
+    from atoll.actors._child import main
+
+    main()
+
+
+if __name__ == "__main__":
+    _main()

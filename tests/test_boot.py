@@ -1,0 +1,102 @@
+"""An actor process loads atoll's own code from a table its host compiled once
+(no per-spawn compile where Python keeps no bytecode cache), and never runs
+stale code from it."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import anyio
+import pytest
+
+import atoll
+from atoll.actors import _boot
+from helpers import Echo
+
+
+@pytest.mark.anyio
+async def test_an_actor_process_loads_every_atoll_module_from_the_table() -> None:
+    async with atoll.open_host() as host:
+        echo = await host.spawn(Echo)
+        with anyio.fail_after(10):
+            loaders = await echo.atoll_loaders()
+    assert set(_boot.CHILD_MODULES) <= set(loaders)
+    assert {name for name, loader in loaders.items() if loader != "_TableLoader"} == set()
+
+
+@pytest.fixture
+def package(tmp_path: Path) -> Iterator[Path]:
+    """A package ``boottest`` with a module ``mod``; sys.path, sys.meta_path and
+    sys.modules as they were afterwards."""
+    root = tmp_path / "boottest"
+    root.mkdir()
+    (root / "__init__.py").write_text("NAME = 'package'\n")
+    (root / "mod.py").write_text("VALUE = 1\n")
+    sys.path.insert(0, str(tmp_path))
+    meta_path = list(sys.meta_path)
+    try:
+        yield root
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.meta_path[:] = meta_path
+        for name in ("boottest", "boottest.mod"):
+            sys.modules.pop(name, None)
+
+
+def _import_mod() -> tuple[int, str, str]:
+    import boottest.mod  # type: ignore[import-not-found]
+
+    loader = type(boottest.__spec__.loader).__name__
+    return boottest.mod.VALUE, loader, boottest.mod.__file__
+
+
+def test_the_table_serves_unchanged_modules(package: Path, tmp_path: Path) -> None:
+    table = str(tmp_path / "table")
+    _boot.write_table(table, str(package), ("boottest", "boottest.mod"))
+    # New text, same size and mtime: what the table checks is unchanged, so
+    # the code that runs is the table's (this is how it shows it was used).
+    stat = os.stat(package / "mod.py")
+    (package / "mod.py").write_text("VALUE = 2\n")
+    os.utime(package / "mod.py", ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert _boot.install_table(table)
+    assert _import_mod() == (1, "_TableLoader", str(package / "mod.py"))
+
+
+def test_a_module_edited_after_the_table_is_read_from_source(package: Path, tmp_path: Path) -> None:
+    table = str(tmp_path / "table")
+    _boot.write_table(table, str(package), ("boottest", "boottest.mod"))
+    (package / "mod.py").write_text("VALUE = 22\n")  # another size
+    assert _boot.install_table(table)
+    value, package_loader, path = _import_mod()
+    assert value == 22
+    assert package_loader == "_TableLoader"
+    assert path == str(package / "mod.py")
+
+
+def test_a_module_touched_after_the_table_is_read_from_source(
+    package: Path, tmp_path: Path
+) -> None:
+    table = str(tmp_path / "table")
+    _boot.write_table(table, str(package), ("boottest", "boottest.mod"))
+    (package / "mod.py").write_text("VALUE = 2\n")  # same size
+    stat = os.stat(package / "mod.py")
+    os.utime(package / "mod.py", ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    assert _boot.install_table(table)
+    assert _import_mod()[0] == 2
+
+
+def test_a_table_from_another_interpreter_is_not_used(package: Path, tmp_path: Path) -> None:
+    table = tmp_path / "table"
+    _boot.write_table(str(table), str(package), ("boottest", "boottest.mod"))
+    data = table.read_bytes()
+    table.write_bytes(bytes([data[0] ^ 1]) + data[1:])  # another bytecode magic number
+    assert not _boot.install_table(str(table))
+    assert _import_mod()[:2] == (1, "SourceFileLoader")
+
+
+def test_a_module_outside_the_package_is_refused(package: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="not a module of the package"):
+        _boot.write_table(str(tmp_path / "table"), str(package), ("other.mod",))
