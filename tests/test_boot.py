@@ -13,7 +13,7 @@ import anyio
 import pytest
 
 import atoll
-from atoll.actors import _boot
+from atoll.actors import _boot, _host
 from helpers import Echo
 
 
@@ -25,6 +25,22 @@ async def test_an_actor_process_loads_every_atoll_module_from_the_table() -> Non
             loaders = await echo.atoll_loaders()
     assert set(_boot.CHILD_MODULES) <= set(loaders)
     assert {name for name, loader in loaders.items() if loader != "_TableLoader"} == set()
+
+
+@pytest.mark.anyio
+async def test_an_actor_starts_without_a_table_where_none_can_be_written(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def unwritable(path: str, package_dir: str) -> None:
+        raise PermissionError(13, "Permission denied", path)
+
+    monkeypatch.setattr(_host, "write_table", unwritable)
+    async with atoll.open_host() as host:
+        echo = await host.spawn(Echo)
+        with anyio.fail_after(10):
+            assert await echo.echo(7) == 7
+            loaders = await echo.atoll_loaders()
+    assert set(loaders.values()) == {"SourceFileLoader"}
 
 
 @pytest.fixture

@@ -426,7 +426,10 @@ class Host:
         async with self._code_table_lock:
             if self._code_table is None:
                 path = os.path.join(self._hub.dir, "code")
-                await anyio.to_thread.run_sync(write_table, path, _PACKAGE_DIR)
+                try:
+                    await anyio.to_thread.run_sync(write_table, path, _PACKAGE_DIR)
+                except OSError:
+                    path = ""  # atoll's sources aren't files here: actors import as usual
                 self._code_table = path
         return self._code_table
 
