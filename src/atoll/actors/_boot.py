@@ -42,6 +42,7 @@ CHILD_MODULES = (
     "atoll.actors._runtime",
     "atoll.actors._turns",
     "atoll.tensors",
+    "atoll.tensors._devices",
     "atoll.tensors._kinds",
     "atoll.tensors._plane",
     "atoll.tensors._shm",

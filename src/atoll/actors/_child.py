@@ -33,6 +33,7 @@ from ._ref import ACTOR_OID
 from ._registry import class_key
 
 _STOP_HOOK_TIMEOUT = 5.0
+_DEVICE_LEASE_TIMEOUT = 10.0
 
 
 def _read_boot() -> dict[str, Any]:
@@ -147,10 +148,32 @@ class _Child:
                         f"{_STOP_HOOK_TIMEOUT} s and was cancelled",
                         file=sys.stderr,
                     )
+            await self._wait_device_leases()
             tg.cancel_scope.cancel()
         self.socket.close()
         self.ctx.term()
         self.node.plane.close()
+
+    async def _wait_device_leases(self) -> None:
+        """Device memory (CUDA) dies with the process that allocated it: views
+        peers hold of ours would fail. Wait for them, with a deadline, and say so."""
+        plane = self.node.plane
+        if not plane.device_leases():
+            return
+        print(
+            f"atoll: actor {self.name!r} is stopping while peers hold {plane.device_leases()} "
+            f"views of its device memory; waiting up to {_DEVICE_LEASE_TIMEOUT} s for them",
+            file=sys.stderr,
+        )
+        with anyio.move_on_after(_DEVICE_LEASE_TIMEOUT):
+            await plane.wait_device_leases()
+        left = plane.device_leases()
+        if left:
+            print(
+                f"atoll: actor {self.name!r}: {left} views of its device memory are still "
+                "held by peers; they become invalid as it exits",
+                file=sys.stderr,
+            )
 
 
 def _missing_module(exc: BaseException) -> str | None:

@@ -155,6 +155,7 @@ class Node:
         self._wire = transmit
         self.plane = plane
         plane.send = self._send_quietly
+        plane.identity = identity
         self._next_id = itertools.count((node_no << 40) + 1).__next__
         self._next_oid = itertools.count(16).__next__  # below 16: well-known objects
         self._pending: dict[int, _Pending | _StreamIn] = {}

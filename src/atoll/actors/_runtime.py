@@ -91,6 +91,6 @@ def share(value: V) -> V:
     storage keep the old memory); an array cannot be, so a new array over the
     shared copy is returned. Use what this returns. Values already in shared
     memory (shared before, or received from another process) are returned as
-    they are.
+    they are, and so are CUDA tensors, which always travel by IPC handle.
     """
     return current_plane("share").share(value)  # type: ignore[no-any-return]

@@ -1,5 +1,6 @@
 """The tensor plane: numpy arrays, CPU torch tensors and large buffers cross
-processes through shared memory, under leases.
+processes through shared memory, and CUDA tensors as CUDA IPC handles, under
+leases.
 
 This package knows nothing about actors: the runtime gives each process one
 :class:`Plane` and hands it to the codec.

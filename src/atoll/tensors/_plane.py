@@ -28,6 +28,7 @@ from __future__ import annotations
 import bisect
 import ctypes
 import itertools
+import logging
 import mmap
 import os
 import sys
@@ -45,7 +46,9 @@ import msgspec
 from .._errors import SerializationError
 from ..transport import _messages as m
 from ..transport._codec import Handler, Lifted
-from . import _kinds, _shm
+from . import _devices, _kinds, _shm
+
+_log = logging.getLogger("atoll")
 
 V = TypeVar("V")
 
@@ -76,6 +79,11 @@ _string_at = ctypes.string_at
 _IN_HEAD = 0  # (0, origin, data)
 _IN_FRAME = 1  # (1, origin, frame index)
 _SHARED = 2  # (2, origin, segment name, offset in segment, size, lease)
+# A storage in device memory (see ``_devices``): opened from its owner's token,
+# or, sent back to its owner, found there again.
+_DEVICE = 3  # (3, 0, device type, device index, owner, token, marker, lease)
+_DEVICE_BACK = 4  # (4, 0, device type, device index, marker, identity)
+_LEASED = (_SHARED, _DEVICE)  # kinds whose last item is a lease
 
 _head_encode = msgspec.msgpack.Encoder().encode
 _head_decode = msgspec.msgpack.Decoder(tuple[int, list[tuple[Any, ...]]]).decode
@@ -157,13 +165,14 @@ def _buffer_type(size: int) -> Any:
 
 
 class _Group:
-    __slots__ = ("copy", "hi", "lo", "view")
+    __slots__ = ("copy", "device", "hi", "lo", "view")
 
     def __init__(self, lo: int, hi: int, copy: bool, view: memoryview | None) -> None:
         self.lo = lo
         self.hi = hi
         self.copy = copy
         self.view = view  # bytes with no address to copy from: copied from this view
+        self.device: tuple[str, int, Any] | None = None  # (type, index, storage) on a device
 
 
 class Batch:
@@ -188,6 +197,17 @@ class Batch:
             group = self.groups[index]
             group.lo = min(group.lo, lo)
             group.hi = max(group.hi, hi)
+        return index
+
+    def add_device(self, device_type: str, device: int, storage: Any) -> int:
+        key = ("device", id(storage))
+        index = self.keys.get(key)
+        if index is None:
+            index = self.keys[key] = len(self.groups)
+            group = _Group(0, 0, False, None)
+            group.device = (device_type, device, storage)
+            self.groups.append(group)
+            self.keep.append(storage)
         return index
 
 
@@ -257,10 +277,17 @@ class _Incoming:
 
     def unused_leases(self) -> list[int]:
         return [
-            entry[5]
+            entry[-1]
             for index, entry in enumerate(self.entries)
-            if entry[0] == _SHARED and index not in self.bases
+            if entry[0] in _LEASED and index not in self.bases
         ]
+
+    def device_storage(self, index: int) -> Any:
+        found = self.bases.get(index)
+        if found is None:
+            storage = self.plane._open_device(self.src, self.entries[index])
+            found = self.bases[index] = (storage, 0, {}, 0, 0)
+        return found[0]
 
 
 _incoming: ContextVar[_Incoming] = ContextVar("atoll_incoming")
@@ -294,6 +321,20 @@ def _rebuild_array(index: int, ptr: int, *meta: Any) -> Any:
 
 def _rebuild_tensor(index: int, ptr: int, *meta: Any) -> Any:
     return _kinds.rebuild_tensor(_incoming.get().base(index), ptr, *meta)
+
+
+def _rebuild_device_tensor(
+    index: int,
+    dtype: str,
+    shape: tuple[int, ...],
+    stride: tuple[int, ...],
+    offset: int,
+    requires_grad: bool,
+    parameter: bool,
+    conj: bool,
+) -> Any:
+    storage = _incoming.get().device_storage(index)
+    return _kinds.tensor_on(storage, dtype, shape, stride, offset, requires_grad, parameter, conj)
 
 
 def _rebuild_buffer(index: int, ptr: int, nbytes: int, kind: str) -> Any:
@@ -351,6 +392,18 @@ class Plane:
         meanwhile ring no bell, as the reply (or the call's end) drains."""
         self._loop = 0
         self._closed = False
+        self.identity = b""
+        """This process's node identity: who owns the device storages it exports."""
+        self._exported = _devices.StorageTable()  # our device storages others hold
+        self._opened = _devices.StorageTable()  # device storages others own, by identity
+        # Per device storage opened here, by id: (its weak reference, which
+        # fires when its last view dies; owner; identity; leases it holds).
+        self._opened_from: dict[
+            int, tuple[weakref.ref[Any], bytes, Any, list[tuple[bytes | None, int]]]
+        ] = {}
+        self._opened_refs: dict[int, int] = {}  # id of the weak reference: id of the storage
+        self._device_out = 0  # leases on our device storages held by peers
+        self._device_idle: anyio.Event | None = None
         self._types: dict[type, Handler] = {
             memoryview: self._reduce_memoryview,
             Lifted: self._reduce_lifted,
@@ -364,7 +417,7 @@ class Plane:
         pickling, or None (see :class:`~atoll.transport._codec.Sidecar`)."""
         kind = _kind(t)
         if kind == "tensor":
-            return self._tensor_reducer(sys.modules["torch"])
+            return self._tensor_reducer(sys.modules["torch"], self._reduce_device_tensor)
         if kind == "array":
             return self._reduce_array
         return self._types.get(t)
@@ -406,7 +459,7 @@ class Plane:
         return (_rebuild_array, (index, extent.ptr, dtype, a.shape, a.strides, a.flags.writeable))
 
     @staticmethod
-    def _tensor_reducer(torch: Any) -> Handler:
+    def _tensor_reducer(torch: Any, on_device: Callable[[Any, Any, Any], Any]) -> Handler:
         # Runs for every tensor sent, and each torch call costs several
         # microseconds when caches are cold: it makes as few as it can.
         plain_tensor, strided = torch.Tensor, torch.strided
@@ -414,8 +467,10 @@ class Plane:
 
         def reduce_tensor(t: Any, pickler: Any) -> Any:
             info = infos.get(t.dtype) or dtype_info(t.dtype)
-            if not t.is_cpu or info.quantized or t.layout is not strided:
+            if info.quantized or t.layout is not strided:
                 return NotImplemented
+            if not t.is_cpu:
+                return on_device(t, info, pickler)
             parameter = type(t) is not plain_tensor
             grad = t.requires_grad
             batch = pickler.batch or _batch(pickler)
@@ -449,12 +504,44 @@ class Plane:
 
         return reduce_tensor
 
+    def _reduce_device_tensor(self, t: Any, info: Any, pickler: Any) -> Any:
+        device = t.device
+        ops = _devices.ops_for(device.type)
+        if ops is None:
+            return NotImplemented  # torch's own pickling (a copy through the message)
+        batch = pickler.batch or _batch(pickler)
+        parameter = type(t) is not sys.modules["torch"].Tensor
+        grad = t.requires_grad
+        copy = id(t) in batch.copy_ids
+        if grad:
+            t = t.detach()
+        conj = info.complex and t.is_conj()
+        if copy or t.is_neg():
+            # A private copy (copy_on_send), or real data for a lazy negation;
+            # queued on the device's stream, which the marker sealed later follows.
+            lazy = conj or t.is_neg()
+            t = t.resolve_conj().resolve_neg() if lazy else t.clone()
+            conj = False
+            batch.keep.append(t)
+        storage = t.untyped_storage()
+        shape, stride = tuple(t.shape), t.stride()
+        if not storage.nbytes():
+            meta = (device.type, device.index or 0, info.name, shape, stride, grad, parameter)
+            return (_kinds.empty_device_tensor, meta)
+        index = batch.add_device(device.type, device.index or 0, storage)
+        meta = (info.name, shape, stride, t.storage_offset(), grad, parameter, conj)
+        return (_rebuild_device_tensor, (index, *meta))
+
     def seal(self, batch: Batch, dest: bytes) -> tuple[bytes, list[Any]]:
         """The head describing ``batch``'s regions, and the frames that carry some."""
         entries: list[tuple[Any, ...]] = []
         frames: list[Any] = []
         inline = self.transfer == "inline"
+        markers: dict[tuple[str, int], Any] = {}
         for group in batch.groups:
+            if group.device is not None:
+                entries.append(self._device_entry(group.device, dest, markers))
+                continue
             origin = group.lo if group.view is not None else group.lo & -_ALIGN
             size = group.hi - origin
             if not inline and (size >= self.threshold or self._in_shared(group, origin)):
@@ -507,6 +594,118 @@ class Plane:
             if dest not in self._gone:
                 self._leases.setdefault(dest, {})[lease] = holder
             return (_SHARED, origin, where.name, offset, size, lease)
+
+    def _device_entry(
+        self, device: tuple[str, int, Any], dest: bytes, markers: dict[tuple[str, int], Any]
+    ) -> tuple[Any, ...]:
+        device_type, index, storage = device
+        ops = _devices.ops_for(device_type)
+        assert ops is not None
+        marker = markers.get((device_type, index))
+        if marker is None:
+            # After everything queued so far on this stream, the copies of
+            # cloned tensors included: the receiver's stream waits for it.
+            marker = markers[device_type, index] = ops.marker(index)
+        with self._lock:
+            origin = self._opened_from.get(id(storage))
+            received = origin is not None and origin[0]() is storage
+        if received:
+            assert origin is not None
+            if origin[1] == dest:  # back to its owner, who has it
+                return (_DEVICE_BACK, 0, device_type, index, marker, origin[2])
+            # Received from another process: only the owner can export it. One
+            # copy, which this process then owns (and says so).
+            nbytes = storage.nbytes()
+            _log.warning(
+                "atoll: a %s tensor storage received from another process is sent on "
+                "to a third: copied once (%d bytes) on %s:%d; send it from its owner "
+                "to avoid the copy",
+                device_type,
+                nbytes,
+                device_type,
+                index,
+            )
+            storage = storage.clone()
+            marker = markers[device_type, index] = ops.marker(index)
+        token = ops.export(storage)
+        self._exported.put(ops.identity(token), storage)
+        with self._lock:
+            lease = self._leases_next()
+            if dest not in self._gone:
+                self._leases.setdefault(dest, {})[lease] = _DeviceHold(storage)
+                self._device_out += 1
+        return (_DEVICE, 0, device_type, index, self.identity, token, marker, lease)
+
+    def _open_device(self, src: bytes, entry: Sequence[Any]) -> Any:
+        """The storage a device entry of a message from ``src`` stands for."""
+        kind, _, device_type, index = entry[:4]
+        ops = _devices.ops_for(device_type)
+        if ops is None:
+            raise SerializationError(
+                f"a tensor on device {device_type!r} arrived, and this process cannot open "
+                f"{device_type} memory of another process: send it as t.cpu()"
+            )
+        if kind == _DEVICE_BACK:
+            marker, identity = entry[4], _hashable(entry[5])
+            storage = self._exported.get(identity)
+            if storage is None:
+                raise SerializationError(
+                    f"a {device_type} storage of this process came back after it was freed"
+                )
+            ops.wait(index, marker)
+            return storage
+        owner, token, marker, lease = entry[4:8]
+        identity = _hashable(ops.identity(token))
+        with self._lock:
+            storage = self._exported.get(identity) if owner == self.identity else None
+            if storage is not None:
+                lease_note: tuple[bytes, int] | None = (src, lease)  # ours: no lease to keep
+            else:
+                storage = self._opened.get(identity)
+                lease_note = None
+        if storage is not None:
+            ops.settle(token)
+        else:
+            try:
+                storage = ops.open(token)
+            except Exception as exc:
+                raise SerializationError(f"cannot open a {device_type} tensor: {exc}") from exc
+        ops.wait(index, marker)
+        if lease_note is not None:
+            self.dead.append((src, lease, _NO_OWNER, 0))  # ours: nothing to hold
+            self._ring()
+            return storage
+        with self._lock:
+            held = self._opened_from.get(id(storage))
+            if held is None or held[0]() is not storage:
+                ref = weakref.ref(storage, self._on_device_dead)
+                held = self._opened_from[id(storage)] = (ref, owner, identity, [])
+                self._opened_refs[id(ref)] = id(storage)
+                self._opened.put(identity, storage)
+            held[3].append((src, lease))
+        return storage
+
+    def _on_device_dead(self, ref: weakref.ref[Any]) -> None:
+        # Any thread, any moment (as _on_dead): the last view of an opened
+        # device storage is gone, and with it every lease it held.
+        held = self._opened_from.pop(self._opened_refs.pop(id(ref), -1), None)
+        if held is None or held[0] is not ref:
+            return
+        for src, lease in held[3]:
+            self.dead.append((src, lease, _NO_OWNER, 0))
+        if not self._rung and not (self.serving and threading.get_ident() == self._loop):
+            self._ring()
+
+    def device_leases(self) -> int:
+        """Leases peers hold on this process's device memory."""
+        return self._device_out
+
+    async def wait_device_leases(self) -> None:
+        """Return once no peer holds a view of this process's device memory
+        (which dies with it); bound the wait with a cancel scope."""
+        while self._device_out:
+            self._device_idle = anyio.Event()
+            await self._device_idle.wait()
 
     def _find(self, lo: int, hi: int) -> _Segment | _Mapping | None:
         i = bisect.bisect_right(self._starts, lo) - 1
@@ -574,6 +773,8 @@ class Plane:
             return self._share_tensor(value)
         if kind == "array" and _kinds.array_extent(value) is not None:
             return self._share_array(value)
+        if kind == "tensor" and _devices.ops_for(value.device.type) is not None:
+            return value  # device memory always travels by handle: nothing to move
         raise TypeError(f"share() takes a numpy array or a CPU torch tensor, got {t.__qualname__}")
 
     def _fresh_base(self, nbytes: int) -> tuple[Any, int]:
@@ -748,6 +949,8 @@ class Plane:
                 holder = held.pop(lease, None)
                 if type(holder) is _Segment:
                     self._unhold(holder)
+                elif type(holder) is _DeviceHold:
+                    self._device_let_go()
             # A forwarded region's view is let go here; its own finalizer
             # then unleases it upstream.
 
@@ -759,6 +962,13 @@ class Plane:
             for holder in held.values():
                 if type(holder) is _Segment:
                     self._unhold(holder)
+                elif type(holder) is _DeviceHold:
+                    self._device_let_go()
+
+    def _device_let_go(self) -> None:
+        self._device_out -= 1
+        if not self._device_out and self._device_idle is not None:
+            self._device_idle.set()
 
     def forget_owner(self, name_prefix: str) -> None:
         """The process whose segments start with ``name_prefix`` is gone:
@@ -818,3 +1028,19 @@ class Plane:
 
 
 _NO_OWNER: Any = types.SimpleNamespace()
+
+
+class _DeviceHold:
+    """A lease's hold on a device storage of this process."""
+
+    __slots__ = ("storage",)
+
+    def __init__(self, storage: Any) -> None:
+        self.storage = storage
+
+
+def _hashable(value: Any) -> Any:
+    """``value`` with its lists made tuples (msgpack gives tuples back as lists)."""
+    if type(value) is list:
+        return tuple(_hashable(v) for v in value)
+    return value

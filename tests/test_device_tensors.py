@@ -1,0 +1,188 @@
+"""The plane's device path (CUDA IPC on a GPU), run here on torch's ``meta``
+device with a stand-in for CUDA's handles (``fake_device``): tokens and
+leases, a storage sent back to its owner, aliasing, a third process, death.
+``test_cuda.py`` runs the same paths on a real GPU."""
+
+from __future__ import annotations
+
+import gc
+import os
+import signal
+from typing import Any
+
+import anyio
+import pytest
+
+import atoll
+
+torch = pytest.importorskip("torch")
+
+from fake_device import OPS  # noqa: E402  (registers the meta device's ops)
+from helpers import Echo  # noqa: E402
+
+
+class Holder(atoll.Actor):
+    def __init__(self) -> None:
+        self.kept: list[Any] = []
+
+    async def describe(self, t: Any) -> tuple[Any, ...]:
+        return (t.device.type, tuple(t.shape), t.stride(), t.storage_offset(), str(t.dtype))
+
+    async def echo(self, value: Any) -> Any:
+        return value
+
+    async def keep(self, value: Any) -> None:
+        self.kept.append(value)
+
+    async def drop(self) -> None:
+        self.kept.clear()
+        gc.collect()
+
+    async def shares_storage_with_kept(self, t: Any) -> bool:
+        return t.untyped_storage() is self.kept[0].untyped_storage()
+
+    async def same_storage(self, a: Any, b: Any) -> bool:
+        return a.untyped_storage() is b.untyped_storage()
+
+    async def forward_kept(self, other: Any) -> Any:
+        return await other.describe(self.kept[0])
+
+    async def make(self, n: int) -> Any:
+        return torch.empty(n, device="meta")
+
+    async def record(self) -> tuple[list[Any], list[Any], list[Any]]:
+        return OPS.opened, OPS.settled, OPS.waited
+
+    async def pid(self) -> int:
+        return os.getpid()
+
+    async def kill_self(self) -> None:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _plane(host: atoll.Host) -> Any:
+    return host.node.plane
+
+
+@pytest.mark.anyio
+async def test_a_device_tensor_arrives_with_its_layout_and_comes_back_as_itself() -> None:
+    base = torch.empty(100, 4, device="meta")
+    view = base.t()[1:, 2:]
+    async with atoll.open_host() as host:
+        h = await host.spawn(Holder)
+        with anyio.fail_after(10):
+            assert await h.describe(view) == (
+                "meta",
+                tuple(view.shape),
+                view.stride(),
+                view.storage_offset(),
+                str(view.dtype),
+            )
+            back = await h.echo(view)
+            opened, _, waited = await h.record()
+    assert back.untyped_storage() is base.untyped_storage()  # the owner's own storage
+    assert (back.shape, back.stride(), back.storage_offset()) == (
+        view.shape,
+        view.stride(),
+        view.storage_offset(),
+    )
+    assert [owner for owner, _ in opened] == [os.getpid()] * 2  # a storage of ours, twice
+    assert waited and all(marker[0] == os.getpid() for marker in waited)  # our stream's marker
+    assert OPS.opened == []  # the host never opened its own memory
+
+
+@pytest.mark.anyio
+async def test_views_of_one_storage_stay_one_storage_across_messages() -> None:
+    base = torch.empty(64, device="meta")
+    async with atoll.open_host() as host:
+        h = await host.spawn(Holder)
+        with anyio.fail_after(10):
+            assert await h.same_storage(base[:10], base[20:])  # one message
+            await h.keep(base[:5])
+            opened, settled, _ = await h.record()
+            assert await h.shares_storage_with_kept(base[30:])  # the next one
+            opened_after, settled_after, _ = await h.record()
+    assert len(opened) == 2  # by each message: the first one's views had died
+    assert opened_after == opened  # the storage still open here was used again
+    assert settled_after == [*settled, opened[0]]  # and the new token let go of
+
+
+@pytest.mark.anyio
+async def test_leases_end_when_the_receivers_views_die_or_it_does() -> None:
+    t = torch.empty(8, device="meta")
+    async with atoll.open_host() as host:
+        plane = _plane(host)
+        h = await host.spawn(Holder)
+        with anyio.fail_after(10):
+            await h.echo(t)
+            await plane.wait_device_leases()  # the echo's view died in the actor
+            await h.keep(t)
+            await h.keep(t[2:])
+            assert plane.device_leases() == 2
+            await h.drop()
+            await plane.wait_device_leases()
+            await h.keep(t)
+            assert plane.device_leases() == 1
+            with pytest.raises(atoll.ActorDiedError):
+                await h.kill_self()
+            await plane.wait_device_leases()  # released by its death
+        assert plane.device_leases() == 0
+
+
+@pytest.mark.anyio
+async def test_a_received_storage_sent_to_a_third_process_is_copied_once() -> None:
+    t = torch.empty(16, device="meta")
+    async with atoll.open_host() as host:
+        a = await host.spawn(Holder)
+        b = await host.spawn(Holder)
+        with anyio.fail_after(10):
+            await a.keep(t)
+            assert (await a.forward_kept(b))[0] == "meta"
+            a_pid = await a.pid()
+            opened, _, _ = await b.record()
+    assert [owner for owner, _ in opened] == [a_pid]  # b opened a's copy, not ours
+
+
+@pytest.mark.anyio
+async def test_copy_on_send_gives_the_receiver_its_own_storage() -> None:
+    t = torch.empty(16, device="meta")
+    async with atoll.open_host() as host:
+        h = await host.spawn(Holder)
+        with anyio.fail_after(10):
+            back = await h.echo(atoll.copy_on_send(t))
+    assert back.untyped_storage() is not t.untyped_storage()
+    assert back.shape == t.shape
+
+
+@pytest.mark.anyio
+async def test_device_and_cpu_tensors_travel_in_one_message() -> None:
+    cpu = torch.arange(100_000, dtype=torch.float32)
+    meta = torch.empty(3, 3, device="meta")
+    async with atoll.open_host() as host:
+        h = await host.spawn(Holder)
+        with anyio.fail_after(10):
+            got_cpu, got_meta = await h.echo((cpu, meta))
+    assert torch.equal(got_cpu, cpu)
+    assert got_meta.untyped_storage() is meta.untyped_storage()
+
+
+@pytest.mark.anyio
+async def test_an_actors_own_device_tensor_reaches_the_host() -> None:
+    async with atoll.open_host() as host:
+        h = await host.spawn(Holder)
+        with anyio.fail_after(10):
+            r = await h.make(12)
+            assert r.device.type == "meta" and r.shape == (12,)
+            assert await h.echo(r) is not None  # back to its owner
+            del r
+            gc.collect()
+            await host.stop(h)  # no view of its memory is left: it stops at once
+
+
+@pytest.mark.anyio
+async def test_a_process_that_cannot_open_device_memory_says_so() -> None:
+    async with atoll.open_host() as host:
+        echo = await host.spawn(Echo)  # its process never registered the meta device
+        with anyio.fail_after(10), pytest.raises(atoll.SerializationError, match="meta"):
+            await echo.echo(torch.empty(4, device="meta"))
+        assert _plane(host).device_leases() == 0  # the lease was given back
