@@ -14,6 +14,7 @@ import anyio
 import pytest
 
 import atoll
+from atoll.actors._runtime import current_plane
 
 torch = pytest.importorskip("torch")
 
@@ -55,6 +56,9 @@ class Holder(atoll.Actor):
 
     async def pid(self) -> int:
         return os.getpid()
+
+    async def opened_storages(self) -> int:
+        return int(current_plane("test").stats()["device_storages_opened"])
 
     async def kill_self(self) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
@@ -119,7 +123,9 @@ async def test_leases_end_when_the_receivers_views_die_or_it_does() -> None:
             await h.keep(t)
             await h.keep(t[2:])
             assert plane.device_leases() == 2
+            assert await h.opened_storages() == 1
             await h.drop()
+            assert await h.opened_storages() == 0
             await plane.wait_device_leases()
             await h.keep(t)
             assert plane.device_leases() == 1

@@ -1011,6 +1011,8 @@ class Plane:
                 "leases": sum(len(held) for held in self._leases.values()),
                 "mappings": len(self._mappings),
                 "mapped_bytes": sum(mp.size for mp in self._mappings.values()),
+                "device_leases": self._device_out,
+                "device_storages_opened": len(self._opened_from),
             }
 
     def close(self) -> None:
