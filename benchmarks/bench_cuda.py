@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import tempfile
 from typing import Any
 
 import anyio
@@ -27,8 +25,7 @@ import anyio
 import atoll
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_calls import EchoServer, raw_blocking
-from bench_tensors import _interleaved, _size, _torch_queue
+from bench_tensors import _interleaved, _size, _torch_queue, zmq_floor
 
 
 class Reader(atoll.Actor):
@@ -63,15 +60,7 @@ def main() -> None:
     if not torch.cuda.is_available():
         sys.exit(f"bench_cuda needs a CUDA GPU; torch {torch.__version__} sees none")
     sizes = [_size(s) for s in opts.sizes.split(",")]
-    workdir = tempfile.TemporaryDirectory(prefix="atoll-bench-")
-    server = EchoServer(f"ipc://{workdir.name}/echo")
-    try:
-        floor = statistics.median(
-            statistics.median(raw_blocking(server.endpoint, 1000)) for _ in range(5)
-        )
-    finally:
-        server.stop()
-        workdir.cleanup()
+    floor = zmq_floor()
     rows = anyio.run(_rows, sizes, opts.calls, backend=opts.backend)
     print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}, backend {opts.backend}")
     print(f"{'zmq floor (16 B round trip)':34} {floor * 1e6:10.1f}us")

@@ -156,6 +156,21 @@ def _size(text: str) -> int:
     return int(text[:-1]) * units[text[-1].upper()] if text[-1].isalpha() else int(text)
 
 
+def zmq_floor() -> float:
+    """The blocking pyzmq round trip of 16 bytes: the median of five rounds.
+    For a moment after the echo server starts, threads that numpy's BLAS
+    starts there spin, and a core that never idles answers in half the time."""
+    workdir = tempfile.TemporaryDirectory(prefix="atoll-bench-")
+    server = EchoServer(f"ipc://{workdir.name}/echo")
+    try:
+        return statistics.median(
+            statistics.median(raw_blocking(server.endpoint, 1000)) for _ in range(5)
+        )
+    finally:
+        server.stop()
+        workdir.cleanup()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="64M,1G")
@@ -167,18 +182,7 @@ def main() -> None:
 
     import torch
 
-    workdir = tempfile.TemporaryDirectory(prefix="atoll-bench-")
-    server = EchoServer(f"ipc://{workdir.name}/echo")
-    try:
-        # The median of five rounds: for a moment after the echo server starts,
-        # threads that numpy's BLAS starts there spin, and a core that never
-        # idles answers a round trip in half the time.
-        floor = statistics.median(
-            statistics.median(raw_blocking(server.endpoint, 1000)) for _ in range(5)
-        )
-    finally:
-        server.stop()
-        workdir.cleanup()
+    floor = zmq_floor()
     rows = anyio.run(_atoll_rows, sizes, opts.calls, backend=opts.backend)
 
     print(f"torch {torch.__version__}, numpy {np.__version__}, backend {opts.backend}")

@@ -49,7 +49,8 @@ class Holder(atoll.Actor):
         return await other.describe(self.kept[0])
 
     async def make(self, n: int) -> Any:
-        return torch.empty(n, device="meta")
+        self.kept.append(torch.empty(n, device="meta"))
+        return self.kept[-1]
 
     async def record(self) -> tuple[list[Any], list[Any], list[Any]]:
         return OPS.opened, OPS.settled, OPS.waited
@@ -84,12 +85,14 @@ async def test_a_device_tensor_arrives_with_its_layout_and_comes_back_as_itself(
             )
             back = await h.echo(view)
             opened, _, waited = await h.record()
+            empty = await h.echo(torch.empty(0, 3, device="meta", requires_grad=True))
     assert back.untyped_storage() is base.untyped_storage()  # the owner's own storage
     assert (back.shape, back.stride(), back.storage_offset()) == (
         view.shape,
         view.stride(),
         view.storage_offset(),
     )
+    assert (empty.device.type, empty.shape, empty.requires_grad) == ("meta", (0, 3), True)
     assert [owner for owner, _ in opened] == [os.getpid()] * 2  # a storage of ours, twice
     assert waited and all(marker[0] == os.getpid() for marker in waited)  # our stream's marker
     assert OPS.opened == []  # the host never opened its own memory
@@ -179,7 +182,7 @@ async def test_an_actors_own_device_tensor_reaches_the_host() -> None:
         with anyio.fail_after(10):
             r = await h.make(12)
             assert r.device.type == "meta" and r.shape == (12,)
-            assert await h.echo(r) is not None  # back to its owner
+            assert await h.shares_storage_with_kept(r)  # back to its owner: its own storage
             del r
             gc.collect()
             await host.stop(h)  # no view of its memory is left: it stops at once

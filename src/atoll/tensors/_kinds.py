@@ -187,9 +187,10 @@ def empty_tensor(
     stride: tuple[int, ...],
     requires_grad: bool,
     parameter: bool,
+    device: str = "cpu",
 ) -> Any:
     torch = _torch()
-    t = torch.empty_strided(shape, stride, dtype=getattr(torch, dtype))
+    t = torch.empty_strided(shape, stride, dtype=getattr(torch, dtype), device=device)
     return _finish_tensor(torch, t, requires_grad, parameter)
 
 
@@ -205,30 +206,13 @@ def tensor_on(
 ) -> Any:
     """A tensor over ``storage`` (device memory received, or our own sent back)."""
     torch = _torch()
-    dt = _torch_dtypes.get(dtype)
-    if dt is None:
-        dt = _torch_dtypes[dtype] = getattr(torch, dtype)
+    dt = getattr(torch, dtype)
     t = torch.empty((0,), dtype=dt, device=storage.device).set_(storage, offset, shape, stride)
     if conj:
         t = t.conj()
     if requires_grad or parameter:
         return _finish_tensor(torch, t, requires_grad, parameter)
     return t
-
-
-def empty_device_tensor(
-    device_type: str,
-    index: int,
-    dtype: str,
-    shape: tuple[int, ...],
-    stride: tuple[int, ...],
-    requires_grad: bool,
-    parameter: bool,
-) -> Any:
-    torch = _torch()
-    device = torch.device(device_type, index)
-    t = torch.empty_strided(shape, stride, dtype=getattr(torch, dtype), device=device)
-    return _finish_tensor(torch, t, requires_grad, parameter)
 
 
 def _finish_tensor(torch: Any, t: Any, requires_grad: bool, parameter: bool) -> Any:

@@ -323,18 +323,8 @@ def _rebuild_tensor(index: int, ptr: int, *meta: Any) -> Any:
     return _kinds.rebuild_tensor(_incoming.get().base(index), ptr, *meta)
 
 
-def _rebuild_device_tensor(
-    index: int,
-    dtype: str,
-    shape: tuple[int, ...],
-    stride: tuple[int, ...],
-    offset: int,
-    requires_grad: bool,
-    parameter: bool,
-    conj: bool,
-) -> Any:
-    storage = _incoming.get().device_storage(index)
-    return _kinds.tensor_on(storage, dtype, shape, stride, offset, requires_grad, parameter, conj)
+def _rebuild_device_tensor(index: int, *meta: Any) -> Any:
+    return _kinds.tensor_on(_incoming.get().device_storage(index), *meta)
 
 
 def _rebuild_buffer(index: int, ptr: int, nbytes: int, kind: str) -> Any:
@@ -526,8 +516,7 @@ class Plane:
         storage = t.untyped_storage()
         shape, stride = tuple(t.shape), t.stride()
         if not storage.nbytes():
-            meta = (device.type, device.index or 0, info.name, shape, stride, grad, parameter)
-            return (_kinds.empty_device_tensor, meta)
+            return (_kinds.empty_tensor, (info.name, shape, stride, grad, parameter, str(device)))
         index = batch.add_device(device.type, device.index or 0, storage)
         meta = (info.name, shape, stride, t.storage_offset(), grad, parameter, conj)
         return (_rebuild_device_tensor, (index, *meta))
@@ -601,32 +590,35 @@ class Plane:
         device_type, index, storage = device
         ops = _devices.ops_for(device_type)
         assert ops is not None
-        marker = markers.get((device_type, index))
-        if marker is None:
-            # After everything queued so far on this stream, the copies of
-            # cloned tensors included: the receiver's stream waits for it.
-            marker = markers[device_type, index] = ops.marker(index)
         with self._lock:
             origin = self._opened_from.get(id(storage))
-            received = origin is not None and origin[0]() is storage
+        received = origin is not None and origin[0]() is storage
+        back = None
         if received:
             assert origin is not None
             if origin[1] == dest:  # back to its owner, who has it
-                return (_DEVICE_BACK, 0, device_type, index, marker, origin[2])
-            # Received from another process: only the owner can export it. One
-            # copy, which this process then owns (and says so).
-            nbytes = storage.nbytes()
-            _log.warning(
-                "atoll: a %s tensor storage received from another process is sent on "
-                "to a third: copied once (%d bytes) on %s:%d; send it from its owner "
-                "to avoid the copy",
-                device_type,
-                nbytes,
-                device_type,
-                index,
-            )
-            storage = storage.clone()
+                back = origin[2]
+            else:
+                # Received from another process: only the owner can export it.
+                # One copy, which this process then owns (and says so).
+                _log.warning(
+                    "atoll: a %s tensor storage received from another process is sent on "
+                    "to a third: copied once (%d bytes) on %s:%d; send it from its owner "
+                    "to avoid the copy",
+                    device_type,
+                    storage.nbytes(),
+                    device_type,
+                    index,
+                )
+                storage = storage.clone()
+                markers.pop((device_type, index), None)  # recorded before this copy
+        marker = markers.get((device_type, index))
+        if marker is None:
+            # After everything queued so far on this stream (copies made for
+            # this message included): the receiver's stream waits for it.
             marker = markers[device_type, index] = ops.marker(index)
+        if back is not None:
+            return (_DEVICE_BACK, 0, device_type, index, marker, back)
         token = ops.export(storage)
         self._exported.put(ops.identity(token), storage)
         with self._lock:
@@ -656,13 +648,8 @@ class Plane:
             return storage
         owner, token, marker, lease = entry[4:8]
         identity = _hashable(ops.identity(token))
-        with self._lock:
-            storage = self._exported.get(identity) if owner == self.identity else None
-            if storage is not None:
-                lease_note: tuple[bytes, int] | None = (src, lease)  # ours: no lease to keep
-            else:
-                storage = self._opened.get(identity)
-                lease_note = None
+        ours = owner == self.identity  # a message to ourselves
+        storage = (self._exported if ours else self._opened).get(identity)
         if storage is not None:
             ops.settle(token)
         else:
@@ -671,8 +658,8 @@ class Plane:
             except Exception as exc:
                 raise SerializationError(f"cannot open a {device_type} tensor: {exc}") from exc
         ops.wait(index, marker)
-        if lease_note is not None:
-            self.dead.append((src, lease, _NO_OWNER, 0))  # ours: nothing to hold
+        if ours:
+            self.dead.append((src, lease, _NO_OWNER, 0))  # our own memory: nothing to hold
             self._ring()
             return storage
         with self._lock:
