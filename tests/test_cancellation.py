@@ -106,6 +106,28 @@ async def test_call_cancelled_while_waiting_for_its_turn_never_runs() -> None:
         assert cancelled_count == 1
 
 
+async def test_a_reply_read_while_sending_still_stops_a_cancelled_caller() -> None:
+    # The host's thread held up inside the send for as long as the reply takes
+    # (a busy machine): the reply is read before the call ever waits.
+    async with atoll.open_host() as host:
+        counter = await host.spawn(Counter)
+        send, socket, pending = host.node._transmit, host._hub.socket, host.node._pending
+
+        def send_and_read_the_reply(dest: bytes, frames: list[object]) -> None:
+            send(dest, frames)
+            while pending and socket._poll(5.0):
+                socket._catch_up()
+
+        host.node._transmit = send_and_read_the_reply  # type: ignore[method-assign]
+        with anyio.fail_after(10):
+            assert await counter.add(1) == 1
+            with anyio.CancelScope() as scope:
+                scope.cancel()
+                await counter.add(100)
+                raise AssertionError("a cancelled caller went on")
+            assert scope.cancelled_caught
+
+
 async def test_a_quick_call_in_a_cancelled_scope_is_cancelled() -> None:
     # Replies read while polling never make the caller sleep: a cancelled
     # caller still stops at the call, not after it.

@@ -319,7 +319,11 @@ class Node:
             # The only call out reads the socket for its reply, unless the reply
             # comes from this very process (a service of the host): then another
             # task of this loop makes it, and reading would only hold it up.
-            if len(self._pending) == 1 and self.poll_for is not None and dest != self.identity:
+            if pending.done:
+                # Read while sending (this thread was held up meanwhile): still
+                # a checkpoint, so that a cancelled caller stops here.
+                await anyio.lowlevel.checkpoint()
+            elif len(self._pending) == 1 and self.poll_for is not None and dest != self.identity:
                 await self.poll_for(pending.is_done)
             await pending.wait()
         except BaseException:
