@@ -8,7 +8,7 @@ import anyio
 import pytest
 
 import atoll
-from atoll.testing._leaks import _children
+from atoll.testing._leaks import _descendants
 from helpers import Client, Relay, Sleeper, Tally, pid_of
 
 pytestmark = pytest.mark.anyio
@@ -18,9 +18,9 @@ async def test_host_service_is_shared_by_every_process() -> None:
     async with atoll.open_host() as host:
         a = await host.spawn(Client, "a")
         b = await host.spawn(Client, "b")
-        processes = _children()
+        processes = _descendants()
         tally = host.register("tally", Tally())
-        assert _children() == processes, "a host service must not start a process"
+        assert _descendants() == processes, "a host service must not start a process"
         assert await a.hit("tally") == 1
         assert await b.hit("tally") == 2
         assert await a.hit_by_class() == 3

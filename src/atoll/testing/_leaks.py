@@ -2,16 +2,36 @@
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import gc
 import glob
 import os
+import select
 import tempfile
+import time
 
 
-def _children() -> set[int]:
+def _become_subreaper() -> None:
+    """Processes orphaned under this one (an actor whose fork server has
+    exited, say) are re-parented here rather than to init, so they are still
+    found, and reaped by :func:`_descendants`. Linux only; elsewhere a no-op."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
+_PR_SET_CHILD_SUBREAPER = 36
+
+
+def _descendants(reap_except: frozenset[int] | None = None) -> set[int]:
+    """This process's running descendants (zombies are not running). With
+    ``reap_except``, zombie children not in it are reaped: they are processes
+    re-parented here, and nothing else waits for them."""
     me = os.getpid()
-    kids = set()
+    parents: dict[int, int] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -20,11 +40,42 @@ def _children() -> set[int]:
                 stat = f.read()
         except OSError:
             continue
-        # ppid is the 2nd field after the parenthesised command name.
-        fields = stat[stat.rindex(b")") + 2 :].split()
-        if int(fields[1]) == me:
-            kids.add(int(entry))
-    return kids
+        # state and ppid: the 1st and 2nd fields after the parenthesised name.
+        state, ppid = stat[stat.rindex(b")") + 2 :].split()[:2]
+        pid = int(entry)
+        if state != b"Z":
+            parents[pid] = int(ppid)
+        elif int(ppid) == me and reap_except is not None and pid not in reap_except:
+            try:
+                os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                pass
+    found: set[int] = set()
+    frontier = {me}
+    while frontier:
+        frontier = {pid for pid, ppid in parents.items() if ppid in frontier} - found
+        found |= frontier
+    return found
+
+
+def _wait_for_exit(pids: set[int], timeout: float) -> None:
+    """Wait up to ``timeout`` seconds for ``pids`` to exit: a process a test
+    has stopped may still be finishing its exit."""
+    watched = []
+    for pid in pids:
+        try:
+            watched.append(os.pidfd_open(pid))
+        except ProcessLookupError:
+            pass
+    try:
+        deadline = time.monotonic() + timeout
+        waiting = list(watched)
+        while waiting and time.monotonic() < deadline:
+            ready, _, _ = select.select(waiting, [], [], deadline - time.monotonic())
+            waiting = [fd for fd in waiting if fd not in ready]
+    finally:
+        for fd in watched:
+            os.close(fd)
 
 
 def _fds() -> set[str]:
@@ -45,7 +96,7 @@ def _paths() -> set[str]:
     )
     # Names carry their host's pid: those of another live host (a second test
     # run on this machine) are not this process's to answer for.
-    ours = {os.getpid()} | _children()
+    ours = {os.getpid()} | _descendants()
     return {path for path in found if _host_pid(path) in ours or not _alive(_host_pid(path))}
 
 
@@ -87,7 +138,7 @@ class Leaks:
     def __str__(self) -> str:
         parts = []
         if self.processes:
-            parts.append(f"child processes still running: {sorted(self.processes)}")
+            parts.append(f"processes still running: {sorted(self.processes)}")
         if self.descriptors:
             parts.append(f"descriptors still open: {sorted(self.descriptors)}")
         if self.paths:
@@ -100,16 +151,23 @@ class snapshot:
 
     def __init__(self) -> None:
         _start_pyzmq_collector()
-        self._processes = _children()
+        _become_subreaper()
+        self._processes = frozenset(_descendants())
         self._fds = _fds()
         self._paths = _paths()
 
-    def leaks(self) -> Leaks:
+    def leaks(self, exit_wait: float = 5.0) -> Leaks:
+        """What was added since; processes get up to ``exit_wait`` seconds to
+        finish exiting first."""
         # Garbage not collected yet (a traceback's cycle holding an array
         # over shared memory, say) is not a leak: collect it first.
         gc.collect()
+        processes = _descendants(self._processes) - self._processes
+        if processes and hasattr(os, "pidfd_open"):
+            _wait_for_exit(processes, exit_wait)
+            processes = _descendants(self._processes) - self._processes
         return Leaks(
-            frozenset(_children() - self._processes),
+            frozenset(processes),
             frozenset(_fds() - self._fds),
             frozenset(_paths() - self._paths),
         )
