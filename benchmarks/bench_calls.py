@@ -11,8 +11,11 @@ Rows:
                         defined in ``__main__`` (this script), which the actor
                         cannot import (a class from a notebook or script)
   atoll 100 in flight   calls/s with 100 concurrent callers on one ref
-  spawn to first reply  ``host.spawn`` plus the first call, per actor; and the same
-                        taking a process that ``host.prewarm()`` started beforehand
+  spawn to first reply  ``host.spawn`` plus the first call, per actor, forked from
+                        the host's fork server; a new host's first spawn (which
+                        starts the fork server); with ``fork_server=False`` (a new
+                        interpreter each time); taking a process that
+                        ``host.prewarm()`` started beforehand
   death detected        SIGKILL of an actor to ActorDiedError in its caller
 
 Each latency row is the median (and p99) of per-call times, best median over
@@ -171,11 +174,16 @@ async def atoll_throughput(n: int, in_flight: int = 100) -> float:
         return per_task * in_flight / (time.perf_counter() - t)
 
 
-async def spawn_to_first_reply(n: int, warm: bool = False) -> list[float]:
+async def spawn_to_first_reply(n: int, how: str = "forked") -> list[float]:
+    """``how``: "forked" (from the host's fork server, started before the
+    timing), "fresh" (``fork_server=False``: a new interpreter each time), or
+    "prewarm" (taking a process ``host.prewarm()`` started beforehand)."""
     out = []
-    async with atoll.open_host() as host:
+    async with atoll.open_host(fork_server=how != "fresh") as host:
+        if how == "forked":
+            await host.stop(await host.spawn(Noop))  # starts the fork server
         for _ in range(n):
-            if warm:
+            if how == "prewarm":
                 await host.prewarm()  # a started process waits (not timed)
             t = time.perf_counter()
             ref = await host.spawn(Noop)
@@ -183,6 +191,15 @@ async def spawn_to_first_reply(n: int, warm: bool = False) -> list[float]:
             out.append(time.perf_counter() - t)
             await host.stop(ref)
     return out
+
+
+async def first_spawn() -> float:
+    """A new host's first spawn and call: from scratch, its fork server starting beside it."""
+    async with atoll.open_host() as host:
+        t = time.perf_counter()
+        ref = await host.spawn(Noop)
+        await ref.noop()
+        return time.perf_counter() - t
 
 
 class Victim(atoll.Actor):
@@ -264,11 +281,19 @@ def main() -> None:
         rate = max(anyio.run(atoll_throughput, n * 4, backend=backend) for _ in range(rounds))
         print(f"{'atoll 100 calls in flight, ' + backend:42} {rate:10,.0f} calls/s")
     for backend in ("asyncio", "trio"):
-        med, p99 = _summary(anyio.run(spawn_to_first_reply, 20, backend=backend))
-        print(f"{'spawn to first reply, ' + backend:42} {med * 1e3:8.1f}ms {p99 * 1e3:8.1f}ms")
-        med, p99 = _summary(anyio.run(spawn_to_first_reply, 20, True, backend=backend))
-        label = "the same from host.prewarm(), " + backend
-        print(f"{label:42} {med * 1e3:8.1f}ms {p99 * 1e3:8.1f}ms")
+
+        def run(fn: Callable[..., Any], *args: Any, b: str = backend) -> Any:
+            return anyio.run(fn, *args, backend=b)
+
+        spawns = [
+            (f"spawn to first reply, {backend}", run(spawn_to_first_reply, 20, "forked")),
+            ("  a new host's first (from scratch)", [run(first_spawn) for _ in range(8)]),
+            ("  fork_server=False", run(spawn_to_first_reply, 20, "fresh")),
+            ("  from host.prewarm()", run(spawn_to_first_reply, 20, "prewarm")),
+        ]
+        for label, times in spawns:
+            med, p99 = _summary(times)
+            print(f"{label:42} {med * 1e3:8.1f}ms {p99 * 1e3:8.1f}ms")
         med, p99 = _summary(anyio.run(death_detection, 10, backend=backend))
         print(f"{'SIGKILL to ActorDiedError, ' + backend:42} {med * 1e3:8.1f}ms {p99 * 1e3:8.1f}ms")
 

@@ -7,6 +7,7 @@ import select
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -352,12 +353,25 @@ def host_process(script: str, backend: str) -> Iterator[subprocess.Popen[str]]:
 
 
 def kill_and_watch(host: subprocess.Popen[str], actor_pid: int, timeout: float) -> bool:
-    """SIGKILL ``host``; whether its actor ``actor_pid`` exited within ``timeout``."""
-    exited = os.pidfd_open(actor_pid)  # becomes readable when the process exits
+    """SIGKILL ``host``; whether its actor ``actor_pid``, and the fork server
+    it came from if it did, exited within ``timeout``."""
+    pids = {actor_pid, parent_of(actor_pid)} - {host.pid}
+    exited = [os.pidfd_open(pid) for pid in pids]  # each readable once its process exits
     try:
         host.kill()
         host.wait(10)
-        ready, _, _ = select.select([exited], [], [], timeout)
+        deadline = time.monotonic() + timeout
+        waiting = list(exited)
+        while waiting and time.monotonic() < deadline:
+            ready, _, _ = select.select(waiting, [], [], deadline - time.monotonic())
+            waiting = [fd for fd in waiting if fd not in ready]
     finally:
-        os.close(exited)
-    return bool(ready)
+        for fd in exited:
+            os.close(fd)
+    return not waiting
+
+
+def parent_of(pid: int) -> int:
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        stat = f.read()
+    return int(stat[stat.rindex(b")") + 2 :].split()[1])

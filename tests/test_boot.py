@@ -20,20 +20,25 @@ from helpers import Echo
 @pytest.mark.anyio
 async def test_an_actor_process_loads_every_atoll_module_from_the_table() -> None:
     async with atoll.open_host() as host:
-        echo = await host.spawn(Echo)
+        fresh = await host.spawn(Echo)  # from scratch; its fork server starts beside it
+        forked = await host.spawn(Echo)
         with anyio.fail_after(10):
-            loaders = await echo.atoll_loaders()
-    assert set(_boot.CHILD_MODULES) <= set(loaders)
-    assert {name for name, loader in loaders.items() if loader != "_TableLoader"} == set()
+            assert await forked.call_sync(os.getppid) != await fresh.call_sync(os.getppid)
+            by_process = [await fresh.atoll_loaders(), await forked.atoll_loaders()]
+    # The fork server imported them all; each actor those it runs.
+    assert set(_boot.CHILD_MODULES) == set(by_process[1])
+    for loaders in by_process:
+        assert {name for name, loader in loaders.items() if loader != "_TableLoader"} == set()
 
 
 @pytest.mark.anyio
 async def test_an_actor_starts_without_a_table_where_none_can_be_written(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    def unwritable(path: str, package_dir: str) -> None:
+    def unwritable(path: str, *args: object) -> None:
         raise PermissionError(13, "Permission denied", path)
 
+    monkeypatch.setattr(_host, "cached_table", unwritable)
     monkeypatch.setattr(_host, "write_table", unwritable)
     async with atoll.open_host() as host:
         echo = await host.spawn(Echo)
@@ -116,3 +121,28 @@ def test_a_table_from_another_interpreter_is_not_used(package: Path, tmp_path: P
 def test_a_module_outside_the_package_is_refused(package: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="not a module of the package"):
         _boot.write_table(str(tmp_path / "table"), str(package), ("other.mod",))
+
+
+def test_a_cached_table_is_reused_until_a_source_changes(package: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    modules = ("boottest", "boottest.mod")
+    first = _boot.cached_table(str(package), str(cache), modules)
+    written = os.stat(first)
+    assert _boot.cached_table(str(package), str(cache), modules) == first
+    assert os.stat(first).st_ino == written.st_ino  # the same file, not written again
+    (package / "mod.py").write_text("VALUE = 22\n")
+    second = _boot.cached_table(str(package), str(cache), modules)
+    assert second != first
+    assert _boot.install_table(second)
+    assert _import_mod()[:2] == (22, "_TableLoader")
+
+
+def test_cached_tables_unused_for_long_are_removed(package: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    modules = ("boottest", "boottest.mod")
+    old = _boot.cached_table(str(package), str(cache), modules)
+    long_ago = os.stat(old).st_mtime - _boot._TABLE_MAX_AGE - 60
+    os.utime(old, (long_ago, long_ago))
+    (package / "mod.py").write_text("VALUE = 22\n")
+    new = _boot.cached_table(str(package), str(cache), modules)
+    assert sorted(os.listdir(cache)) == [os.path.basename(new)]

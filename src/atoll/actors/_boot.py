@@ -3,7 +3,9 @@
 The host starts an actor as ``python .../atoll/actors/_boot.py LIB TABLE``:
 LIB is a directory to put first on ``sys.path`` (or empty), TABLE a file of
 compiled code for atoll's own modules (or empty). Both come before anything
-of atoll is imported, which is why this file runs as a script.
+of atoll is imported, which is why this file runs as a script. With
+``--fork-server FD`` after them the process becomes a fork server (see
+``_forks``) whose forks go on as actors.
 
 Why a table: where Python keeps no bytecode cache (``PYTHONDONTWRITEBYTECODE=1``,
 common in containers, with an editable install; a read-only tree installed
@@ -18,9 +20,11 @@ runs old code.
 
 from __future__ import annotations
 
+import hashlib
 import marshal
 import os
 import sys
+import time
 from importlib.machinery import ModuleSpec, SourceFileLoader
 from importlib.util import MAGIC_NUMBER, spec_from_file_location
 from types import CodeType
@@ -36,6 +40,7 @@ CHILD_MODULES = (
     "atoll.actors._actor",
     "atoll.actors._child",
     "atoll.actors._errors_wire",
+    "atoll.actors._forks",
     "atoll.actors._node",
     "atoll.actors._ref",
     "atoll.actors._registry",
@@ -78,6 +83,43 @@ def write_table(path: str, package_dir: str, modules: tuple[str, ...] = CHILD_MO
         entries[name] = (source, is_package, (stat.st_mtime_ns, stat.st_size), code)
     with open(path, "wb") as f:
         f.write(_header() + marshal.dumps(entries))
+
+
+# Tables in the cache unused this long are removed when another is written.
+_TABLE_MAX_AGE = 30 * 86400
+
+
+def cached_table(package_dir: str, cache_dir: str, modules: tuple[str, ...] = CHILD_MODULES) -> str:
+    """The path of a table for ``modules`` in ``cache_dir``, written there
+    first unless a host before wrote it for the same sources and interpreter.
+    Compiling takes tens of milliseconds where no bytecode is cached; hosts
+    started later (each test, each run of a script) reuse the table."""
+    stamps = []
+    for name in modules:
+        base = os.path.join(package_dir, *name.split(".")[1:])
+        source = os.path.join(base, "__init__.py") if os.path.isdir(base) else base + ".py"
+        stat = os.stat(source)
+        stamps.append((name, stat.st_mtime_ns, stat.st_size))
+    key = repr((_header(), os.path.realpath(package_dir), stamps)).encode()
+    path = os.path.join(cache_dir, hashlib.sha256(key).hexdigest()[:32] + ".table")
+    try:
+        os.utime(path)  # in use: kept by the clean-up below
+        return path
+    except FileNotFoundError:
+        pass
+    os.makedirs(cache_dir, mode=0o700, exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        write_table(tmp, package_dir, modules)
+        os.replace(tmp, path)  # whole or not at all, for hosts reading it meanwhile
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    old = time.time() - _TABLE_MAX_AGE
+    for entry in os.scandir(cache_dir):
+        if entry.name.endswith(".table") and entry.stat().st_mtime < old:
+            os.unlink(entry.path)
+    return path
 
 
 class _TableLoader(SourceFileLoader):
@@ -140,6 +182,13 @@ def _main() -> None:
         sys.path.insert(0, lib)
     if table:
         install_table(table)
+    if sys.argv[1:2] == ["--fork-server"]:
+        fd = int(sys.argv[2])
+        del sys.argv[1:3]
+        from atoll.actors._forks import serve
+
+        if not serve(fd):
+            return  # the host has gone
     from atoll.actors._child import main
 
     main()

@@ -217,6 +217,10 @@ def main() -> None:
     # when actors stop, so the signal is the host's to handle, not ours.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     boot = _read_boot()
+    if "environ" in boot:  # forked by a fork server: become what a fresh start would be
+        os.environ.clear()
+        os.environ.update(boot["environ"])
+        os.chdir(boot["cwd"])
     wanted: list[str] = boot["sys_path"]
     sys.path[:] = wanted + [p for p in sys.path if p not in wanted]
     for module in boot.get("imports", ()):
