@@ -128,3 +128,22 @@ async def test_a_killed_fork_server_is_replaced_and_its_children_live_on() -> No
                 await old.kill_self()
         with pytest.raises(atoll.ActorDiedError):
             await old.echo("gone")
+
+
+async def test_no_fork_server_where_start_up_leaves_threads_running(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A sitecustomize (or .pth file) that starts a thread: forking would
+    # freeze it wherever it was, so every actor starts from scratch instead.
+    (tmp_path / "sitecustomize.py").write_text(
+        "import threading, time\n"
+        "threading.Thread(target=time.sleep, args=(3600,), daemon=True).start()\n"
+    )
+    monkeypatch.setenv(
+        "PYTHONPATH", os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])
+    )
+    async with atoll.open_host() as host:
+        with anyio.fail_after(20):
+            probes = [await host.spawn(Probe) for _ in range(3)]
+            assert [await p.parent() for p in probes] == [os.getpid()] * 3
+    assert "no fork server" in caplog.text

@@ -36,6 +36,7 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 from collections import deque
 from collections.abc import Mapping, Sequence
 
@@ -75,6 +76,17 @@ def serve(ctl_fd: int) -> bool:
 
     anyio.run(nothing, backend="asyncio")  # the imports an event loop makes on its first run
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the host decides when its processes stop
+    others = [t.name for t in threading.enumerate() if t is not threading.current_thread()]
+    if others:
+        # A fork would have them stopped wherever they were (a lock held for
+        # good). Something imported at start-up (a .pth file, sitecustomize)
+        # started them: the host starts its actors from scratch instead.
+        print(
+            f"atoll: no fork server: threads {others} run after start-up; "
+            "actor processes start from scratch",
+            file=sys.stderr,
+        )
+        return False
     ctl = socket.socket(fileno=ctl_fd)
     try:
         ctl.send(_READY)
