@@ -147,3 +147,16 @@ async def test_no_fork_server_where_start_up_leaves_threads_running(
             probes = [await host.spawn(Probe) for _ in range(3)]
             assert [await p.parent() for p in probes] == [os.getpid()] * 3
     assert "no fork server" in caplog.text
+
+
+async def test_spawns_cancelled_at_any_point_leave_nothing_behind() -> None:
+    # The leak check (every test's) finds any pipe, pidfd or process left over.
+    async with atoll.open_host() as host:
+        await host.spawn(Probe)
+        await host.spawn(Probe)  # the server is up
+        for delay_ms in range(0, 30, 2):
+            with anyio.move_on_after(delay_ms / 1000):
+                await host.spawn(Probe)
+        with anyio.fail_after(10):
+            probe = await host.spawn(Probe)
+            assert await probe.parent() != os.getpid()

@@ -158,6 +158,7 @@ class ForkServer:
         self._startup_env = {k: v for k, v in env.items() if k.startswith(_STARTUP_VARS)}
         self._slots: deque[_Slot] = deque()  # forks asked for, in order
         self._children: dict[int, ForkedProcess] = {}
+        self._send_lock = anyio.Lock()
         self.alive = True
 
     @classmethod
@@ -209,19 +210,32 @@ class ForkServer:
         stderr_r, stderr_w = os.pipe()
         slot = _Slot()
         try:
-            socket.send_fds(self._sock, [_SPAWN], [stdin_r, stderr_w])
-        except OSError:
-            self._gone()
-        else:
-            self._slots.append(slot)
             try:
-                await slot.done.wait()
+                async with self._send_lock:  # one waiter for room at a time
+                    while True:
+                        try:
+                            socket.send_fds(self._sock, [_SPAWN], [stdin_r, stderr_w])
+                            break
+                        except BlockingIOError:  # many asked at once: let it catch up
+                            await anyio.wait_writable(self._sock)
+                    self._slots.append(slot)  # in the order of the requests
+            except OSError:
+                self._gone()
+            else:
+                try:
+                    await slot.done.wait()
+                finally:
+                    if slot.child is None:
+                        slot.abandoned = True  # a child that comes later is killed
             finally:
-                if slot.child is None:
-                    slot.abandoned = True  # a child that comes later is killed
-        finally:
-            os.close(stdin_r)
-            os.close(stderr_w)
+                os.close(stdin_r)  # the child's ends: the server has its own now
+                os.close(stderr_w)
+        except BaseException:
+            os.close(stdin_w)
+            os.close(stderr_r)
+            if slot.child is not None:  # it came as the caller gave up
+                slot.child._discard()
+            raise
         if slot.child is None:
             os.close(stdin_w)
             os.close(stderr_r)
@@ -249,13 +263,12 @@ class ForkServer:
                 kind = msg[:1]
                 if kind == _FORKED and fds and len(msg) == 1 + _PID.size:
                     (pid,) = _PID.unpack_from(msg, 1)
+                    child = self._children[pid] = ForkedProcess(pid, fds[0], self)
                     slot = self._slots.popleft() if self._slots else None
                     if slot is None or slot.abandoned:
-                        # Its spawn gave up on it: end it (the server reaps it).
-                        signal.pidfd_send_signal(fds[0], signal.SIGKILL)
-                        os.close(fds[0])
+                        child._discard()  # its spawn gave up on it
                         continue
-                    slot.child = self._children[pid] = ForkedProcess(pid, fds[0], self)
+                    slot.child = child
                     slot.done.set()
                 elif kind == _EXITED and len(msg) == 1 + _EXIT.size:
                     pid, code = _EXIT.unpack_from(msg, 1)
@@ -345,6 +358,16 @@ class ForkedProcess(Process):
 
     def kill(self) -> None:
         self.send_signal(signal.SIGKILL)
+
+    def _discard(self) -> None:
+        """End a child nobody took (the server reaps it)."""
+        try:
+            signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        os.close(self._pidfd)
+        self._pidfd = -1
+        self._server._children.pop(self._pid, None)
 
     async def aclose(self) -> None:
         for stream in (self._stdin, self._stderr):
