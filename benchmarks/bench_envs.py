@@ -11,7 +11,9 @@ Rows (medians, one run, one machine):
                                 empty atoll cache; uv's own download cache is
                                 warm after the first round
   cached spawn                  host.spawn(A, env=...) into a built environment,
-                                to its first reply
+                                to its first reply (the first spawn starts from
+                                scratch and starts the environment's fork server;
+                                the median is the forks after it)
   warm-pool spawn               the same, taking a process host.prewarm() started
   torch spawn, cold             share_torch=True, to a first reply that needs
                                 torch imported (torch not imported beforehand)
