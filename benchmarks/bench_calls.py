@@ -13,7 +13,10 @@ Rows:
   atoll 100 in flight   calls/s with 100 concurrent callers on one ref
   spawn to first reply  ``host.spawn`` plus the first call, per actor, forked from
                         the host's fork server; a new host's first spawn (which
-                        starts the fork server); with ``fork_server=False`` (a new
+                        starts the fork server) beside the floor of any process
+                        started from scratch (``python -c`` importing pyzmq,
+                        msgspec and anyio and running an empty event loop);
+                        with ``fork_server=False`` (a new
                         interpreter each time); taking a process that
                         ``host.prewarm()`` started beforehand
   death detected        SIGKILL of an actor to ActorDiedError in its caller
@@ -30,6 +33,7 @@ import multiprocessing
 import os
 import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -201,6 +205,17 @@ async def spawn_to_first_reply(n: int, how: str = "forked") -> list[float]:
     return out
 
 
+# What every process started from scratch pays before atoll's code runs: the
+# interpreter, atoll's dependencies, and an event loop.
+_START_FLOOR = "import zmq, msgspec, anyio\nasync def main(): pass\nanyio.run(main)"
+
+
+def start_floor() -> float:
+    t = time.perf_counter()
+    subprocess.run([sys.executable, "-c", _START_FLOOR], check=True)
+    return time.perf_counter() - t
+
+
 async def first_spawn() -> float:
     """A new host's first spawn and call: from scratch, its fork server starting beside it."""
     async with atoll.open_host() as host:
@@ -293,9 +308,11 @@ def main() -> None:
         def run(fn: Callable[..., Any], *args: Any, b: str = backend) -> Any:
             return anyio.run(fn, *args, backend=b)
 
+        pairs = [(run(first_spawn), start_floor()) for _ in range(8)]  # alternating
         spawns = [
             (f"spawn to first reply, {backend}", run(spawn_to_first_reply, 20, "forked")),
-            ("  a new host's first (from scratch)", [run(first_spawn) for _ in range(8)]),
+            ("  a new host's first (from scratch)", [p[0] for p in pairs]),
+            ("  floor: python, its imports, a loop", [p[1] for p in pairs]),
             ("  fork_server=False", run(spawn_to_first_reply, 20, "fresh")),
             ("  from host.prewarm()", run(spawn_to_first_reply, 20, "prewarm")),
         ]
