@@ -38,6 +38,7 @@ async def _rows(sizes: list[int], calls: int) -> list[tuple[float, float]]:
 
     rows = []
     async with atoll.open_host() as host:
+        await host.stop(await host.spawn(Reader))  # starts the fork server
         ref = await host.spawn(Reader)
         for nbytes in sizes:
             t = torch.ones(nbytes // 4, device="cuda")
