@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import os
-import select
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -355,20 +353,12 @@ def host_process(script: str, backend: str) -> Iterator[subprocess.Popen[str]]:
 def kill_and_watch(host: subprocess.Popen[str], actor_pid: int, timeout: float) -> bool:
     """SIGKILL ``host``; whether its actor ``actor_pid``, and the fork server
     it came from if it did, exited within ``timeout``."""
+    from atoll.testing._leaks import wait_for_exit  # not at the top: actors import this module
+
     pids = {actor_pid, parent_of(actor_pid)} - {host.pid}
-    exited = [os.pidfd_open(pid) for pid in pids]  # each readable once its process exits
-    try:
-        host.kill()
-        host.wait(10)
-        deadline = time.monotonic() + timeout
-        waiting = list(exited)
-        while waiting and time.monotonic() < deadline:
-            ready, _, _ = select.select(waiting, [], [], deadline - time.monotonic())
-            waiting = [fd for fd in waiting if fd not in ready]
-    finally:
-        for fd in exited:
-            os.close(fd)
-    return not waiting
+    host.kill()
+    host.wait(10)
+    return not wait_for_exit(pids, timeout)
 
 
 def parent_of(pid: int) -> int:

@@ -66,17 +66,23 @@ def _header() -> bytes:
     return MAGIC_NUMBER + bytes([sys.flags.optimize])
 
 
+def _source_of(package_dir: str, name: str) -> tuple[str, bool]:
+    """The source file of module ``name`` of the package at ``package_dir``,
+    and whether it is a package."""
+    first, *rest = name.split(".")
+    if first != os.path.basename(package_dir):
+        raise ValueError(f"{name!r} is not a module of the package at {package_dir!r}")
+    base = os.path.join(package_dir, *rest)
+    if os.path.isdir(base):
+        return os.path.join(base, "__init__.py"), True
+    return base + ".py", False
+
+
 def write_table(path: str, package_dir: str, modules: tuple[str, ...] = CHILD_MODULES) -> None:
     """Compile ``modules`` (of the package at ``package_dir``) into a table at ``path``."""
-    root = os.path.basename(package_dir)
     entries: dict[str, _Entry] = {}
     for name in modules:
-        first, *rest = name.split(".")
-        if first != root:
-            raise ValueError(f"{name!r} is not a module of the package at {package_dir!r}")
-        base = os.path.join(package_dir, *rest)
-        is_package = os.path.isdir(base)
-        source = os.path.join(base, "__init__.py") if is_package else base + ".py"
+        source, is_package = _source_of(package_dir, name)
         stat = os.stat(source)  # before reading: a later edit then never matches
         code = SourceFileLoader(name, source).get_code(name)
         assert code is not None
@@ -96,9 +102,7 @@ def cached_table(package_dir: str, cache_dir: str, modules: tuple[str, ...] = CH
     started later (each test, each run of a script) reuse the table."""
     stamps = []
     for name in modules:
-        base = os.path.join(package_dir, *name.split(".")[1:])
-        source = os.path.join(base, "__init__.py") if os.path.isdir(base) else base + ".py"
-        stat = os.stat(source)
+        stat = os.stat(_source_of(package_dir, name)[0])
         stamps.append((name, stat.st_mtime_ns, stat.st_size))
     key = repr((_header(), os.path.realpath(package_dir), stamps)).encode()
     path = os.path.join(cache_dir, hashlib.sha256(key).hexdigest()[:32] + ".table")

@@ -36,6 +36,7 @@ from ..transport._codec import Codec, prepare_args
 from ..transport._hub import HOST, Hub
 from ..transport._socket import Job
 from ..venvs import BuiltEnv, Env, Progress, build, read_extension
+from ..venvs._env import user_cache_dir
 from . import _runtime
 from ._actor import Actor, Kind, method_kinds
 from ._boot import cached_table, write_table
@@ -437,7 +438,7 @@ class Host:
             if self._code_table is None:
                 try:
                     path = await anyio.to_thread.run_sync(
-                        cached_table, _PACKAGE_DIR, _code_cache_dir()
+                        cached_table, _PACKAGE_DIR, user_cache_dir("code")
                     )
                 except OSError:
                     path = os.path.join(self._hub.dir, "code")
@@ -490,7 +491,10 @@ class Host:
             "transfer": self._transfer,
         }
         process: Process | None = None
-        for _ in range(2):  # a server found gone is replaced once
+        # Twice at most: a server found gone on the first try has its
+        # replacement started by the second (this spawn waits for it only if
+        # another spawn started it already; else it starts from scratch).
+        for _ in range(2):
             server = await self._fork_server(built, argv, env)
             if server is None:
                 break
@@ -741,11 +745,6 @@ class Host:
         self._ctx.term()
         self.node.plane.close()
         _shm.sweep(self._shm_prefix)
-
-
-def _code_cache_dir() -> str:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "atoll", "code")
 
 
 def _pool_key(built: BuiltEnv | None) -> str | None:

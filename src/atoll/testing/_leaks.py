@@ -58,13 +58,13 @@ def _descendants(reap_except: frozenset[int] | None = None) -> set[int]:
     return found
 
 
-def _wait_for_exit(pids: set[int], timeout: float) -> None:
-    """Wait up to ``timeout`` seconds for ``pids`` to exit: a process a test
-    has stopped may still be finishing its exit."""
-    watched = []
+def wait_for_exit(pids: set[int], timeout: float) -> set[int]:
+    """Wait up to ``timeout`` seconds for ``pids`` to exit (a process a test
+    has stopped may still be finishing its exit); those still running."""
+    watched: dict[int, int] = {}
     for pid in pids:
         try:
-            watched.append(os.pidfd_open(pid))
+            watched[os.pidfd_open(pid)] = pid  # readable once the process has exited
         except ProcessLookupError:
             pass
     try:
@@ -73,6 +73,7 @@ def _wait_for_exit(pids: set[int], timeout: float) -> None:
         while waiting and time.monotonic() < deadline:
             ready, _, _ = select.select(waiting, [], [], deadline - time.monotonic())
             waiting = [fd for fd in waiting if fd not in ready]
+        return {watched[fd] for fd in waiting}
     finally:
         for fd in watched:
             os.close(fd)
@@ -164,7 +165,7 @@ class snapshot:
         gc.collect()
         processes = _descendants(self._processes) - self._processes
         if processes and hasattr(os, "pidfd_open"):
-            _wait_for_exit(processes, exit_wait)
+            wait_for_exit(processes, exit_wait)
             processes = _descendants(self._processes) - self._processes
         return Leaks(
             frozenset(processes),

@@ -104,5 +104,11 @@ def default_cache_dir() -> str:
     explicit = os.environ.get(CACHE_ENV_VAR)
     if explicit:
         return os.path.abspath(os.path.expanduser(explicit))
+    return user_cache_dir("envs")
+
+
+def user_cache_dir(name: str) -> str:
+    """``name`` in atoll's directory of the user cache (``$XDG_CACHE_HOME``,
+    else ``~/.cache``)."""
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "atoll", "envs")
+    return os.path.join(base, "atoll", name)
