@@ -34,7 +34,7 @@ from .._errors import (
 )
 from ..tensors import Plane
 from ..transport import _messages as m
-from ..transport._codec import Codec, prepare, prepare_args
+from ..transport._codec import Codec
 from ..transport._socket import Job, PeerUnreachableError, Resumed, event_maker
 from ._actor import Kind, kind_of
 from ._errors_wire import pack_error, unpack_error
@@ -352,8 +352,8 @@ class Node:
         call_id = self._next_id()
         ctx = current_call.get()
         parent, chain = (0, call_id) if ctx is None else ctx
-        payload, buffers = self.codec.dumps(
-            prepare_args(args, kwargs, self.mark), f"arguments of {method}()", dest
+        payload, buffers = self.codec.dumps_call(
+            args, kwargs, self.mark, f"arguments of {method}()", dest
         )
         header = m.encode(m.Call(call_id, parent, chain, target, method, payload, credit))
         return call_id, [header, *buffers]
@@ -575,7 +575,7 @@ class Node:
 
     def _reply(self, dest: bytes, call_id: int, result: Any, name: str) -> None:
         try:
-            payload, buffers = self.codec.dumps(prepare(result, self.mark), "result", dest)
+            payload, buffers = self.codec.dumps_value(result, self.mark, "result", dest)
         except SerializationError as exc:
             self._send_quietly(dest, [m.encode(m.Error(call_id, pack_error(exc, name)))])
             return
@@ -594,9 +594,7 @@ class Node:
                         out.event = anyio.Event()
                         await out.event.wait()
                     out.credit -= 1
-                    payload, buffers = self.codec.dumps(
-                        prepare(item, self.mark), "stream item", dest
-                    )
+                    payload, buffers = self.codec.dumps_value(item, self.mark, "stream item", dest)
                     self._transmit(dest, [m.encode(m.StreamItem(msg.call_id, payload)), *buffers])
             self._transmit(dest, [m.encode(m.StreamEnd(msg.call_id))])
         finally:

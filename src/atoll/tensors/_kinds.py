@@ -9,6 +9,7 @@ numpy and torch are only imported by the side that meets one of their values.
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 from .._errors import SerializationError
@@ -123,15 +124,16 @@ def storage_of(base: Any) -> Any:
     return _torch().frombuffer(base, dtype=_torch().uint8).untyped_storage()
 
 
-_torch_dtypes: dict[str, Any] = {}
+_torch_dtypes: dict[str, tuple[Any, int]] = {}
+"""torch dtypes by name, with their item sizes."""
 
 
 def rebuild_tensor(
     region: tuple[Any, int, dict[Any, Any], int, int],
     ptr: int,
     dtype: str,
-    shape: tuple[int, ...],
-    stride: tuple[int, ...],
+    shape: Sequence[int],
+    stride: Sequence[int],
     requires_grad: bool,
     parameter: bool,
     conj: bool = False,
@@ -143,10 +145,11 @@ def rebuild_tensor(
     microseconds when caches are cold, so a tensor that is its region's whole
     flat root is that root, in one call."""
     buffer, origin, roots, start, size = region
-    dt = _torch_dtypes.get(dtype)
-    if dt is None:
-        dt = _torch_dtypes[dtype] = getattr(_torch(), dtype)
-    itemsize = dt.itemsize
+    found = _torch_dtypes.get(dtype)
+    if found is None:
+        dt = getattr(_torch(), dtype)
+        found = _torch_dtypes[dtype] = (dt, dt.itemsize)
+    dt, itemsize = found
     offset = (ptr - origin - start) // itemsize
     root = roots.get(dt)
     if root is None:

@@ -108,7 +108,7 @@ def segment_size(nbytes: int) -> int:
 class _Mapped:
     """A segment mapped in this process."""
 
-    __slots__ = ("addr", "mm", "mv", "name", "size")
+    __slots__ = ("addr", "array", "mm", "mv", "name", "size")
 
     def __init__(self, name: str, mm: mmap.mmap) -> None:
         self.name = name
@@ -116,6 +116,7 @@ class _Mapped:
         self.mv = memoryview(mm)
         self.size = len(mm)
         self.addr = _shm.address(mm)
+        self.array = ctypes.c_ubyte * self.size  # the type of a ctypes array over all of it
 
     def close(self) -> None:
         self.mv.release()
@@ -157,11 +158,6 @@ class _Mapping(_Mapped):
             if base is not None and start <= lo and hi <= end:
                 return base
         return None
-
-
-def _buffer_type(size: int) -> Any:
-    # ctypes caches array types by length; segment sizes are few.
-    return ctypes.c_ubyte * size
 
 
 class _Group:
@@ -261,14 +257,16 @@ class _Incoming:
         # the buffer the region lies (offset, size).
         self.bases: dict[int, tuple[Any, int, dict[Any, Any], int, int]] = {}
 
-    def base(self, index: int) -> tuple[Any, int, dict[Any, Any], int, int]:
+    def base(self, index: int, tensors: bool = False) -> tuple[Any, int, dict[Any, Any], int, int]:
+        """The region at ``index``: see :meth:`Plane._view` for ``tensors``
+        (a region holds views of one kind, the key its sender grouped by)."""
         found = self.bases.get(index)
         if found is None:
             entry = self.entries[index]
             kind, origin = entry[0], entry[1]
             if kind == _SHARED:
-                buffer: Any = self.plane._attach(self.src, *entry[2:])
-                start, size = entry[3], entry[4]  # the buffer is the whole segment
+                _, _, name, start, size, lease = entry  # the buffer is the whole segment
+                buffer: Any = self.plane._attach(self.src, name, start, size, lease, tensors)
             else:
                 buffer = bytearray(self.frames[entry[2]] if kind == _IN_FRAME else entry[2])
                 start, size = 0, len(buffer)
@@ -314,27 +312,68 @@ def _kind(t: type) -> str | None:
     return None
 
 
-def _rebuild_array(index: int, ptr: int, *meta: Any) -> Any:
-    region = _incoming.get().base(index)
+def _array_in(incoming: _Incoming, index: int, ptr: int, *meta: Any) -> Any:
+    region = incoming.base(index)
     return _kinds.rebuild_array(region[0], ptr - region[1], *meta)
 
 
-def _rebuild_tensor(index: int, ptr: int, *meta: Any) -> Any:
-    return _kinds.rebuild_tensor(_incoming.get().base(index), ptr, *meta)
+def _tensor_in(incoming: _Incoming, index: int, ptr: int, *meta: Any) -> Any:
+    return _kinds.rebuild_tensor(incoming.base(index, True), ptr, *meta)
 
 
-def _rebuild_device_tensor(index: int, *meta: Any) -> Any:
-    return _kinds.tensor_on(_incoming.get().device_storage(index), *meta)
+def _device_tensor_in(incoming: _Incoming, index: int, *meta: Any) -> Any:
+    return _kinds.tensor_on(incoming.device_storage(index), *meta)
 
 
-def _rebuild_buffer(index: int, ptr: int, nbytes: int, kind: str) -> Any:
-    region = _incoming.get().base(index)
+def _buffer_in(incoming: _Incoming, index: int, ptr: int, nbytes: int, kind: str) -> Any:
+    region = incoming.base(index)
     base, start = region[0], ptr - region[1]
     # A view of a view of ``base`` still holds ``base`` (its exporter).
     view = memoryview(base).cast("B")[start : start + nbytes]
     if kind == "memoryview":
         return view
     return bytes(view) if kind == "bytes" else bytearray(view)
+
+
+def _empty_tensor_in(incoming: _Incoming, *meta: Any) -> Any:
+    return _kinds.empty_tensor(*meta)
+
+
+def _empty_array_in(incoming: _Incoming, *meta: Any) -> Any:
+    return _kinds.empty_array(*meta)
+
+
+# What a pickle names to rebuild a value (the message's regions are found
+# through ``_incoming``).
+
+
+def _rebuild_array(index: int, ptr: int, *meta: Any) -> Any:
+    return _array_in(_incoming.get(), index, ptr, *meta)
+
+
+def _rebuild_tensor(index: int, ptr: int, *meta: Any) -> Any:
+    return _tensor_in(_incoming.get(), index, ptr, *meta)
+
+
+def _rebuild_device_tensor(index: int, *meta: Any) -> Any:
+    return _device_tensor_in(_incoming.get(), index, *meta)
+
+
+def _rebuild_buffer(index: int, ptr: int, nbytes: int, kind: str) -> Any:
+    return _buffer_in(_incoming.get(), index, ptr, nbytes, kind)
+
+
+_REBUILDERS = (
+    (_rebuild_tensor, _tensor_in),
+    (_rebuild_array, _array_in),
+    (_rebuild_buffer, _buffer_in),
+    (_rebuild_device_tensor, _device_tensor_in),
+    (_kinds.empty_tensor, _empty_tensor_in),
+    (_kinds.empty_array, _empty_array_in),
+)
+"""What a reducer names to rebuild a value, and what rebuilds it in a lifted
+message (see :meth:`Plane.land`), where it goes by its index here."""
+_LANDERS = tuple(lander for _, lander in _REBUILDERS)
 
 
 _DeadNote = tuple[bytes | None, int, Any, int]
@@ -411,6 +450,14 @@ class Plane:
         if kind == "array":
             return self._reduce_array
         return self._types.get(t)
+
+    def lifter(self, t: type) -> Handler | None:
+        """What reduces a value of type ``t`` to one of :attr:`rebuilders`
+        without a pickler, or None (see ``Codec._lift``)."""
+        return None if t is CopyOnSend else self.handler(t)
+
+    rebuilders: Sequence[Callable[..., Any]] = tuple(rebuild for rebuild, _ in _REBUILDERS)
+    """What a lifted value may be rebuilt with: :meth:`land` takes its index."""
 
     def _reduce_lifted(self, lifted: Lifted, pickler: Any) -> Any:
         data = lifted.data
@@ -521,8 +568,10 @@ class Plane:
         meta = (info.name, shape, stride, t.storage_offset(), grad, parameter, conj)
         return (_rebuild_device_tensor, (index, *meta))
 
-    def seal(self, batch: Batch, dest: bytes) -> tuple[bytes, list[Any]]:
-        """The head describing ``batch``'s regions, and the frames that carry some."""
+    def seal(self, batch: Batch, dest: bytes, *, encoded: bool = True) -> tuple[Any, list[Any]]:
+        """The head describing ``batch``'s regions (msgpack, or the value to
+        encode as part of a message if not ``encoded``), and the frames that
+        carry some."""
         entries: list[tuple[Any, ...]] = []
         frames: list[Any] = []
         inline = self.transfer == "inline"
@@ -541,7 +590,8 @@ class Plane:
             else:
                 entries.append((_IN_FRAME, origin, len(frames)))
                 frames.append(self._read(group, origin, size))
-        return _head_encode((len(frames), entries)), frames
+        head = (len(frames), entries)
+        return (_head_encode(head) if encoded else head), frames
 
     def _in_shared(self, group: _Group, origin: int) -> bool:
         if group.copy or group.view is not None or not self._starts:
@@ -764,17 +814,17 @@ class Plane:
             return value  # device memory always travels by handle: nothing to move
         raise TypeError(f"share() takes a numpy array or a CPU torch tensor, got {t.__qualname__}")
 
-    def _fresh_base(self, nbytes: int) -> tuple[Any, int]:
+    def _fresh_base(self, nbytes: int, tensors: bool) -> tuple[Any, int]:
         with self._lock:
             segment = self._alloc(nbytes)
-            return self._view(segment, None, 0, 0, nbytes), segment.addr
+            return self._view(segment, None, 0, 0, nbytes, tensors), segment.addr
 
     def _share_tensor(self, t: Any) -> Any:
         storage = t.untyped_storage()
         nbytes = storage.nbytes()
         if nbytes == 0 or self._find_locked(storage.data_ptr(), storage.data_ptr() + nbytes):
             return t
-        base, addr = self._fresh_base(nbytes)
+        base, addr = self._fresh_base(nbytes, True)
         _memmove(addr, storage.data_ptr(), nbytes)
         torch = sys.modules["torch"]
         with torch.no_grad():
@@ -787,7 +837,7 @@ class Plane:
         if a.size == 0 or self._find_locked(extent.lo, extent.hi):
             return a
         size = extent.hi - extent.lo
-        base, addr = self._fresh_base(size)
+        base, addr = self._fresh_base(size, False)
         _memmove(addr, extent.lo, size)
         return _kinds.rebuild_array(
             base, extent.ptr - extent.lo, a.dtype.str, a.shape, a.strides, True
@@ -799,15 +849,15 @@ class Plane:
 
     # -- receiving -------------------------------------------------------
 
-    def begin_load(self, src: bytes, head: bytes, frames: Sequence[Any]) -> tuple[Any, int]:
-        """Get ready to unpickle a message whose regions ``head`` describes;
-        returns what :meth:`end_load` takes, and how many of the last
-        ``frames`` carry regions."""
+    def begin_load(self, src: bytes, head: Any, frames: Sequence[Any]) -> tuple[Any, int]:
+        """Get ready to unpickle a message whose regions ``head`` describes
+        (msgpack, or decoded with the message); returns what :meth:`end_load`
+        takes, and how many of the last ``frames`` carry regions."""
         try:
-            own, entries = _head_decode(head)
-        except msgspec.DecodeError as exc:
+            own, entries = _head_decode(head) if type(head) is bytes else head
+        except (msgspec.DecodeError, TypeError, ValueError) as exc:
             raise SerializationError(f"malformed tensor descriptors: {exc}") from exc
-        if not 0 <= own <= len(frames):
+        if type(own) is not int or not 0 <= own <= len(frames):
             raise SerializationError("malformed tensor descriptors: frames are missing")
         incoming = _Incoming(self, src, entries, frames[len(frames) - own :])
         return (incoming, _incoming.set(incoming)), own
@@ -816,19 +866,46 @@ class Plane:
         incoming, token = state
         _incoming.reset(token)
         if len(incoming.bases) < len(incoming.entries):
-            # Regions nothing was built on (the load failed first): release now.
-            unused = [(incoming.src, lease, _NO_OWNER, 0) for lease in incoming.unused_leases()]
-            if unused:
-                self.dead.extend(unused)
-                self._ring()
+            self._release_unused(incoming)
 
-    def _attach(self, src: bytes, name: str, offset: int, size: int, lease: int) -> Any:
+    def _release_unused(self, incoming: _Incoming) -> None:
+        # Regions nothing was built on (the load failed first): release now.
+        unused = [(incoming.src, lease, _NO_OWNER, 0) for lease in incoming.unused_leases()]
+        if unused:
+            self.dead.extend(unused)
+            self._ring()
+
+    def land(self, src: bytes, head: Any, frames: Sequence[Any], slots: Sequence[Any]) -> list[Any]:
+        """The values of a lifted message from ``src``: per slot (place,
+        code, arguments), ``rebuilders[code](*arguments)``, or for code -1 the
+        value of the slot at index ``arguments`` again. ``head`` describes
+        the regions (as :meth:`seal` made it, not encoded); ``frames`` are
+        all the message's frames after its header."""
+        try:
+            own, entries = head
+        except (TypeError, ValueError):
+            raise SerializationError("malformed tensor descriptors") from None
+        if own != len(frames):
+            raise SerializationError("malformed tensor descriptors: frames are missing")
+        incoming = _Incoming(self, src, entries, frames)
+        made: list[Any] = []
+        try:
+            for _, code, args in slots:
+                made.append(made[args] if code < 0 else _LANDERS[code](incoming, *args))
+        finally:
+            if len(incoming.bases) < len(entries):
+                self._release_unused(incoming)
+        return made
+
+    def _attach(
+        self, src: bytes, name: str, offset: int, size: int, lease: int, tensors: bool
+    ) -> Any:
         with self._lock:
-            segment = self._segments.get(name)
-            if segment is not None:  # our own memory, sent back to us
-                return self._view(segment, src, lease, offset, size)
             mapping = self._mappings.get(name)
             if mapping is None:
+                segment = self._segments.get(name)
+                if segment is not None:  # our own memory, sent back to us
+                    return self._view(segment, src, lease, offset, size, tensors)
                 try:
                     mapping = _Mapping(name, _shm.attach(name))
                 except FileNotFoundError:
@@ -838,20 +915,28 @@ class Plane:
                     ) from None
                 self._mappings[name] = mapping
                 self._index(mapping)
-            else:
+            elif not mapping.live:
                 self._idle.pop(name, None)
-            return self._view(mapping, src, lease, offset, size)
+            return self._view(mapping, src, lease, offset, size, tensors)
 
     def _view(
-        self, owner: _Segment | _Mapping, src: bytes | None, lease: int, offset: int, size: int
+        self,
+        owner: _Segment | _Mapping,
+        src: bytes | None,
+        lease: int,
+        offset: int,
+        size: int,
+        tensors: bool,
     ) -> Any:
         """A buffer over all of ``owner``'s memory whose life holds region
-        [offset, offset + size) of it: every array, tensor and memoryview
-        built on it keeps it, and its death is noted (lease ``lease`` of
-        ``src`` is over). It is a ctypes array because numpy and memoryviews
-        keep their exporter alive, where a memoryview slice would only keep
-        the mmap."""
-        base = _buffer_type(owner.size).from_buffer(owner.mm)
+        [offset, offset + size) of it: every view built on it keeps it, and
+        its death is noted (lease ``lease`` of ``src`` is over).
+
+        For tensors it is a memoryview: torch keeps the very object it was
+        given. numpy, and memoryviews sliced from it, would keep only the
+        mmap under a memoryview, so for them it is a ctypes array (which
+        they keep; it costs a few times more to make)."""
+        base = memoryview(owner.mm) if tensors else owner.array.from_buffer(owner.mm)
         watch = weakref.ref(base, self._on_dead)
         # Kept here until it fires: a weak reference that dies first never calls back.
         self._watched[id(watch)] = (watch, (src, lease, owner, id(base)))

@@ -17,6 +17,8 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
+import msgspec
+
 from .._errors import SerializationError
 
 OOB_THRESHOLD = 8192
@@ -38,6 +40,23 @@ _LEARNT_TYPES = 4096
 _HEADED = 0
 """First byte of a payload that starts with a sidecar head (a pickle stream
 starts with the PROTO opcode, 0x80), followed by the head's length (4 bytes)."""
+_PICKLED = 0x80
+"""First byte of a pickle stream (the PROTO opcode)."""
+_LIFTED = 0x93
+"""First byte of a payload made without pickle (see :meth:`Codec._lift`): it
+is msgpack, an array of three (the value's shape and plain items, the
+sidecar's head, the slots of the values the sidecar carries)."""
+
+# Shapes of a lifted value: the value itself is the sidecar's; a tuple or list
+# of plain values and the sidecar's; arguments (a tuple of such values, and a
+# dict of them by name).
+_WHOLE, _TUPLE, _LIST, _CALL = range(4)
+
+_LIFT_ITEMS = 64
+"""Longer tuples, lists and dicts are left to the pickler."""
+
+_lift_encode = msgspec.msgpack.Encoder().encode
+_lift_decode = msgspec.msgpack.Decoder().decode
 
 
 class Sidecar(Protocol):
@@ -48,20 +67,106 @@ class Sidecar(Protocol):
     batch into a head and extra frames (sent after the pickle's own) once the
     pickle is complete. A stream with such a head is unpickled between
     ``begin_load`` (which says how many of the last frames are the
-    sidecar's) and ``end_load``.
+    sidecar's) and ``end_load``. Values that only ``lifter`` reduces may skip
+    the pickle: their rebuilders are named by index in ``rebuilders``, and
+    the head travels decoded (``seal(..., encoded=False)``).
     """
 
     def handler(self, t: type) -> Handler | None: ...
 
-    def seal(self, batch: Any, dest: bytes) -> tuple[bytes, list[Any]]: ...
+    def lifter(self, t: type) -> Handler | None:
+        """What reduces a value of type ``t`` to one of :attr:`rebuilders` and
+        arguments that msgpack carries, or None: see :meth:`Codec._lift`."""
+        ...
 
-    def begin_load(self, src: bytes, head: bytes, frames: Sequence[Any]) -> tuple[Any, int]: ...
+    @property
+    def rebuilders(self) -> Sequence[Callable[..., Any]]: ...
+
+    def land(
+        self, src: bytes, head: Any, frames: Sequence[Any], slots: Sequence[Any]
+    ) -> list[Any]: ...
+
+    def seal(self, batch: Any, dest: bytes, *, encoded: bool = True) -> tuple[Any, list[Any]]: ...
+
+    def begin_load(self, src: bytes, head: Any, frames: Sequence[Any]) -> tuple[Any, int]: ...
 
     def end_load(self, state: Any) -> None: ...
 
 
 class _NeedsCloudpickle(Exception):
     pass
+
+
+class _NoPickler:
+    """Stands in for the pickler where a handler runs without one."""
+
+    __slots__ = ("batch",)
+
+    def __init__(self) -> None:
+        self.batch: Any = None
+
+
+_UNFIT: Any = object()
+"""An item only the pickler can take (see :meth:`Codec._lift`)."""
+
+
+class _Walk:
+    """Goes through the items of a value for :meth:`Codec._lift`: notes a
+    slot per value the sidecar reduces, and whether all the rest is plain."""
+
+    __slots__ = ("containers", "lift", "plain", "seen", "slots")
+
+    def __init__(self) -> None:
+        self.lift = _NoPickler()
+        self.slots: list[Any] = []
+        self.seen: dict[int, int] = {}
+        self.containers = False  # plain tuples, lists or dicts met
+        self.plain = True  # nothing but scalars, short bytes and such containers
+
+    def items(self, codec: Codec, items: Sequence[Any]) -> list[Any] | None:
+        if len(items) > _LIFT_ITEMS:
+            return None
+        out = []
+        for i, v in enumerate(items):
+            v = self.one(codec, v, i)
+            if v is _UNFIT:
+                return None
+            out.append(v)
+        return out
+
+    def one(self, codec: Codec, v: Any, at: Any) -> Any:
+        """``v`` if msgpack carries it as it is; None, its slot noted, if the
+        sidecar reduces it; else ``_UNFIT``."""
+        t = type(v)
+        if t is str or t is int or t is float or t is bool or v is None:
+            return v
+        if t is bytes:
+            return v if len(v) < OOB_THRESHOLD else _UNFIT
+        if t is tuple or t is list or t is dict:
+            if not _plain(v):
+                return _UNFIT
+            self.containers = True
+            return v
+        first = self.seen.get(id(v))
+        if first is not None:  # the same object again: the same object arrives
+            self.slots.append((at, -1, first))
+            return None
+        try:
+            lifter = codec._lifters[t]
+        except KeyError:
+            lifter = codec._learn_lifter(t)
+        if lifter is None:
+            return _UNFIT
+        reduced = lifter(v, self.lift)
+        if reduced is NotImplemented:
+            return _UNFIT
+        code = codec._codes.get(reduced[0])
+        if code is None:
+            return _UNFIT
+        self.plain = False
+        self.seen[id(v)] = len(self.slots)
+        self.slots.append((at, code, reduced[1]))
+        return None
 
 
 def _rebuild_bytes(buf: Any) -> bytes:
@@ -273,6 +378,10 @@ class Codec:
 
         self._pickler_cls = _Pickler
         self._cloud_pickler_cls: type[pickle.Pickler] | None = None
+        self._lifters: dict[type, Handler | None] = {}
+        self._codes: dict[Any, int] = (
+            {fn: i for i, fn in enumerate(sidecar.rebuilders)} if sidecar is not None else {}
+        )
 
     def _learn(self, t: type, *, cloud: bool) -> Handler | None:
         found: list[Handler] = []
@@ -353,19 +462,130 @@ class Codec:
             return f.getvalue(), buffers
         assert self._sidecar is not None
         head, frames = self._sidecar.seal(batch, dest)
+        assert type(head) is bytes
         return b"".join(
             (bytes((_HEADED,)), len(head).to_bytes(4, "little"), head, f.getbuffer())
         ), buffers + frames
+
+    def _learn_lifter(self, t: type) -> Handler | None:
+        assert self._sidecar is not None
+        if len(self._lifters) >= _LEARNT_TYPES:
+            self._lifters.clear()
+        lifter = self._lifters[t] = self._sidecar.lifter(t)
+        return lifter
+
+    def dumps_call(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any], mark: Marker, what: str, dest: bytes
+    ) -> tuple[bytes, list[Any]]:
+        """:meth:`dumps` of ``prepare_args(args, kwargs, mark)``, faster
+        where the arguments are scalars, short byte strings and the
+        sidecar's values (see :meth:`_lift`)."""
+        if self._sidecar is not None:
+            walk = _Walk()
+            items = walk.items(self, args)
+            if items is not None and len(kwargs) <= _LIFT_ITEMS:
+                named: dict[str, Any] | None = {}
+                for k, v in kwargs.items():
+                    v = named[k] = walk.one(self, v, k)  # type: ignore[index]
+                    if v is _UNFIT:
+                        named = None
+                        break
+                if named is not None:
+                    done = self._lift(walk, _CALL, (items, named), (args, kwargs), dest)
+                    if done is not None:
+                        return done
+        return self.dumps(prepare_args(args, kwargs, mark), what, dest)
+
+    def dumps_value(
+        self, value: Any, mark: Marker, what: str, dest: bytes
+    ) -> tuple[bytes, list[Any]]:
+        """:meth:`dumps` of ``prepare(value, mark)``, faster where the value,
+        or the items of a tuple or list value, are scalars, short byte
+        strings and the sidecar's values (see :meth:`_lift`)."""
+        if self._sidecar is not None:
+            walk = _Walk()
+            t = type(value)
+            if t is tuple or t is list:
+                items = walk.items(self, value)
+                if items is not None:
+                    shape = _TUPLE if t is tuple else _LIST
+                    done = self._lift(walk, shape, items, value, dest)
+                    if done is not None:
+                        return done
+            elif walk.one(self, value, None) is not _UNFIT:
+                done = self._lift(walk, _WHOLE, None, value, dest)
+                if done is not None:
+                    return done
+        return self.dumps(prepare(value, mark), what, dest)
+
+    def _lift(
+        self, walk: _Walk, shape: int, items: Any, obj: Any, dest: bytes
+    ) -> tuple[bytes, list[Any]] | None:
+        """``obj`` without pickle once :class:`_Walk` went through it, or
+        None where it needs the pickler after all.
+
+        The messages that carry tensors are most often tensors as arguments
+        with a few plain ones, or a tensor (or a tuple of them) as a result.
+        Such a value travels as msgpack: its shape, its plain items, and a
+        slot per tensor (where it goes, its rebuilder, that rebuilder's
+        arguments). Pickling and unpickling the same costs several times more
+        (pickle's machinery, and the rebuilders' lookup by name). A value of
+        plain items and containers of them only is pickled at once.
+        """
+        if walk.plain:
+            return pickle.dumps(obj, 5), []
+        if walk.containers:
+            return None  # msgpack would make their tuples lists: the pickler takes them
+        try:
+            plain = msgspec.Raw(_lift_encode((shape, items)))
+        except (OverflowError, UnicodeEncodeError, TypeError):
+            return None  # an int past 64 bits, a lone surrogate: the pickler takes them
+        batch = walk.lift.batch
+        if batch is None:  # only values rebuilt from their description (empty ones)
+            head: Any = (0, [])
+            frames: list[Any] = []
+        else:
+            assert self._sidecar is not None
+            head, frames = self._sidecar.seal(batch, dest, encoded=False)
+        payload = _lift_encode((plain, head, walk.slots))
+        assert payload[0] == _LIFTED
+        return payload, frames
+
+    def _land(self, data: bytes, buffers: Sequence[Any], src: bytes) -> Any:
+        """The value :meth:`_lift` sent."""
+        (shape, items), head, slots = _lift_decode(data)
+        assert self._sidecar is not None
+        made = self._sidecar.land(src, head, buffers, slots)
+        if shape == _WHOLE:
+            return made[0]
+        if shape == _CALL:
+            args, kwargs = items
+            for (at, _, _), value in zip(slots, made, strict=True):
+                if type(at) is str:
+                    kwargs[at] = value
+                else:
+                    args[at] = value
+            return tuple(args), kwargs
+        for (at, _, _), value in zip(slots, made, strict=True):
+            items[at] = value
+        return tuple(items) if shape == _TUPLE else items
 
     def loads(
         self, data: bytes, buffers: Sequence[Any], what: str = "value", src: bytes = b""
     ) -> Any:
         """Unpickle a payload produced by :meth:`dumps`, with the frames after it."""
         try:
-            if data[0] != _HEADED:
+            first = data[0]
+            if first == _PICKLED:
                 return pickle.loads(data, buffers=buffers)
+            if first != _HEADED and first != _LIFTED:
+                raise SerializationError(
+                    f"cannot read the {what}: not a payload atoll makes (first byte {first:#04x})"
+                )
             if self._sidecar is None:
                 raise SerializationError(f"the {what} holds tensors, and nothing here reads them")
+            if first == _LIFTED:
+                return self._land(data, buffers, src)
             size = int.from_bytes(data[1:5], "little")
             view = memoryview(data)
             state, own = self._sidecar.begin_load(src, bytes(view[5 : 5 + size]), buffers)
