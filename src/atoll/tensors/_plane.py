@@ -37,6 +37,7 @@ import types
 import weakref
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
+from collections.abc import Set as AbstractSet
 from contextvars import ContextVar
 from typing import Any, TypeVar
 
@@ -142,33 +143,30 @@ class _Segment(_Mapped):
 class _Mapping(_Mapped):
     """This process's mapping of another process's segment."""
 
-    __slots__ = ("bases", "live")
+    __slots__ = ("live",)
 
     def __init__(self, name: str, mm: mmap.mmap) -> None:
         super().__init__(name, mm)
-        self.live = 0
-        self.bases: dict[int, tuple[int, int, weakref.ref[Any]]] = {}
-
-    def covering(self, lo: int, hi: int) -> Any:
-        """A live view received on this mapping that spans [lo, hi)."""
-        lo -= self.addr
-        hi -= self.addr
-        for start, end, ref in self.bases.values():
-            base = ref()
-            if base is not None and start <= lo and hi <= end:
-                return base
-        return None
+        self.live = 0  # views received on it that are alive
 
 
 class _Group:
-    __slots__ = ("copy", "device", "hi", "lo", "view")
+    __slots__ = ("copy", "device", "hi", "lo", "obj", "view")
 
-    def __init__(self, lo: int, hi: int, copy: bool, view: memoryview | None) -> None:
+    def __init__(
+        self, lo: int, hi: int, copy: bool, view: memoryview | None, obj: Any = None
+    ) -> None:
         self.lo = lo
         self.hi = hi
         self.copy = copy
         self.view = view  # bytes with no address to copy from: copied from this view
+        # A value sent that views this memory: what holds it for a peer when it
+        # is memory received from another process, sent on.
+        self.obj = obj
         self.device: tuple[str, int, Any] | None = None  # (type, index, storage) on a device
+
+
+_NO_IDS: frozenset[int] = frozenset()
 
 
 class Batch:
@@ -179,16 +177,24 @@ class Batch:
     def __init__(self) -> None:
         self.groups: list[_Group] = []
         self.keys: dict[Any, int] = {}
-        self.copy_ids: set[int] = set()
+        self.copy_ids: AbstractSet[int] = _NO_IDS  # a set once copy_on_send is met
         self.keep: list[Any] = []  # tensors made while pickling: their memory is read at seal
 
-    def add(self, key: Any, lo: int, hi: int, copy: bool, view: memoryview | None = None) -> int:
+    def add(
+        self,
+        key: Any,
+        lo: int,
+        hi: int,
+        copy: bool,
+        view: memoryview | None = None,
+        obj: Any = None,
+    ) -> int:
         if copy:
             key = ("copy", key)
         index = self.keys.get(key)
         if index is None:
             index = self.keys[key] = len(self.groups)
-            self.groups.append(_Group(lo, hi, copy, view))
+            self.groups.append(_Group(lo, hi, copy, view, obj))
         else:
             group = self.groups[index]
             group.lo = min(group.lo, lo)
@@ -266,7 +272,7 @@ class _Incoming:
             kind, origin = entry[0], entry[1]
             if kind == _SHARED:
                 _, _, name, start, size, lease = entry  # the buffer is the whole segment
-                buffer: Any = self.plane._attach(self.src, name, start, size, lease, tensors)
+                buffer: Any = self.plane._attach(self.src, name, lease, tensors)
             else:
                 buffer = bytearray(self.frames[entry[2]] if kind == _IN_FRAME else entry[2])
                 start, size = 0, len(buffer)
@@ -317,8 +323,20 @@ def _array_in(incoming: _Incoming, index: int, ptr: int, *meta: Any) -> Any:
     return _kinds.rebuild_array(region[0], ptr - region[1], *meta)
 
 
-def _tensor_in(incoming: _Incoming, index: int, ptr: int, *meta: Any) -> Any:
-    return _kinds.rebuild_tensor(incoming.base(index, True), ptr, *meta)
+def _tensor_in(
+    incoming: _Incoming,
+    index: int,
+    ptr: int,
+    dtype: str,
+    shape: Sequence[int],
+    stride: Sequence[int],
+    requires_grad: bool,
+    parameter: bool,
+    conj: bool = False,
+) -> Any:
+    return _kinds.rebuild_tensor(
+        incoming.base(index, True), ptr, dtype, shape, stride, requires_grad, parameter, conj
+    )
 
 
 def _device_tensor_in(incoming: _Incoming, index: int, *meta: Any) -> Any:
@@ -376,8 +394,8 @@ message (see :meth:`Plane.land`), where it goes by its index here."""
 _LANDERS = tuple(lander for _, lander in _REBUILDERS)
 
 
-_DeadNote = tuple[bytes | None, int, Any, int]
-"""A view that died: (peer to unlease to or None, lease, owner, id of the view)."""
+_DeadNote = tuple[bytes | None, int, Any]
+"""A view that died: (peer to unlease to or None, lease, owner)."""
 
 
 class Plane:
@@ -477,11 +495,16 @@ class Plane:
             lo = 0
             index = batch.add(("bytes", id(mv)), 0, flat.nbytes, True, flat)
         else:
-            index = batch.add(("buffer", lo), lo, lo + flat.nbytes, id(mv) in batch.copy_ids)
+            index = batch.add(
+                ("buffer", lo), lo, lo + flat.nbytes, id(mv) in batch.copy_ids, None, flat
+            )
         return (_rebuild_buffer, (index, lo, flat.nbytes, "memoryview"))
 
     def _reduce_copy_on_send(self, wrapper: CopyOnSend, pickler: Any) -> Any:
-        _collect_ids(wrapper.value, _batch(pickler).copy_ids)
+        batch = _batch(pickler)
+        if type(batch.copy_ids) is not set:
+            batch.copy_ids = set()
+        _collect_ids(wrapper.value, batch.copy_ids)  # type: ignore[arg-type]
         return (_same, (wrapper.value,))
 
     def _reduce_array(self, a: Any, pickler: Any) -> Any:
@@ -492,7 +515,7 @@ class Plane:
         if a.size == 0:
             return (_kinds.empty_array, (dtype, a.shape, a.strides))
         batch = _batch(pickler)
-        index = batch.add(extent.key, extent.lo, extent.hi, id(a) in batch.copy_ids)
+        index = batch.add(extent.key, extent.lo, extent.hi, id(a) in batch.copy_ids, None, a)
         return (_rebuild_array, (index, extent.ptr, dtype, a.shape, a.strides, a.flags.writeable))
 
     @staticmethod
@@ -508,10 +531,12 @@ class Plane:
                 return NotImplemented
             if not t.is_cpu:
                 return on_device(t, info, pickler)
+            batch = pickler.batch
+            if batch is None:
+                batch = pickler.batch = Batch()
+            copy = id(t) in batch.copy_ids
             parameter = type(t) is not plain_tensor
             grad = t.requires_grad
-            batch = pickler.batch or _batch(pickler)
-            copy = id(t) in batch.copy_ids
             if grad:
                 t = t.detach()  # the data travels; the graph does not
             conj = info.complex and t.is_conj()
@@ -521,23 +546,38 @@ class Plane:
                 t = t.resolve_conj().resolve_neg()
                 conj = False
                 batch.keep.append(t)
-            dtype, itemsize = info.name, info.itemsize
-            shape = tuple(t.shape)
+            itemsize = info.itemsize
+            shape = t.shape  # a tuple (torch.Size) that pickle and msgpack both take
             stride = t.stride()
             ptr = t.data_ptr()
-            span = 0
-            for n, step in zip(shape, stride, strict=True):
-                if not n:
-                    return (empty_tensor, (dtype, shape, stride, grad, parameter))
-                span += (n - 1) * step
+            if len(shape) == 1:
+                span = (shape[0] - 1) * stride[0]
+                empty = not shape[0]
+            else:
+                span, empty = 0, False
+                for n, step in zip(shape, stride, strict=True):
+                    span += (n - 1) * step
+                    empty = empty or not n
+            if empty:
+                return (empty_tensor, (info.name, shape, stride, grad, parameter))
             if ptr % itemsize:
                 t = t.clone()  # a view at an address its dtype cannot sit at
                 stride, ptr = t.stride(), t.data_ptr()
                 batch.keep.append(t)
-            key = ("tensor", ptr - t.storage_offset() * itemsize)  # where its storage starts
-            index = batch.add(key, ptr, ptr + (span + 1) * itemsize, copy)
+            # Views of one storage are one region: keyed by where the storage starts.
+            key: Any = ptr - t.storage_offset() * itemsize
+            if copy:
+                key = ("copy", key)
+            index = batch.keys.get(key)
+            if index is None:
+                index = batch.keys[key] = len(batch.groups)
+                batch.groups.append(_Group(ptr, ptr + (span + 1) * itemsize, copy, None, t))
+            else:
+                group = batch.groups[index]
+                group.lo = min(group.lo, ptr)
+                group.hi = max(group.hi, ptr + (span + 1) * itemsize)
             # A conjugate view travels as the memory it views, and is one again.
-            return (_rebuild_tensor, (index, ptr, dtype, shape, stride, grad, parameter, conj))
+            return (_rebuild_tensor, (index, ptr, info.name, shape, stride, grad, parameter, conj))
 
         return reduce_tensor
 
@@ -575,6 +615,7 @@ class Plane:
         entries: list[tuple[Any, ...]] = []
         frames: list[Any] = []
         inline = self.transfer == "inline"
+        threshold = self.threshold
         markers: dict[tuple[str, int], Any] = {}
         for group in batch.groups:
             if group.device is not None:
@@ -582,7 +623,7 @@ class Plane:
                 continue
             origin = group.lo if group.view is not None else group.lo & -_ALIGN
             size = group.hi - origin
-            if not inline and (size >= self.threshold or self._in_shared(group, origin)):
+            if not inline and (size >= threshold or self._in_shared(group, origin)):
                 # Big, or already shared (then always shared: writes stay seen).
                 entries.append(self._lease(group, origin, size, dest))
             elif size < _HEAD_LIMIT:
@@ -608,13 +649,18 @@ class Plane:
     def _lease(self, group: _Group, origin: int, size: int, dest: bytes) -> tuple[Any, ...]:
         with self._lock:
             holder: Any = None
-            where = (
-                None if group.copy or group.view is not None else self._find(origin, origin + size)
-            )
+            where: Any = None
+            if not group.copy and group.view is None:
+                starts = self._starts
+                i = bisect.bisect_right(starts, origin) - 1
+                if i >= 0:
+                    where = self._at[starts[i]]
+                    if origin + size > where.addr + where.size:
+                        where = None
             if type(where) is _Segment:
                 holder = where
             elif type(where) is _Mapping:
-                holder = where.covering(origin, origin + size)
+                holder = group.obj  # received, sent on: the value holds that memory
             if holder is None:
                 where = holder = self._alloc(size)
                 if group.view is not None:
@@ -623,15 +669,18 @@ class Plane:
                     _memmove(where.addr, origin, size)
                 offset = 0
             else:
-                assert where is not None
                 offset = origin - where.addr
             lease = self._leases_next()
             if type(holder) is _Segment:
                 holder.holds += 1
-                if dest in self._gone:  # the send will fail: nothing to hold for
+            if dest in self._gone:  # the send will fail: nothing to hold for
+                if type(holder) is _Segment:
                     self._unhold(holder)
-            if dest not in self._gone:
-                self._leases.setdefault(dest, {})[lease] = holder
+            else:
+                held = self._leases.get(dest)
+                if held is None:
+                    held = self._leases[dest] = {}
+                held[lease] = holder
             return (_SHARED, origin, where.name, offset, size, lease)
 
     def _device_entry(
@@ -709,7 +758,7 @@ class Plane:
                 raise SerializationError(f"cannot open a {device_type} tensor: {exc}") from exc
         ops.wait(index, marker)
         if ours:
-            self.dead.append((src, lease, _NO_OWNER, 0))  # our own memory: nothing to hold
+            self.dead.append((src, lease, _NO_OWNER))  # our own memory: nothing to hold
             self._ring()
             return storage
         with self._lock:
@@ -729,7 +778,7 @@ class Plane:
         if held is None or held[0] is not ref:
             return
         for src, lease in held[3]:
-            self.dead.append((src, lease, _NO_OWNER, 0))
+            self.dead.append((src, lease, _NO_OWNER))
         if not self._rung and not (self.serving and threading.get_ident() == self._loop):
             self._ring()
 
@@ -817,7 +866,7 @@ class Plane:
     def _fresh_base(self, nbytes: int, tensors: bool) -> tuple[Any, int]:
         with self._lock:
             segment = self._alloc(nbytes)
-            return self._view(segment, None, 0, 0, nbytes, tensors), segment.addr
+            return self._view(segment, None, 0, tensors), segment.addr
 
     def _share_tensor(self, t: Any) -> Any:
         storage = t.untyped_storage()
@@ -870,7 +919,7 @@ class Plane:
 
     def _release_unused(self, incoming: _Incoming) -> None:
         # Regions nothing was built on (the load failed first): release now.
-        unused = [(incoming.src, lease, _NO_OWNER, 0) for lease in incoming.unused_leases()]
+        unused = [(incoming.src, lease, _NO_OWNER) for lease in incoming.unused_leases()]
         if unused:
             self.dead.extend(unused)
             self._ring()
@@ -897,15 +946,13 @@ class Plane:
                 self._release_unused(incoming)
         return made
 
-    def _attach(
-        self, src: bytes, name: str, offset: int, size: int, lease: int, tensors: bool
-    ) -> Any:
+    def _attach(self, src: bytes, name: str, lease: int, tensors: bool) -> Any:
         with self._lock:
             mapping = self._mappings.get(name)
             if mapping is None:
                 segment = self._segments.get(name)
                 if segment is not None:  # our own memory, sent back to us
-                    return self._view(segment, src, lease, offset, size, tensors)
+                    return self._view(segment, src, lease, tensors)
                 try:
                     mapping = _Mapping(name, _shm.attach(name))
                 except FileNotFoundError:
@@ -917,20 +964,19 @@ class Plane:
                 self._index(mapping)
             elif not mapping.live:
                 self._idle.pop(name, None)
-            return self._view(mapping, src, lease, offset, size, tensors)
+            # As _view does (this is the path every message with a tensor takes).
+            base = memoryview(mapping.mm) if tensors else mapping.array.from_buffer(mapping.mm)
+            watch = weakref.ref(base, self._on_dead)
+            self._watched[id(watch)] = (watch, (src, lease, mapping))
+            mapping.live += 1
+            return base
 
     def _view(
-        self,
-        owner: _Segment | _Mapping,
-        src: bytes | None,
-        lease: int,
-        offset: int,
-        size: int,
-        tensors: bool,
+        self, owner: _Segment | _Mapping, src: bytes | None, lease: int, tensors: bool
     ) -> Any:
-        """A buffer over all of ``owner``'s memory whose life holds region
-        [offset, offset + size) of it: every view built on it keeps it, and
-        its death is noted (lease ``lease`` of ``src`` is over).
+        """A buffer over all of ``owner``'s memory whose life holds it: every
+        view built on it keeps it, and its death is noted (lease ``lease`` of
+        ``src`` is over).
 
         For tensors it is a memoryview: torch keeps the very object it was
         given. numpy, and memoryviews sliced from it, would keep only the
@@ -939,12 +985,11 @@ class Plane:
         base = memoryview(owner.mm) if tensors else owner.array.from_buffer(owner.mm)
         watch = weakref.ref(base, self._on_dead)
         # Kept here until it fires: a weak reference that dies first never calls back.
-        self._watched[id(watch)] = (watch, (src, lease, owner, id(base)))
+        self._watched[id(watch)] = (watch, (src, lease, owner))
         if isinstance(owner, _Segment):
             owner.holds += 1
         else:
             owner.live += 1
-            owner.bases[id(base)] = (offset, offset + size, watch)
         return base
 
     def _on_dead(self, watch: weakref.ref[Any]) -> None:
@@ -972,21 +1017,24 @@ class Plane:
         dead = self.dead
         if not dead:
             return ()
+        kept: list[int] = []
         out: dict[bytes, list[int]] = {}
         with self._lock:
             while dead:
-                src, lease, owner, view_id = dead.popleft()
+                src, lease, owner = dead.popleft()
                 if type(owner) is _Segment:
                     self._unhold(owner)
                 elif type(owner) is _Mapping:
-                    owner.bases.pop(view_id, None)
                     owner.live -= 1
                     if not owner.live:
                         self._idle_mapping(owner)
-                if src is not None:
+                if src is None:
+                    continue  # a view of our own memory: no peer to tell
+                if src == keep_for:
+                    kept.append(lease)
+                else:
                     out.setdefault(src, []).append(lease)
-        kept = out.pop(keep_for, ()) if keep_for is not None else ()
-        if self.send is not None:
+        if out and self.send is not None:
             for src, leases in out.items():
                 if src not in self._gone:
                     self.send(src, [m.encode(m.Unlease(tuple(leases)))])

@@ -97,27 +97,19 @@ class _NeedsCloudpickle(Exception):
     pass
 
 
-class _NoPickler:
-    """Stands in for the pickler where a handler runs without one."""
-
-    __slots__ = ("batch",)
-
-    def __init__(self) -> None:
-        self.batch: Any = None
-
-
 _UNFIT: Any = object()
 """An item only the pickler can take (see :meth:`Codec._lift`)."""
 
 
 class _Walk:
     """Goes through the items of a value for :meth:`Codec._lift`: notes a
-    slot per value the sidecar reduces, and whether all the rest is plain."""
+    slot per value the sidecar reduces, and whether all the rest is plain.
+    It stands in for the pickler the sidecar's handlers expect (``batch``)."""
 
-    __slots__ = ("containers", "lift", "plain", "seen", "slots")
+    __slots__ = ("batch", "containers", "plain", "seen", "slots")
 
     def __init__(self) -> None:
-        self.lift = _NoPickler()
+        self.batch: Any = None
         self.slots: list[Any] = []
         self.seen: dict[int, int] = {}
         self.containers = False  # plain tuples, lists or dicts met
@@ -157,7 +149,7 @@ class _Walk:
             lifter = codec._learn_lifter(t)
         if lifter is None:
             return _UNFIT
-        reduced = lifter(v, self.lift)
+        reduced = lifter(v, self)
         if reduced is NotImplemented:
             return _UNFIT
         code = codec._codes.get(reduced[0])
@@ -540,7 +532,7 @@ class Codec:
             plain = msgspec.Raw(_lift_encode((shape, items)))
         except (OverflowError, UnicodeEncodeError, TypeError):
             return None  # an int past 64 bits, a lone surrogate: the pickler takes them
-        batch = walk.lift.batch
+        batch = walk.batch
         if batch is None:  # only values rebuilt from their description (empty ones)
             head: Any = (0, [])
             frames: list[Any] = []
