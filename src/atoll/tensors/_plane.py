@@ -924,18 +924,16 @@ class Plane:
             self.dead.extend(unused)
             self._ring()
 
-    def land(self, src: bytes, head: Any, frames: Sequence[Any], slots: Sequence[Any]) -> list[Any]:
+    def land(
+        self, src: bytes, own: Any, entries: Any, frames: Sequence[Any], slots: Sequence[Any]
+    ) -> list[Any]:
         """The values of a lifted message from ``src``: per slot (place,
         code, arguments), ``rebuilders[code](*arguments)``, or for code -1 the
-        value of the slot at index ``arguments`` again. ``head`` describes
-        the regions (as :meth:`seal` made it, not encoded); ``frames`` are
-        all the message's frames after its header."""
-        try:
-            own, entries = head
-        except (TypeError, ValueError):
-            raise SerializationError("malformed tensor descriptors") from None
-        if own != len(frames):
-            raise SerializationError("malformed tensor descriptors: frames are missing")
+        value of the slot at index ``arguments`` again. ``own`` and
+        ``entries`` describe the regions (the head :meth:`seal` made, not
+        encoded); ``frames`` are all the message's frames after its header."""
+        if own != len(frames) or type(entries) is not list:
+            raise SerializationError("malformed tensor descriptors")
         incoming = _Incoming(self, src, entries, frames)
         made: list[Any] = []
         try:

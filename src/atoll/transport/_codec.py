@@ -42,10 +42,9 @@ _HEADED = 0
 starts with the PROTO opcode, 0x80), followed by the head's length (4 bytes)."""
 _PICKLED = 0x80
 """First byte of a pickle stream (the PROTO opcode)."""
-_LIFTED = 0x93
+_LIFTED = 0x96
 """First byte of a payload made without pickle (see :meth:`Codec._lift`): it
-is msgpack, an array of three (the value's shape and plain items, the
-sidecar's head, the slots of the values the sidecar carries)."""
+is msgpack, an array of six."""
 
 # Shapes of a lifted value: the value itself is the sidecar's; a tuple or list
 # of plain values and the sidecar's; arguments (a tuple of such values, and a
@@ -83,7 +82,7 @@ class Sidecar(Protocol):
     def rebuilders(self) -> Sequence[Callable[..., Any]]: ...
 
     def land(
-        self, src: bytes, head: Any, frames: Sequence[Any], slots: Sequence[Any]
+        self, src: bytes, own: Any, entries: Any, frames: Sequence[Any], slots: Sequence[Any]
     ) -> list[Any]: ...
 
     def seal(self, batch: Any, dest: bytes, *, encoded: bool = True) -> tuple[Any, list[Any]]: ...
@@ -99,6 +98,17 @@ class _NeedsCloudpickle(Exception):
 
 _UNFIT: Any = object()
 """An item only the pickler can take (see :meth:`Codec._lift`)."""
+
+
+def _utf8(text: str) -> bool:
+    """Whether msgpack can carry ``text`` (no lone surrogates)."""
+    if text.isascii():
+        return True
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 class _Walk:
@@ -130,8 +140,12 @@ class _Walk:
         """``v`` if msgpack carries it as it is; None, its slot noted, if the
         sidecar reduces it; else ``_UNFIT``."""
         t = type(v)
-        if t is str or t is int or t is float or t is bool or v is None:
+        if t is float or t is bool or v is None:
             return v
+        if t is int:  # msgpack takes 64 bits
+            return v if -(1 << 63) <= v < 1 << 64 else _UNFIT
+        if t is str:
+            return v if _utf8(v) else _UNFIT
         if t is bytes:
             return v if len(v) < OOB_THRESHOLD else _UNFIT
         if t is tuple or t is list or t is dict:
@@ -479,11 +493,11 @@ class Codec:
                 named: dict[str, Any] | None = {}
                 for k, v in kwargs.items():
                     v = named[k] = walk.one(self, v, k)  # type: ignore[index]
-                    if v is _UNFIT:
+                    if v is _UNFIT or not _utf8(k):
                         named = None
                         break
                 if named is not None:
-                    done = self._lift(walk, _CALL, (items, named), (args, kwargs), dest)
+                    done = self._lift(walk, _CALL, items, named, (args, kwargs), dest)
                     if done is not None:
                         return done
         return self.dumps(prepare_args(args, kwargs, mark), what, dest)
@@ -501,66 +515,63 @@ class Codec:
                 items = walk.items(self, value)
                 if items is not None:
                     shape = _TUPLE if t is tuple else _LIST
-                    done = self._lift(walk, shape, items, value, dest)
+                    done = self._lift(walk, shape, items, None, value, dest)
                     if done is not None:
                         return done
             elif walk.one(self, value, None) is not _UNFIT:
-                done = self._lift(walk, _WHOLE, None, value, dest)
+                done = self._lift(walk, _WHOLE, None, None, value, dest)
                 if done is not None:
                     return done
         return self.dumps(prepare(value, mark), what, dest)
 
     def _lift(
-        self, walk: _Walk, shape: int, items: Any, obj: Any, dest: bytes
+        self, walk: _Walk, shape: int, first: Any, second: Any, obj: Any, dest: bytes
     ) -> tuple[bytes, list[Any]] | None:
         """``obj`` without pickle once :class:`_Walk` went through it, or
         None where it needs the pickler after all.
 
         The messages that carry tensors are most often tensors as arguments
         with a few plain ones, or a tensor (or a tuple of them) as a result.
-        Such a value travels as msgpack: its shape, its plain items, and a
-        slot per tensor (where it goes, its rebuilder, that rebuilder's
-        arguments). Pickling and unpickling the same costs several times more
-        (pickle's machinery, and the rebuilders' lookup by name). A value of
+        Such a value travels as msgpack: its shape, its plain items (for
+        arguments, positional then named), the sidecar's head (how many
+        frames are its, and its entries), and a slot per tensor (where it
+        goes, its rebuilder, that rebuilder's arguments). Pickling and
+        unpickling the same costs several times more (pickle's machinery,
+        and the rebuilders' lookup by name). A value of
         plain items and containers of them only is pickled at once.
         """
         if walk.plain:
             return pickle.dumps(obj, 5), []
         if walk.containers:
             return None  # msgpack would make their tuples lists: the pickler takes them
-        try:
-            plain = msgspec.Raw(_lift_encode((shape, items)))
-        except (OverflowError, UnicodeEncodeError, TypeError):
-            return None  # an int past 64 bits, a lone surrogate: the pickler takes them
         batch = walk.batch
-        if batch is None:  # only values rebuilt from their description (empty ones)
-            head: Any = (0, [])
-            frames: list[Any] = []
-        else:
+        own: Any = 0
+        entries: Any = []
+        frames: list[Any] = []
+        if batch is not None:  # else only values rebuilt from their description (empty ones)
             assert self._sidecar is not None
-            head, frames = self._sidecar.seal(batch, dest, encoded=False)
-        payload = _lift_encode((plain, head, walk.slots))
+            (own, entries), frames = self._sidecar.seal(batch, dest, encoded=False)
+        payload = _lift_encode((shape, first, second, own, entries, walk.slots))
         assert payload[0] == _LIFTED
         return payload, frames
 
     def _land(self, data: bytes, buffers: Sequence[Any], src: bytes) -> Any:
         """The value :meth:`_lift` sent."""
-        (shape, items), head, slots = _lift_decode(data)
+        shape, first, second, own, entries, slots = _lift_decode(data)
         assert self._sidecar is not None
-        made = self._sidecar.land(src, head, buffers, slots)
+        made = self._sidecar.land(src, own, entries, buffers, slots)
         if shape == _WHOLE:
             return made[0]
         if shape == _CALL:
-            args, kwargs = items
             for (at, _, _), value in zip(slots, made, strict=True):
                 if type(at) is str:
-                    kwargs[at] = value
+                    second[at] = value
                 else:
-                    args[at] = value
-            return tuple(args), kwargs
+                    first[at] = value
+            return tuple(first), second
         for (at, _, _), value in zip(slots, made, strict=True):
-            items[at] = value
-        return tuple(items) if shape == _TUPLE else items
+            first[at] = value
+        return tuple(first) if shape == _TUPLE else first
 
     def loads(
         self, data: bytes, buffers: Sequence[Any], what: str = "value", src: bytes = b""
