@@ -275,6 +275,33 @@ class Client(atoll.Actor):
         return await svc.park(on_started)
 
 
+class Mirror(atoll.Actor):
+    """Says what its arguments arrived as, and sends values back in places."""
+
+    async def arguments(self, *args: Any, **kwargs: Any) -> list[Any]:
+        return [*args, *kwargs.items()]
+
+    async def firsts(self, *args: Any, **kwargs: Any) -> list[int]:
+        """Per argument (positional, then named), the index of the first
+        argument that is the same object."""
+        values = [*args, *kwargs.values()]
+        return [next(i for i, w in enumerate(values) if w is v) for v in values]
+
+    async def storages(self, *args: Any) -> list[int]:
+        """Per tensor argument, the index of the first that shares its storage."""
+        ptrs = [t.untyped_storage().data_ptr() for t in args]
+        return [ptrs.index(p) for p in ptrs]
+
+    async def tuple_of(self, *args: Any) -> tuple[Any, ...]:
+        return args
+
+    async def list_of(self, *args: Any) -> list[Any]:
+        return list(args)
+
+    async def one(self, value: Any) -> Any:
+        return value
+
+
 class Holder(atoll.Actor):
     """Receives arrays and tensors, keeps them, writes into them, makes some."""
 

@@ -17,7 +17,7 @@ import atoll
 from atoll.actors._runtime import current_plane
 from atoll.tensors import _shm
 from atoll.tensors._plane import segment_size
-from helpers import Echo, Holder, host_process, kill_and_watch, pid_of
+from helpers import Echo, Holder, Mirror, host_process, kill_and_watch, pid_of
 
 torch = pytest.importorskip("torch")
 np = pytest.importorskip("numpy")
@@ -44,6 +44,87 @@ async def test_parameters_and_gradients() -> None:
         assert back.grad is None  # gradients are not shared
         computed = (torch.ones(3, requires_grad=True) * 2).sum()
         assert (await echo.echo(computed)).requires_grad  # a non-leaf arrives as a leaf
+
+
+# -- tensors as arguments and results, beside plain values --------------------
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor):
+        return type(b) is type(a) and (b.dtype, b.shape) == (a.dtype, a.shape) and torch.equal(a, b)
+    if isinstance(a, np.ndarray):
+        return type(b) is np.ndarray and b.dtype == a.dtype and np.array_equal(a, b)
+    if isinstance(a, tuple | list):
+        return type(b) is type(a) and all(map(_same, a, b))
+    return type(b) is type(a) and b == a
+
+
+async def test_tensors_and_plain_arguments_keep_their_places_and_types() -> None:
+    small = torch.tensor([1.5, 2.5], dtype=torch.float64)
+    array = np.arange(1 << 15, dtype=np.int16)
+    plain = [3, -(1 << 63), (1 << 64) - 1, 2.5, "x", "ü", b"ab", None, True]
+    async with atoll.open_host() as host:
+        mirror = await host.spawn(Mirror)
+        big = atoll.share(torch.arange(1 << 18, dtype=torch.float32))
+        back = await mirror.arguments(big, small, *plain, array, a=small, b=7, c=big[2:9])
+        sent = [big, small, *plain, array, ("a", small), ("b", 7), ("c", big[2:9])]
+        assert len(back) == len(sent) and all(map(_same, sent, back))
+        for values in ([big, 1, small], [array, "y"]):
+            assert _same(tuple(values), await mirror.tuple_of(*values))
+            assert _same(values, await mirror.list_of(*values))
+        assert _same(big, await mirror.one(big)) and _same(array, await mirror.one(array))
+
+
+async def test_tensors_beside_scalars_travel_without_pickle() -> None:
+    async with atoll.open_host() as host:
+        codec, mark = host.node.codec, host.node.mark
+        t = atoll.share(torch.ones(1 << 16))
+        lifted, _ = codec.dumps_call((t, 1, "x"), {"k": t[2:]}, mark, "arguments", b"peer")
+        nested, _ = codec.dumps_call(([t],), {}, mark, "arguments", b"peer")
+        assert lifted[0] == 0x96  # msgpack: an array of six
+        assert nested[0] == 0  # a pickle with tensor descriptors beside it
+
+
+async def test_an_object_passed_twice_arrives_as_one_object() -> None:
+    async with atoll.open_host() as host:
+        mirror = await host.spawn(Mirror)
+        t = atoll.share(torch.ones(1 << 16))
+        assert await mirror.firsts(t, 1, t, a=t) == [0, 1, 0, 0]
+        assert await mirror.firsts(t, t.clone(), t.view(2, -1)) == [0, 1, 2]
+        assert await mirror.storages(t, t[5:], t.view(torch.int32), t.clone()) == [0, 0, 0, 3]
+        back = await mirror.tuple_of(t, t)
+        assert back[0] is back[1]
+
+
+async def test_values_beside_tensors_that_msgpack_cannot_carry_arrive_intact() -> None:
+    # Tuples in lists, ints past 64 bits, lone surrogates, complex numbers, a
+    # copy_on_send wrapper, numpy arrays of objects: the pickler takes these.
+    t = torch.arange(6.0)
+    odd = [(1, 2), [3, (4,)], {"k": (5,)}, 1 << 70, -(1 << 63) - 1, "\ud800", 1j]
+    objects = np.array([{"a": 1}, None], dtype=object)
+    async with atoll.open_host() as host:
+        mirror = await host.spawn(Mirror)
+        for value in odd:
+            back = await mirror.arguments(t, value)
+            assert _same([t, value], back), value
+        back = await mirror.arguments(t, **{"\ud800": t})
+        assert _same(("\ud800", t), back[1])
+        back = await mirror.arguments(t, objects)
+        assert back[1].tolist() == objects.tolist()
+        shared = atoll.share(torch.zeros(1 << 16))
+        copy = await mirror.one(atoll.copy_on_send(shared))
+        copy[0] = 1.0
+        assert float(shared[0]) == 0.0
+
+
+async def test_empty_tensors_and_arrays_arrive_as_arguments() -> None:
+    empties = [torch.ones(0), torch.ones(3, 0, dtype=torch.int64), np.ones((0, 4), np.float32)]
+    async with atoll.open_host() as host:
+        mirror = await host.spawn(Mirror)
+        back = await mirror.arguments(*empties)
+        assert all(map(_same, empties, back))
+        assert [b.stride() for b in back[:2]] == [e.stride() for e in empties[:2]]
+        assert back[2].strides == empties[2].strides
 
 
 # -- sharing, writes, aliasing across processes ------------------------------

@@ -11,6 +11,7 @@ import pytest
 import zmq
 
 import atoll
+from atoll import SerializationError
 from atoll.transport import AsyncSocket, Codec
 from atoll.transport._codec import OOB_THRESHOLD, prepare
 from helpers import Counter
@@ -150,6 +151,11 @@ def test_codec_hooks_still_see_what_the_plain_fast_path_leaves() -> None:
         assert codec.loads(data, buffers) == value
     data, buffers = codec.dumps(prepare(b"b" * OOB_THRESHOLD))
     assert len(buffers) == 1
+
+
+def test_codec_refuses_a_payload_it_did_not_make() -> None:
+    with pytest.raises(SerializationError, match="not a payload atoll makes"):
+        Codec().loads(b"\x05garbage", [], "result")
 
 
 def test_codec_uses_cloudpickle_only_when_needed() -> None:

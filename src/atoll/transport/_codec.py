@@ -486,6 +486,13 @@ class Codec:
         """:meth:`dumps` of ``prepare_args(args, kwargs, mark)``, faster
         where the arguments are scalars, short byte strings and the
         sidecar's values (see :meth:`_lift`)."""
+        for v in args:
+            t = type(v)
+            if not (t in _SCALARS or (t is bytes and len(v) < OOB_THRESHOLD)):
+                break
+        else:
+            if not kwargs:
+                return pickle.dumps((args, kwargs), 5), []
         if self._sidecar is not None:
             walk = _Walk()
             items = walk.items(self, args)
@@ -508,9 +515,11 @@ class Codec:
         """:meth:`dumps` of ``prepare(value, mark)``, faster where the value,
         or the items of a tuple or list value, are scalars, short byte
         strings and the sidecar's values (see :meth:`_lift`)."""
+        t = type(value)
+        if t in _SCALARS or (t is bytes and len(value) < OOB_THRESHOLD):
+            return pickle.dumps(value, 5), []
         if self._sidecar is not None:
             walk = _Walk()
-            t = type(value)
             if t is tuple or t is list:
                 items = walk.items(self, value)
                 if items is not None:
