@@ -155,9 +155,12 @@ def rebuild_tensor(
     if root is None:
         torch = _torch()
         if not roots and not size % itemsize:
-            root = roots[dt] = torch.frombuffer(
-                buffer, dtype=dt, count=size // itemsize, offset=start
-            )
+            if not start and size == len(buffer):
+                root = roots[dt] = torch.frombuffer(buffer, dtype=dt)  # (fewer to parse)
+            else:
+                root = roots[dt] = torch.frombuffer(
+                    buffer, dtype=dt, count=size // itemsize, offset=start
+                )
             if (
                 not offset
                 and len(shape) == 1

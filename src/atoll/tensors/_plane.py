@@ -271,8 +271,10 @@ class _Incoming:
             entry = self.entries[index]
             kind, origin = entry[0], entry[1]
             if kind == _SHARED:
-                _, _, name, start, size, lease = entry  # the buffer is the whole segment
-                buffer: Any = self.plane._attach(self.src, name, lease, tensors)
+                _, _, name, start, size, lease = entry
+                buffer: Any = self.plane._attach(self.src, name, lease, tensors, start, size)
+                if tensors:
+                    start = 0  # the buffer is the region; else the whole segment
             else:
                 buffer = bytearray(self.frames[entry[2]] if kind == _IN_FRAME else entry[2])
                 start, size = 0, len(buffer)
@@ -869,7 +871,7 @@ class Plane:
     def _fresh_base(self, nbytes: int, tensors: bool) -> tuple[Any, int]:
         with self._lock:
             segment = self._alloc(nbytes)
-            return self._view(segment, None, 0, tensors), segment.addr
+            return self._view(segment, None, 0, tensors, 0, nbytes), segment.addr
 
     def _share_tensor(self, t: Any) -> Any:
         storage = t.untyped_storage()
@@ -944,18 +946,12 @@ class Plane:
                 # carries any: what _Incoming and _tensor_in do, in one step.
                 _, origin, name, start, size, lease = entries[0]
                 try:
-                    base = self._attach(src, name, lease, True)
+                    base = self._attach(src, name, lease, True, start, size)
                 except BaseException:
                     self.dead.append((src, lease, _NO_OWNER))
                     self._ring()
                     raise
-                region: tuple[Any, int, dict[Any, Any], int, int] = (
-                    base,
-                    origin - start,
-                    {},
-                    start,
-                    size,
-                )
+                region: tuple[Any, int, dict[Any, Any], int, int] = (base, origin, {}, 0, size)
                 return [_kinds.rebuild_tensor(region, *args[1:])]
         incoming = _Incoming(self, src, entries, frames)
         made: list[Any] = []
@@ -967,14 +963,16 @@ class Plane:
                 self._release_unused(incoming)
         return made
 
-    def _attach(self, src: bytes, name: str, lease: int, tensors: bool) -> Any:
+    def _attach(
+        self, src: bytes, name: str, lease: int, tensors: bool, start: int, size: int
+    ) -> Any:
         self._lock.acquire()  # by hand: a with block costs three times more
         try:
             mapping = self._mappings.get(name)
             if mapping is None:
                 segment = self._segments.get(name)
                 if segment is not None:  # our own memory, sent back to us
-                    return self._view(segment, src, lease, tensors)
+                    return self._view(segment, src, lease, tensors, start, size)
                 try:
                     mapping = _Mapping(name, _shm.attach(name))
                 except FileNotFoundError:
@@ -987,7 +985,11 @@ class Plane:
             elif not mapping.live:
                 self._idle.pop(name, None)
             # As _view does (this is the path every message with a tensor takes).
-            base = memoryview(mapping.mm) if tensors else mapping.array.from_buffer(mapping.mm)
+            base: Any
+            if tensors:
+                base = mapping.mv[start : start + size]
+            else:
+                base = mapping.array.from_buffer(mapping.mm)
             watch = weakref.ref(base, self._on_dead)
             self._watched[id(watch)] = (watch, (src, lease, mapping))
             mapping.live += 1
@@ -996,17 +998,24 @@ class Plane:
             self._lock.release()
 
     def _view(
-        self, owner: _Segment | _Mapping, src: bytes | None, lease: int, tensors: bool
+        self,
+        owner: _Segment | _Mapping,
+        src: bytes | None,
+        lease: int,
+        tensors: bool,
+        start: int,
+        size: int,
     ) -> Any:
-        """A buffer over all of ``owner``'s memory whose life holds it: every
-        view built on it keeps it, and its death is noted (lease ``lease`` of
-        ``src`` is over).
+        """A buffer whose life holds ``owner``'s memory: every view built on
+        it keeps it, and its death is noted (lease ``lease`` of ``src`` is
+        over).
 
-        For tensors it is a memoryview: torch keeps the very object it was
-        given. numpy, and memoryviews sliced from it, would keep only the
-        mmap under a memoryview, so for them it is a ctypes array (which
-        they keep; it costs a few times more to make)."""
-        base = memoryview(owner.mm) if tensors else owner.array.from_buffer(owner.mm)
+        For tensors it is a memoryview of bytes [start, start + size) of it:
+        torch keeps the very object it was given. numpy, and memoryviews
+        sliced from it, would keep only the mmap under a memoryview, so for
+        them it is a ctypes array over all of it (which they keep; it costs
+        a few times more to make)."""
+        base = owner.mv[start : start + size] if tensors else owner.array.from_buffer(owner.mm)
         watch = weakref.ref(base, self._on_dead)
         # Kept here until it fires: a weak reference that dies first never calls back.
         self._watched[id(watch)] = (watch, (src, lease, owner))
