@@ -271,14 +271,11 @@ class _Incoming:
             entry = self.entries[index]
             kind, origin = entry[0], entry[1]
             if kind == _SHARED:
-                _, _, name, start, size, lease = entry
-                buffer: Any = self.plane._attach(self.src, name, lease, tensors, start, size)
-                if tensors:
-                    start = 0  # the buffer is the region; else the whole segment
+                found = self.plane._shared_region(self.src, entry, tensors)
             else:
                 buffer = bytearray(self.frames[entry[2]] if kind == _IN_FRAME else entry[2])
-                start, size = 0, len(buffer)
-            found = self.bases[index] = (buffer, origin - start, {}, start, size)
+                found = (buffer, origin, {}, 0, len(buffer))
+            self.bases[index] = found
         return found
 
     def unused_leases(self) -> list[int]:
@@ -567,17 +564,8 @@ class Plane:
                 stride, ptr = t.stride(), t.data_ptr()
                 batch.keep.append(t)
             # Views of one storage are one region: keyed by where the storage starts.
-            key: Any = ptr - t.storage_offset() * itemsize
-            if copy:
-                key = ("copy", key)
-            index = batch.keys.get(key)
-            if index is None:
-                index = batch.keys[key] = len(batch.groups)
-                batch.groups.append(_Group(ptr, ptr + (span + 1) * itemsize, copy, None, t))
-            else:
-                group = batch.groups[index]
-                group.lo = min(group.lo, ptr)
-                group.hi = max(group.hi, ptr + (span + 1) * itemsize)
+            key = ptr - t.storage_offset() * itemsize
+            index = batch.add(key, ptr, ptr + (span + 1) * itemsize, copy, None, t)
             # A conjugate view travels as the memory it views, and is one again.
             return (_rebuild_tensor, (index, ptr, info.name, shape, stride, grad, parameter, conj))
 
@@ -903,15 +891,15 @@ class Plane:
 
     # -- receiving -------------------------------------------------------
 
-    def begin_load(self, src: bytes, head: Any, frames: Sequence[Any]) -> tuple[Any, int]:
-        """Get ready to unpickle a message whose regions ``head`` describes
-        (msgpack, or decoded with the message); returns what :meth:`end_load`
-        takes, and how many of the last ``frames`` carry regions."""
+    def begin_load(self, src: bytes, head: bytes, frames: Sequence[Any]) -> tuple[Any, int]:
+        """Get ready to unpickle a message whose regions ``head`` describes;
+        returns what :meth:`end_load` takes, and how many of the last
+        ``frames`` carry regions."""
         try:
-            own, entries = _head_decode(head) if type(head) is bytes else head
-        except (msgspec.DecodeError, TypeError, ValueError) as exc:
+            own, entries = _head_decode(head)
+        except msgspec.DecodeError as exc:
             raise SerializationError(f"malformed tensor descriptors: {exc}") from exc
-        if type(own) is not int or not 0 <= own <= len(frames):
+        if not 0 <= own <= len(frames):
             raise SerializationError("malformed tensor descriptors: frames are missing")
         incoming = _Incoming(self, src, entries, frames[len(frames) - own :])
         return (incoming, _incoming.set(incoming)), own
@@ -944,14 +932,12 @@ class Plane:
             if _LANDERS[code] is _tensor_in:
                 # One tensor in shared memory, the most common message that
                 # carries any: what _Incoming and _tensor_in do, in one step.
-                _, origin, name, start, size, lease = entries[0]
                 try:
-                    base = self._attach(src, name, lease, True, start, size)
+                    region = self._shared_region(src, entries[0], True)
                 except BaseException:
-                    self.dead.append((src, lease, _NO_OWNER))
+                    self.dead.append((src, entries[0][-1], _NO_OWNER))  # its lease: unused
                     self._ring()
                     raise
-                region: tuple[Any, int, dict[Any, Any], int, int] = (base, origin, {}, 0, size)
                 return [_kinds.rebuild_tensor(region, *args[1:])]
         incoming = _Incoming(self, src, entries, frames)
         made: list[Any] = []
@@ -962,6 +948,18 @@ class Plane:
             if len(incoming.bases) < len(entries):
                 self._release_unused(incoming)
         return made
+
+    def _shared_region(
+        self, src: bytes, entry: Sequence[Any], tensors: bool
+    ) -> tuple[Any, int, dict[Any, Any], int, int]:
+        """The region a ``_SHARED`` entry from ``src`` describes, as
+        ``_Incoming.bases`` holds it: over the region itself for tensors,
+        else over the whole segment (see :meth:`_view`)."""
+        _, origin, name, start, size, lease = entry
+        buffer = self._attach(src, name, lease, tensors, start, size)
+        if tensors:
+            return (buffer, origin, {}, 0, size)
+        return (buffer, origin - start, {}, start, size)
 
     def _attach(
         self, src: bytes, name: str, lease: int, tensors: bool, start: int, size: int
@@ -984,16 +982,7 @@ class Plane:
                 self._index(mapping)
             elif not mapping.live:
                 self._idle.pop(name, None)
-            # As _view does (this is the path every message with a tensor takes).
-            base: Any
-            if tensors:
-                base = mapping.mv[start : start + size]
-            else:
-                base = mapping.array.from_buffer(mapping.mm)
-            watch = weakref.ref(base, self._on_dead)
-            self._watched[id(watch)] = (watch, (src, lease, mapping))
-            mapping.live += 1
-            return base
+            return self._view(mapping, src, lease, tensors, start, size)
         finally:
             self._lock.release()
 

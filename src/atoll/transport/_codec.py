@@ -66,9 +66,10 @@ class Sidecar(Protocol):
     batch into a head and extra frames (sent after the pickle's own) once the
     pickle is complete. A stream with such a head is unpickled between
     ``begin_load`` (which says how many of the last frames are the
-    sidecar's) and ``end_load``. Values that only ``lifter`` reduces may skip
-    the pickle: their rebuilders are named by index in ``rebuilders``, and
-    the head travels decoded (``seal(..., encoded=False)``).
+    sidecar's) and ``end_load``. Values that ``lifter`` reduces may skip the
+    pickle: their rebuilders are named by index in ``rebuilders``, the head
+    (``seal(..., encoded=False)``) travels inside the message, and ``land``
+    rebuilds them.
     """
 
     def handler(self, t: type) -> Handler | None: ...
@@ -87,7 +88,7 @@ class Sidecar(Protocol):
 
     def seal(self, batch: Any, dest: bytes, *, encoded: bool = True) -> tuple[Any, list[Any]]: ...
 
-    def begin_load(self, src: bytes, head: Any, frames: Sequence[Any]) -> tuple[Any, int]: ...
+    def begin_load(self, src: bytes, head: bytes, frames: Sequence[Any]) -> tuple[Any, int]: ...
 
     def end_load(self, state: Any) -> None: ...
 
