@@ -308,8 +308,9 @@ class Holder(atoll.Actor):
     def __init__(self) -> None:
         self.kept: dict[Any, Any] = {}
 
-    async def keep(self, key: Any, value: Any) -> None:
-        self.kept[key] = value
+    async def keep(self, key: Any, value: Any, fill: Any = None) -> None:
+        """Keep ``value``, or with a ``fill`` the pair ``(value, fill)``."""
+        self.kept[key] = value if fill is None else (value, fill)
 
     async def drop(self, key: Any) -> None:
         del self.kept[key]

@@ -11,12 +11,14 @@ import textwrap
 from typing import Any
 
 import anyio
+import msgspec
 import pytest
 
 import atoll
 from atoll.actors._runtime import current_plane
 from atoll.tensors import _shm
 from atoll.tensors._plane import segment_size
+from atoll.transport._codec import _ONE, _ONE_ARG
 from helpers import Echo, Holder, Mirror, host_process, kill_and_watch, pid_of
 
 torch = pytest.importorskip("torch")
@@ -81,8 +83,51 @@ async def test_tensors_beside_scalars_travel_without_pickle() -> None:
         t = atoll.share(torch.ones(1 << 16))
         lifted, _ = codec.dumps_call((t, 1, "x"), {"k": t[2:]}, mark, "arguments", b"peer")
         nested, _ = codec.dumps_call(([t],), {}, mark, "arguments", b"peer")
-        assert lifted[0] == 0x96  # msgpack: an array of six
+        assert lifted[0] == 0x96  # msgpack: an array of six (the general shape)
         assert nested[0] == 0  # a pickle with tensor descriptors beside it
+
+
+async def test_a_tensor_alone_or_beside_scalars_travels_as_flat_fields() -> None:
+    async with atoll.open_host() as host:
+        codec, mark = host.node.codec, host.node.mark
+        t = atoll.share(torch.ones(1 << 16))
+        call, _ = codec.dumps_call((1, t, "x"), {}, mark, "arguments", b"peer")
+        value, _ = codec.dumps_value(t.view(256, 256), mark, "result", b"peer")
+        assert msgspec.msgpack.decode(call)[0] == _ONE_ARG
+        assert msgspec.msgpack.decode(value)[0] == _ONE
+
+
+def _alone_cases() -> list[Any]:
+    shared = atoll.share(torch.arange(1 << 18, dtype=torch.float32))
+    return [
+        shared,
+        shared[::3],
+        shared[100:],
+        shared[1:].view(torch.int16)[1:],  # starts 6 bytes into a float, off any 64-byte line
+        shared.view(512, 512),
+        shared.view(512, 512).t(),
+        shared.view(64, 64, 64)[:, 1:, ::2],
+        torch.arange(1 << 18, dtype=torch.float32),  # not shared: copied once
+        *(torch.ones(1 << 17, dtype=d) for d in (torch.bool, torch.int8, torch.uint8)),
+        *(torch.ones(1 << 16, dtype=d) for d in (torch.float16, torch.bfloat16, torch.int64)),
+    ]
+
+
+async def test_a_tensor_alone_arrives_in_every_layout_and_dtype() -> None:
+    async with atoll.open_host() as host:
+        mirror = await host.spawn(Mirror)
+        for t in _alone_cases():
+            key, back, text = await mirror.arguments(7, t, "x")
+            assert (key, text) == (7, "x")
+            assert (back.dtype, back.shape, back.stride()) == (t.dtype, t.shape, t.stride())
+            assert torch.equal(back, t)
+            again = await mirror.one(t)
+            assert (again.dtype, again.stride()) == (t.dtype, t.stride())
+            assert torch.equal(again, t)
+        del t, back, again
+        host.node.plane.drain()  # what came back is gone: the mirror lets go of it...
+        await mirror.one(None)  # ...before this reply, which says so
+        assert host.node.plane.stats()["leases"] == 0
 
 
 async def test_an_object_passed_twice_arrives_as_one_object() -> None:
@@ -339,19 +384,27 @@ async def test_a_shared_tensor_dropped_here_frees_its_segment() -> None:
         assert plane.stats()["free_bytes"] == segment_size(MIB)
 
 
-async def test_memory_is_reused_only_after_its_lease_is_released() -> None:
+def _keep(holder: Any, key: Any, fill: float, alone: bool) -> Any:
+    """Have ``holder`` keep a fresh 4 MiB tensor of ``fill``: alone (with
+    scalars) or in a tuple, which travel in different ways."""
+    t = torch.full((1 << 20,), fill)
+    return holder.keep(key, t, fill) if alone else holder.keep(key, (t, fill))
+
+
+@pytest.mark.parametrize("alone", [True, False], ids=["alone", "in-a-tuple"])
+async def test_memory_is_reused_only_after_its_lease_is_released(alone: bool) -> None:
     async with atoll.open_host() as host:
         holder = await host.spawn(Holder)
         plane = host.node.plane
-        await holder.keep("a", (torch.full((1 << 20,), 1.0), 1.0))
+        await _keep(holder, "a", 1.0, alone)
         assert plane.stats()["leases"] == 1
-        await holder.keep("b", (torch.full((1 << 20,), 2.0), 2.0))
+        await _keep(holder, "b", 2.0, alone)
         assert plane.stats()["segments"] == 2  # the first is still leased
         assert await holder.damaged() == []
         await holder.drop("a")
         await holder.drop("b")
         assert plane.stats()["leases"] == 0
-        await holder.keep("c", (torch.full((1 << 20,), 3.0), 3.0))
+        await _keep(holder, "c", 3.0, alone)
         assert plane.stats()["segments"] == 2  # reused, not a third
         assert await holder.damaged() == []
 
@@ -399,7 +452,9 @@ async def test_lease_stress_random_order_keeps_memory_bounded_and_values_intact(
                 nbytes = rng.choice([300_000, 1_000_000, 3_000_000])
                 who = rng.choice(holders)
                 value = float(step)
-                await who.keep(step, (torch.full((nbytes // 4,), value), value))
+                t = torch.full((nbytes // 4,), value)
+                # Alone with scalars, or in a tuple: they travel in different ways.
+                await (who.keep(step, t, value) if step % 2 else who.keep(step, (t, value)))
                 live[step] = (who, nbytes)
             if step % 10 == 0:
                 for who in holders:

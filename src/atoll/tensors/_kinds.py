@@ -128,6 +128,23 @@ _torch_dtypes: dict[str, tuple[Any, int]] = {}
 """torch dtypes by name, with their item sizes."""
 
 
+def _torch_dtype(name: str) -> tuple[Any, int]:
+    """``torch.<name>`` and its item size, learnt (callers look in ``_torch_dtypes`` first)."""
+    dt = getattr(_torch(), name)
+    found = _torch_dtypes[name] = (dt, dt.itemsize)
+    return found
+
+
+def tensor_over(buffer: Any, dtype: str, shape: Any, stride: Any) -> Any:
+    """A tensor that starts at the first byte of ``buffer`` and ends at its
+    last; a 1-d ``shape`` and ``stride`` are plain ints."""
+    dt = (_torch_dtypes.get(dtype) or _torch_dtype(dtype))[0]
+    root = _torch().frombuffer(buffer, dtype=dt)
+    if type(shape) is int:
+        return root if stride == 1 else root.as_strided((shape,), (stride,))
+    return root.as_strided(shape, stride)
+
+
 def rebuild_tensor(
     region: tuple[Any, int, dict[Any, Any], int, int],
     ptr: int,
@@ -145,11 +162,7 @@ def rebuild_tensor(
     microseconds when caches are cold, so a tensor that is its region's whole
     flat root is that root, in one call."""
     buffer, origin, roots, start, size = region
-    found = _torch_dtypes.get(dtype)
-    if found is None:
-        dt = getattr(_torch(), dtype)
-        found = _torch_dtypes[dtype] = (dt, dt.itemsize)
-    dt, itemsize = found
+    dt, itemsize = _torch_dtypes.get(dtype) or _torch_dtype(dtype)
     offset = (ptr - origin - start) // itemsize
     root = roots.get(dt)
     if root is None:

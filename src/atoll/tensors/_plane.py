@@ -473,6 +473,59 @@ class Plane:
         without a pickler, or None (see ``Codec._lift``)."""
         return None if t is CopyOnSend else self.handler(t)
 
+    def one_lifter(self, t: type) -> Callable[[Any, bytes], tuple[Any, ...] | None] | None:
+        """What describes a value of type ``t`` that is the only one of a
+        message the plane carries, as flat fields that :meth:`land_one`
+        takes, or None (see ``Codec._lift_one``)."""
+        if _kind(t) == "tensor":
+            return self._tensor_lifter(sys.modules["torch"])
+        return None
+
+    def _tensor_lifter(self, torch: Any) -> Callable[[Any, bytes], tuple[Any, ...] | None]:
+        plain_tensor, strided = torch.Tensor, torch.strided
+        infos, dtype_info = _kinds.dtype_infos, _kinds.dtype_info
+
+        def lift_tensor(t: Any, dest: bytes) -> tuple[Any, ...] | None:
+            # The most common message that carries any: one plain CPU tensor
+            # big enough for shared memory. It is a region of its own, from
+            # its first byte, so it needs no batch, head or slot; the
+            # general path takes the rest (autograd, conjugate and negative
+            # views, subclasses, small or empty tensors, other layouts).
+            if type(t) is not plain_tensor or self.transfer == "inline":
+                return None
+            info = infos.get(t.dtype) or dtype_info(t.dtype)
+            if (
+                info.quantized
+                or info.complex
+                or t.layout is not strided
+                or not t.is_cpu
+                or t.requires_grad
+                or t.is_neg()
+            ):
+                return None
+            shape: Any = t.shape
+            stride: Any = t.stride()
+            ptr = t.data_ptr()
+            itemsize = info.itemsize
+            if len(shape) == 1:
+                shape, stride = shape[0], stride[0]  # 1-d: plain ints
+                if not shape:
+                    return None
+                size = ((shape - 1) * stride + 1) * itemsize
+            else:
+                span = 0
+                for n, step in zip(shape, stride, strict=True):
+                    if not n:
+                        return None
+                    span += (n - 1) * step
+                size = (span + 1) * itemsize
+            if size < self.threshold or ptr % itemsize:
+                return None
+            name, offset, lease = self._lease(ptr, size, dest, obj=t)
+            return (name, offset, size, lease, info.name, shape, stride)
+
+        return lift_tensor
+
     rebuilders: Sequence[Callable[..., Any]] = tuple(rebuild for rebuild, _ in _REBUILDERS)
     """What a lifted value may be rebuilt with: :meth:`land` takes its index."""
 
@@ -615,7 +668,10 @@ class Plane:
             size = group.hi - origin
             if not inline and (size >= threshold or self._in_shared(group, origin)):
                 # Big, or already shared (then always shared: writes stay seen).
-                entries.append(self._lease(group, origin, size, dest))
+                name, offset, lease = self._lease(
+                    origin, size, dest, group.copy, group.view, group.obj
+                )
+                entries.append((_SHARED, origin, name, offset, size, lease))
             elif size < _HEAD_LIMIT:
                 entries.append((_IN_HEAD, origin, self._read(group, origin, size)))
             else:
@@ -636,12 +692,25 @@ class Plane:
             return bytes(group.view)
         return _string_at(origin, size)
 
-    def _lease(self, group: _Group, origin: int, size: int, dest: bytes) -> tuple[Any, ...]:
+    def _lease(
+        self,
+        origin: int,
+        size: int,
+        dest: bytes,
+        copy: bool = False,
+        view: memoryview | None = None,
+        obj: Any = None,
+    ) -> tuple[str, int, int]:
+        """Lease bytes ``[origin, origin + size)`` to ``dest``: the segment
+        they lie in, where in it, and the lease. They are copied once into
+        the arena first, unless they lie there already or in a segment
+        received (then ``obj``, which views them, is what holds them), or
+        ``copy`` says to, or they have no address (``view`` has them)."""
         self._lock.acquire()  # by hand: a with block costs three times more
         try:
             holder: Any = None
             where: Any = None
-            if not group.copy and group.view is None:
+            if not copy and view is None:
                 starts = self._starts
                 i = bisect.bisect_right(starts, origin) - 1
                 if i >= 0:
@@ -651,11 +720,11 @@ class Plane:
             if type(where) is _Segment:
                 holder = where
             elif type(where) is _Mapping:
-                holder = group.obj  # received, sent on: the value holds that memory
+                holder = obj  # received, sent on: the value holds that memory
             if holder is None:
                 where = holder = self._alloc(size)
-                if group.view is not None:
-                    where.mv[:size] = group.view
+                if view is not None:
+                    where.mv[:size] = view
                 else:
                     _memmove(where.addr, origin, size)
                 offset = 0
@@ -672,7 +741,7 @@ class Plane:
                 if held is None:
                     held = self._leases[dest] = {}
                 held[lease] = holder
-            return (_SHARED, origin, where.name, offset, size, lease)
+            return where.name, offset, lease
         finally:
             self._lock.release()
 
@@ -948,6 +1017,18 @@ class Plane:
             if len(incoming.bases) < len(entries):
                 self._release_unused(incoming)
         return made
+
+    def land_one(self, src: bytes, fields: Sequence[Any]) -> Any:
+        """The tensor that a one-lifter's ``fields`` from ``src`` describe
+        (see :meth:`one_lifter`)."""
+        name, start, size, lease, dtype, shape, stride = fields
+        try:
+            buffer = self._attach(src, name, lease, True, start, size)
+        except BaseException:
+            self.dead.append((src, lease, _NO_OWNER))  # its lease: unused
+            self._ring()
+            raise
+        return _kinds.tensor_over(buffer, dtype, shape, stride)
 
     def _shared_region(
         self, src: bytes, entry: Sequence[Any], tensors: bool

@@ -34,6 +34,10 @@ Handler = Callable[[Any, Any], Any]
 """What the pickler runs for an object of one type: ``handler(obj, pickler)``
 returns a ``__reduce__`` tuple, or ``NotImplemented`` for pickle's own way."""
 
+OneLifter = Callable[[Any, bytes], tuple[Any, ...] | None]
+"""``lifter(value, dest)``: ``value``'s fields, or None for the general way."""
+
+
 _LEARNT_TYPES = 4096
 """How many types' handlers a codec remembers (it starts over past that)."""
 
@@ -42,14 +46,15 @@ _HEADED = 0
 starts with the PROTO opcode, 0x80), followed by the head's length (4 bytes)."""
 _PICKLED = 0x80
 """First byte of a pickle stream (the PROTO opcode)."""
-_LIFTED = 0x96
-"""First byte of a payload made without pickle (see :meth:`Codec._lift`): it
-is msgpack, an array of six."""
+_LIFTED = range(0x91, 0x9F)
+"""First bytes of a payload made without pickle (see :meth:`Codec._lift`):
+it is msgpack, a short array whose first item is its shape."""
 
 # Shapes of a lifted value: the value itself is the sidecar's; a tuple or list
 # of plain values and the sidecar's; arguments (a tuple of such values, and a
-# dict of them by name).
-_WHOLE, _TUPLE, _LIST, _CALL = range(4)
+# dict of them by name). Then the shapes with one value of the sidecar's, in
+# flat fields: that value, and positional arguments.
+_WHOLE, _TUPLE, _LIST, _CALL, _ONE, _ONE_ARG = range(6)
 
 _LIFT_ITEMS = 64
 """Longer tuples, lists and dicts are left to the pickler."""
@@ -69,7 +74,8 @@ class Sidecar(Protocol):
     sidecar's) and ``end_load``. Values that ``lifter`` reduces may skip the
     pickle: their rebuilders are named by index in ``rebuilders``, the head
     (``seal(..., encoded=False)``) travels inside the message, and ``land``
-    rebuilds them.
+    rebuilds them. A value that ``one_lifter`` describes alone needs even
+    less: ``land_one`` rebuilds it from its fields.
     """
 
     def handler(self, t: type) -> Handler | None: ...
@@ -81,6 +87,14 @@ class Sidecar(Protocol):
 
     @property
     def rebuilders(self) -> Sequence[Callable[..., Any]]: ...
+
+    def one_lifter(self, t: type) -> OneLifter | None:
+        """What describes a value of type ``t``, the only one of a message
+        that the sidecar carries, as flat fields (leasing what it must to
+        the destination it is given), or None: see :meth:`Codec._lift_one`."""
+        ...
+
+    def land_one(self, src: bytes, fields: Sequence[Any]) -> Any: ...
 
     def land(
         self, src: bytes, own: Any, entries: Any, frames: Sequence[Any], slots: Sequence[Any]
@@ -112,6 +126,17 @@ def _utf8(text: str) -> bool:
     return True
 
 
+def _carried(v: Any) -> bool:
+    """Whether msgpack carries ``v``, a scalar or short ``bytes``, exactly:
+    not ints past 64 bits, strings with lone surrogates, or complex."""
+    t = type(v)
+    if t is int:
+        return bool(-(1 << 63) <= v < 1 << 64)
+    if t is str:
+        return _utf8(v)
+    return t is float or t is bool or v is None or t is bytes
+
+
 class _Walk:
     """Goes through the items of a value for :meth:`Codec._lift`: notes a
     slot per value the sidecar reduces, and whether all the rest is plain.
@@ -141,14 +166,10 @@ class _Walk:
         """``v`` if msgpack carries it as it is; None, its slot noted, if the
         sidecar reduces it; else ``_UNFIT``."""
         t = type(v)
-        if t is float or t is bool or v is None:
-            return v
-        if t is int:  # msgpack takes 64 bits
-            return v if -(1 << 63) <= v < 1 << 64 else _UNFIT
-        if t is str:
-            return v if _utf8(v) else _UNFIT
         if t is bytes:
             return v if len(v) < OOB_THRESHOLD else _UNFIT
+        if t in _SCALARS:
+            return v if _carried(v) else _UNFIT
         if t is tuple or t is list or t is dict:
             if not _plain(v):
                 return _UNFIT
@@ -386,6 +407,7 @@ class Codec:
         self._pickler_cls = _Pickler
         self._cloud_pickler_cls: type[pickle.Pickler] | None = None
         self._lifters: dict[type, Handler | None] = {}
+        self._one_lifters: dict[type, OneLifter | None] = {}
         self._codes: dict[Any, int] = (
             {fn: i for i, fn in enumerate(sidecar.rebuilders)} if sidecar is not None else {}
         )
@@ -487,13 +509,21 @@ class Codec:
         """:meth:`dumps` of ``prepare_args(args, kwargs, mark)``, faster
         where the arguments are scalars, short byte strings and the
         sidecar's values (see :meth:`_lift`)."""
-        for v in args:
+        alone = -1  # the index of the only argument that is not a scalar
+        for i, v in enumerate(args):
             t = type(v)
             if not (t in _SCALARS or (t is bytes and len(v) < OOB_THRESHOLD)):
-                break
-        else:
-            if not kwargs:
+                if alone != -1:
+                    alone = -2  # more than one
+                    break
+                alone = i
+        if not kwargs:
+            if alone == -1:
                 return pickle.dumps((args, kwargs), 5), []
+            if alone >= 0 and self._sidecar is not None:
+                done = self._lift_one(args, alone, dest)
+                if done is not None:
+                    return done
         if self._sidecar is not None:
             walk = _Walk()
             items = walk.items(self, args)
@@ -520,6 +550,9 @@ class Codec:
         if t in _SCALARS or (t is bytes and len(value) < OOB_THRESHOLD):
             return pickle.dumps(value, 5), []
         if self._sidecar is not None:
+            done = self._lift_one(value, None, dest)
+            if done is not None:
+                return done
             walk = _Walk()
             if t is tuple or t is list:
                 items = walk.items(self, value)
@@ -533,6 +566,43 @@ class Codec:
                 if done is not None:
                     return done
         return self.dumps(prepare(value, mark), what, dest)
+
+    def _lift_one(self, obj: Any, at: int | None, dest: bytes) -> tuple[bytes, list[Any]] | None:
+        """``obj`` (or for ``at``, the positional arguments ``obj``, all
+        scalars but the one at ``at``) as msgpack: the shape, the plain
+        arguments, and the one value's fields from the sidecar's
+        :meth:`~Sidecar.one_lifter`. None where that does not describe the
+        value, or msgpack cannot carry the other arguments exactly.
+
+        A tensor alone, or a tensor and a few scalars, is what most
+        messages that carry any hold; this costs a third of :meth:`_lift`."""
+        value = obj if at is None else obj[at]
+        t = type(value)
+        try:
+            lifter = self._one_lifters[t]
+        except KeyError:
+            lifter = self._learn_one_lifter(t)
+        if lifter is None:
+            return None
+        if at is not None:
+            for i, v in enumerate(obj):
+                if i != at and not _carried(v):
+                    return None
+        fields = lifter(value, dest)  # may lease: nothing may fail after it
+        if fields is None:
+            return None
+        if at is None:
+            return _lift_encode((_ONE, *fields)), []
+        items = list(obj)
+        items[at] = None
+        return _lift_encode((_ONE_ARG, at, items, *fields)), []
+
+    def _learn_one_lifter(self, t: type) -> OneLifter | None:
+        assert self._sidecar is not None
+        if len(self._one_lifters) >= _LEARNT_TYPES:
+            self._one_lifters.clear()
+        lifter = self._one_lifters[t] = self._sidecar.one_lifter(t)
+        return lifter
 
     def _lift(
         self, walk: _Walk, shape: int, first: Any, second: Any, obj: Any, dest: bytes
@@ -562,13 +632,23 @@ class Codec:
             assert self._sidecar is not None
             (own, entries), frames = self._sidecar.seal(batch, dest, encoded=False)
         payload = _lift_encode((shape, first, second, own, entries, walk.slots))
-        assert payload[0] == _LIFTED
+        assert payload[0] in _LIFTED
         return payload, frames
 
     def _land(self, data: bytes, buffers: Sequence[Any], src: bytes) -> Any:
-        """The value :meth:`_lift` sent."""
-        shape, first, second, own, entries, slots = _lift_decode(data)
+        """The value :meth:`_lift` or :meth:`_lift_one` sent."""
+        fields = _lift_decode(data)
+        shape = fields[0]
         assert self._sidecar is not None
+        if shape >= _ONE:
+            if buffers:
+                raise SerializationError("frames beside a value that has none")
+            if shape == _ONE:
+                return self._sidecar.land_one(src, fields[1:])
+            at, items = fields[1], fields[2]
+            items[at] = self._sidecar.land_one(src, fields[3:])
+            return tuple(items), {}
+        shape, first, second, own, entries, slots = fields
         made = self._sidecar.land(src, own, entries, buffers, slots)
         if shape == _WHOLE:
             return made[0]
@@ -591,13 +671,13 @@ class Codec:
             first = data[0]
             if first == _PICKLED:
                 return pickle.loads(data, buffers=buffers)
-            if first != _HEADED and first != _LIFTED:
+            if first != _HEADED and first not in _LIFTED:
                 raise SerializationError(
                     f"cannot read the {what}: not a payload atoll makes (first byte {first:#04x})"
                 )
             if self._sidecar is None:
                 raise SerializationError(f"the {what} holds tensors, and nothing here reads them")
-            if first == _LIFTED:
+            if first in _LIFTED:
                 return self._land(data, buffers, src)
             size = int.from_bytes(data[1:5], "little")
             view = memoryview(data)
