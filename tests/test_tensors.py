@@ -16,7 +16,7 @@ import pytest
 
 import atoll
 from atoll.actors._runtime import current_plane
-from atoll.tensors import _shm
+from atoll.tensors import _plane, _shm
 from atoll.tensors._plane import segment_size
 from atoll.transport._codec import _ONE, _ONE_ARG
 from helpers import Echo, Holder, Mirror, host_process, kill_and_watch, pid_of
@@ -284,6 +284,26 @@ async def test_copy_on_send_keeps_the_senders_memory_private() -> None:
         back[0] = 1.0
         assert back.data_ptr() != t.data_ptr() and float(t[0]) == 0.0
         assert (await echo.echo(t)).data_ptr() == t.data_ptr()  # without it: shared
+
+
+@pytest.mark.parametrize("threads", ["threads", "no-threads"])
+def test_big_copies_split_among_threads_are_exact(
+    threads: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Odd sizes, and a machine that will not start another thread.
+    if threads == "no-threads":
+        monkeypatch.setattr(_plane.threading.Thread, "start", _refuse_thread)
+    monkeypatch.setattr(_plane, "_COPY_THREADS", 4)
+    rng = np.random.default_rng(3)
+    for nbytes in (1000, 8 * MIB - 1, 8 * MIB, 17 * MIB + 4097):
+        src = rng.integers(0, 256, nbytes, dtype=np.uint8)
+        dst = np.zeros(nbytes + 2, dtype=np.uint8)
+        _plane._copy(dst.ctypes.data + 1, src.ctypes.data, nbytes)
+        assert np.array_equal(dst[1:-1], src) and dst[0] == dst[-1] == 0
+
+
+def _refuse_thread(self: Any) -> None:
+    raise RuntimeError("can't start new thread")
 
 
 async def test_a_fresh_tensor_is_copied_into_a_reused_segment() -> None:
