@@ -18,7 +18,7 @@ import atoll
 from atoll.actors._runtime import current_plane
 from atoll.tensors import _plane, _shm
 from atoll.tensors._plane import segment_size
-from atoll.transport._codec import _ONE, _ONE_ARG
+from atoll.transport._codec import _ONE, _ONE_ARG, Codec
 from helpers import Echo, Holder, Mirror, host_process, kill_and_watch, pid_of
 
 torch = pytest.importorskip("torch")
@@ -304,6 +304,26 @@ def test_big_copies_split_among_threads_are_exact(
 
 def _refuse_thread(self: Any) -> None:
     raise RuntimeError("can't start new thread")
+
+
+def test_mappings_no_view_uses_are_kept_up_to_a_bound_most_recent_first(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(_plane, "_IDLE_MAPPINGS", 2)
+    sender, receiver = _plane.Plane(_shm.host_prefix()), _plane.Plane(_shm.host_prefix())
+    send, recv = Codec({}, sender), Codec({}, receiver)
+    try:
+        tensors = [sender.share(torch.full((1 << 16,), float(i))) for i in range(4)]
+        names = [sender._find(t.data_ptr(), t.data_ptr() + 1).name for t in tensors]
+        for i in (0, 1, 2, 0, 3):
+            payload, frames = send.dumps_value(tensors[i], lambda x: x, "value", b"receiver")
+            assert float(recv.loads(payload, frames, "value", b"sender")[0]) == i
+            receiver.drain()  # the view is gone: its mapping is idle
+        assert sorted(receiver._mappings) == sorted([names[0], names[3]])
+        assert receiver._idle_bytes == receiver.stats()["mapped_bytes"]
+    finally:
+        sender.close()
+        receiver.close()
 
 
 async def test_a_fresh_tensor_is_copied_into_a_reused_segment() -> None:

@@ -452,7 +452,8 @@ class Plane:
         self._free: dict[int, list[_Segment]] = {}
         self._free_bytes = 0
         self._mappings: dict[str, _Mapping] = {}
-        self._idle: OrderedDict[str, _Mapping] = OrderedDict()
+        self._idle: OrderedDict[str, _Mapping] = OrderedDict()  # least recently used first
+        self._idle_bytes = 0
         self._orphans: set[str] = set()  # name prefixes of owners that are gone
         self._starts: list[int] = []  # sorted start addresses of segments and mappings
         self._at: dict[int, _Segment | _Mapping] = {}
@@ -1093,7 +1094,7 @@ class Plane:
                 self._mappings[name] = mapping
                 self._index(mapping)
             elif not mapping.live:
-                self._idle.pop(name, None)
+                self._unidle(mapping)
             return self._view(mapping, src, lease, tensors, start, size)
         finally:
             self._lock.release()
@@ -1183,13 +1184,16 @@ class Plane:
             return
         idle = self._idle
         idle[mapping.name] = mapping
-        if len(idle) == 1:
-            return
-        total = sum(mp.size for mp in idle.values())
-        while len(idle) > 1 and (len(idle) > _IDLE_MAPPINGS or total > _IDLE_BYTES):
+        self._idle_bytes += mapping.size
+        # The one that just went idle stays, however big.
+        while len(idle) > 1 and (len(idle) > _IDLE_MAPPINGS or self._idle_bytes > _IDLE_BYTES):
             _, oldest = idle.popitem(last=False)
-            total -= oldest.size
+            self._idle_bytes -= oldest.size
             self._unmap(oldest)
+
+    def _unidle(self, mapping: _Mapping) -> None:
+        if self._idle.pop(mapping.name, None) is not None:
+            self._idle_bytes -= mapping.size
 
     def _unmap(self, mapping: _Mapping) -> None:
         del self._mappings[mapping.name]
@@ -1235,8 +1239,9 @@ class Plane:
         unmap its segments once no view uses them, rather than keep them."""
         with self._lock:
             self._orphans.add(name_prefix)
-            for name in [n for n in self._idle if n.startswith(name_prefix)]:
-                self._unmap(self._idle.pop(name))
+            for mapping in [mp for mp in self._idle.values() if mp.name.startswith(name_prefix)]:
+                self._unidle(mapping)
+                self._unmap(mapping)
 
     async def serve(self) -> None:
         """Settle finalizers' notes as they come (run as a task)."""
@@ -1286,6 +1291,8 @@ class Plane:
             self._free_bytes = 0
             for mapping in list(self._mappings.values()):
                 self._unmap(mapping)
+            self._idle.clear()
+            self._idle_bytes = 0
             self._leases.clear()
 
 
