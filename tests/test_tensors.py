@@ -162,6 +162,28 @@ async def test_values_beside_tensors_that_msgpack_cannot_carry_arrive_intact() -
         assert float(shared[0]) == 0.0
 
 
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors is in prototype")
+async def test_sparse_and_nested_tensors_arrive_intact() -> None:
+    sparse = torch.arange(6.0).view(2, 3).to_sparse()
+    csr = torch.arange(6.0).view(2, 3).to_sparse_csr()
+    parts = [torch.ones(2), torch.arange(3.0)]
+    nested = [torch.nested.nested_tensor(parts, layout=layout) for layout in (None, torch.jagged)]
+    async with atoll.open_host() as host:
+        mirror = await host.spawn(Mirror)
+        for t in (sparse, csr):
+            for back in (await mirror.one(t), (await mirror.arguments(t, 1))[0]):
+                assert back.layout == t.layout and torch.equal(back.to_dense(), t.to_dense())
+        for t in nested:
+            # There and back twice: what arrived is sent on again.
+            for back in (await mirror.one(await mirror.one(t)), (await mirror.arguments(t, 1))[0]):
+                assert type(back) is type(t) and back.is_nested
+                assert all(map(torch.equal, back.unbind(), parts))
+        # One torch cannot pickle: a clear error, not torch's own.
+        with pytest.raises(atoll.SerializationError, match="cannot pickle the arguments"):
+            await mirror.one(torch.ones(3).to_mkldnn())
+
+
 async def test_empty_tensors_and_arrays_arrive_as_arguments() -> None:
     empties = [torch.ones(0), torch.ones(3, 0, dtype=torch.int64), np.ones((0, 4), np.float32)]
     async with atoll.open_host() as host:

@@ -200,6 +200,11 @@ def rebuild_tensor(
     return t
 
 
+def nested_tensor(parts: list[Any]) -> Any:
+    """A nested tensor of ``parts`` (copied into one buffer)."""
+    return _torch().nested.nested_tensor(parts)
+
+
 def empty_tensor(
     dtype: str,
     shape: tuple[int, ...],

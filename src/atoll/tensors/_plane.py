@@ -514,7 +514,7 @@ class Plane:
         return None
 
     def _tensor_lifter(self, torch: Any) -> Callable[[Any, bytes], tuple[Any, ...] | None]:
-        plain_tensor, strided = torch.Tensor, torch.strided
+        plain_tensor = torch.Tensor
         infos, dtype_info = _kinds.dtype_infos, _kinds.dtype_info
 
         def lift_tensor(t: Any, dest: bytes) -> tuple[Any, ...] | None:
@@ -526,18 +526,17 @@ class Plane:
             if type(t) is not plain_tensor or self.transfer == "inline":
                 return None
             info = infos.get(t.dtype) or dtype_info(t.dtype)
-            if (
-                info.quantized
-                or info.complex
-                or t.layout is not strided
-                or not t.is_cpu
-                or t.requires_grad
-                or t.is_neg()
-            ):
+            if info.quantized or info.complex or not t.is_cpu or t.requires_grad or t.is_neg():
                 return None
-            shape: Any = t.shape
-            stride: Any = t.stride()
-            ptr = t.data_ptr()
+            try:
+                shape: Any = t.shape
+                stride: Any = t.stride()
+                ptr = t.data_ptr()
+            except RuntimeError:
+                # No sizes, strides or storage of its own: a sparse, nested
+                # or mkldnn tensor (each fails one of these; asking for the
+                # layout first would cost every tensor another torch call).
+                return None
             itemsize = info.itemsize
             if len(shape) == 1:
                 shape, stride = shape[0], stride[0]  # 1-d: plain ints
@@ -553,7 +552,7 @@ class Plane:
                 size = (span + 1) * itemsize
             if size < self.threshold or ptr % itemsize:
                 return None
-            name, offset, lease = self._lease(ptr, size, dest, obj=t)
+            name, offset, lease = self._lease(ptr, size, dest, False, None, t)
             return (name, offset, size, lease, info.name, shape, stride)
 
         return lift_tensor
@@ -612,7 +611,12 @@ class Plane:
         def reduce_tensor(t: Any, pickler: Any) -> Any:
             info = infos.get(t.dtype) or dtype_info(t.dtype)
             if info.quantized or t.layout is not strided:
-                return NotImplemented
+                return NotImplemented  # torch's own pickling
+            if t.is_nested:
+                # Its parts travel as tensors, and are made one again (a copy).
+                # Not torch's own pickling: that expects its buffer to start
+                # its storage, which a received buffer need not.
+                return (_kinds.nested_tensor, (list(t.unbind()),))
             if not t.is_cpu:
                 return on_device(t, info, pickler)
             batch = pickler.batch

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 import msgspec
 
-from .._errors import SerializationError
+from .._errors import AtollError, SerializationError
 
 OOB_THRESHOLD = 8192
 """Buffers smaller than this stay inside the pickle stream (a frame costs more)."""
@@ -109,6 +109,13 @@ class Sidecar(Protocol):
 
 class _NeedsCloudpickle(Exception):
     pass
+
+
+def _unpicklable(what: str, exc: Exception) -> SerializationError:
+    return SerializationError(
+        f"cannot pickle the {what}: {exc}. Send picklable values, or wrap "
+        "the object in an actor and pass its ref instead."
+    )
 
 
 _UNFIT: Any = object()
@@ -481,11 +488,14 @@ class Codec:
             pickler = self._cloud_pickler()(f, protocol=5, buffer_callback=keep)
             try:
                 pickler.dump(obj)
+            except AtollError:
+                raise
             except Exception as exc2:
-                raise SerializationError(
-                    f"cannot pickle the {what}: {exc2}. Send picklable values, or wrap "
-                    "the object in an actor and pass its ref instead."
-                ) from exc2
+                raise _unpicklable(what, exc2) from exc2
+        except AtollError:
+            raise  # said clearly already (a full /dev/shm, say)
+        except Exception as exc:  # what a type's own reduction raised
+            raise _unpicklable(what, exc) from exc
         batch = pickler.batch  # type: ignore[attr-defined]
         if batch is None:
             return f.getvalue(), buffers
