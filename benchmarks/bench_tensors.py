@@ -7,13 +7,15 @@ Needs torch (``pip install torch==2.13.0``) and numpy. For each size:
   atoll, pre-shared     ``await ref.first(t)`` with ``t = atoll.share(...)``: sent
                         by descriptor, whatever its size
   atoll, fresh          the same tensor, not shared: copied once into the arena
+                        (a copy of 8 MiB or more is split among up to four threads)
   memcpy, warm          the floor of a fresh send: one copy of the same size into
-                        memory that is already faulted in (in rounds that
-                        alternate with the fresh rows)
+                        memory that is already faulted in, by one thread (in
+                        rounds that alternate with the fresh rows)
   torch.mp Queue        torch.multiprocessing: the same pre-shared tensor to a
                         worker process through a Queue, a scalar back
   atoll 16-byte call    ``await ref.first(b"x" * 16)``, timed in rounds that
-                        alternate with the pre-shared rows
+                        alternate with the pre-shared rows; what a pre-shared
+                        call adds to it is the median of the rounds' differences
 and once per run:
   zmq floor             blocking pyzmq DEALER/ROUTER round trip, 16 bytes
 Then the crossover that sets the inline threshold: one array of each size sent
@@ -97,17 +99,21 @@ def _torch_queue(t: Any, n: int) -> float:
 
 async def _interleaved(
     rounds: int, calls: int, a: Callable[[], Awaitable[Any]], b: Callable[[], Awaitable[Any]]
-) -> tuple[float, float]:
+) -> tuple[float, float, float]:
     """Medians of ``a`` and ``b`` timed in alternating rounds (the median of
-    the rounds' medians), so a slow spell of the machine hits both alike."""
+    the rounds' medians), so a slow spell of the machine hits both alike;
+    and the median of what ``b`` took over ``a`` round by round."""
     ma, mb = [], []
     for _ in range(rounds):
         ma.append(await _median(calls, a))
         mb.append(await _median(calls, b))
-    return statistics.median(ma), statistics.median(mb)
+    over = statistics.median(y - x for x, y in zip(ma, mb, strict=True))
+    return statistics.median(ma), statistics.median(mb), over
 
 
-async def _atoll_rows(sizes: list[int], calls: int) -> list[tuple[float, float, float, float]]:
+async def _atoll_rows(
+    sizes: list[int], calls: int
+) -> list[tuple[float, float, float, float, float]]:
     """Per size: the 16-byte call and the pre-shared tensor, timed in
     alternating rounds; the fresh tensor and a warm memcpy, likewise."""
     import torch
@@ -125,16 +131,16 @@ async def _atoll_rows(sizes: list[int], calls: int) -> list[tuple[float, float, 
             async def memcpy(src: Any = src, dst: Any = dst) -> None:
                 np.copyto(dst, src)  # dst is faulted in by the warm-up copies
 
-            copy, fresh = await _interleaved(
+            copy, fresh, _ = await _interleaved(
                 3, _copies(nbytes, calls), memcpy, lambda t=fresh_t: ref.first(t)
             )
             del fresh_t, src, dst
             shared_t = atoll.share(torch.ones(nbytes // 4))
-            small, shared = await _interleaved(
+            small, shared, over = await _interleaved(
                 10, calls // 4, lambda: ref.first(b"x" * 16), lambda t=shared_t: ref.first(t)
             )
             del shared_t
-            rows.append((small, shared, fresh, copy))
+            rows.append((small, shared, over, fresh, copy))
         return rows
 
 
@@ -190,13 +196,13 @@ def main() -> None:
 
     print(f"torch {torch.__version__}, numpy {np.__version__}, backend {opts.backend}")
     print(f"{'zmq floor (16 B round trip)':34} {floor * 1e6:10.1f}us")
-    for nbytes, (small, shared, fresh, memcpy) in zip(sizes, rows, strict=True):
+    for nbytes, (small, shared, over, fresh, memcpy) in zip(sizes, rows, strict=True):
         label = f"{nbytes >> 20} MiB"
         print(f"{'atoll 16-byte call':34} {small * 1e6:10.1f}us")
         queue = _torch_queue(torch.ones(nbytes // 4), opts.calls)
         print(
             f"{'atoll pre-shared, ' + label:34} {shared * 1e6:10.1f}us  "
-            f"16-byte call + {(shared - small) * 1e6:.1f}us"
+            f"16-byte call + {over * 1e6:.1f}us"
         )
         print(f"{'torch.mp Queue pre-shared, ' + label:34} {queue * 1e6:10.1f}us")
         print(
