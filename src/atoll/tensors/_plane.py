@@ -509,12 +509,11 @@ class Plane:
         """What describes a value of type ``t`` that is the only one of a
         message the plane carries, as flat fields that :meth:`land_one`
         takes, or None (see ``Codec._lift_one``)."""
-        if _kind(t) == "tensor":
-            return self._tensor_lifter(sys.modules["torch"])
+        if _kind(t) == "tensor" and t is sys.modules["torch"].Tensor:  # not a Parameter
+            return self._tensor_lifter()
         return None
 
-    def _tensor_lifter(self, torch: Any) -> Callable[[Any, bytes], tuple[Any, ...] | None]:
-        plain_tensor = torch.Tensor
+    def _tensor_lifter(self) -> Callable[[Any, bytes], tuple[Any, ...] | None]:
         infos, dtype_info = _kinds.dtype_infos, _kinds.dtype_info
 
         def lift_tensor(t: Any, dest: bytes) -> tuple[Any, ...] | None:
@@ -522,8 +521,8 @@ class Plane:
             # big enough for shared memory. It is a region of its own, from
             # its first byte, so it needs no batch, head or slot; the
             # general path takes the rest (autograd, conjugate and negative
-            # views, subclasses, small or empty tensors, other layouts).
-            if type(t) is not plain_tensor or self.transfer == "inline":
+            # views, parameters, small or empty tensors, other layouts).
+            if self.transfer == "inline":
                 return None
             info = infos.get(t.dtype) or dtype_info(t.dtype)
             if info.quantized or info.complex or not t.is_cpu or t.requires_grad or t.is_neg():
