@@ -46,6 +46,14 @@ def test_tensor_views_round_trip_exactly_and_stay_aliased(echo: Any, pair: Any, 
 
 
 @_settings
+@given(pair=tensor_views())
+def test_a_tensor_view_sent_alone_round_trips_exactly(echo: Any, pair: Any) -> None:
+    # Alone, a big one travels as flat fields rather than in a list.
+    _, view = pair
+    _same_tensor(view, echo.echo(view))
+
+
+@_settings
 @given(pair=array_views())
 def test_array_views_round_trip_exactly_and_stay_aliased(echo: Any, pair: Any) -> None:
     base, view = pair
