@@ -15,7 +15,7 @@ import types
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import msgspec
 
@@ -107,6 +107,17 @@ class Sidecar(Protocol):
     def end_load(self, state: Any) -> None: ...
 
 
+_V = TypeVar("_V")
+
+
+def _remember(learnt: dict[type, _V], t: type, found: _V) -> _V:
+    """Note what was learnt of type ``t``, and return it."""
+    if len(learnt) >= _LEARNT_TYPES:
+        learnt.clear()  # types made on the fly: do not keep them all alive
+    learnt[t] = found
+    return found
+
+
 class _NeedsCloudpickle(Exception):
     pass
 
@@ -141,7 +152,9 @@ def _carried(v: Any) -> bool:
         return bool(-(1 << 63) <= v < 1 << 64)
     if t is str:
         return _utf8(v)
-    return t is float or t is bool or v is None or t is bytes
+    if t is bytes:
+        return len(v) < OOB_THRESHOLD
+    return t is float or t is bool or v is None
 
 
 class _Walk:
@@ -173,9 +186,7 @@ class _Walk:
         """``v`` if msgpack carries it as it is; None, its slot noted, if the
         sidecar reduces it; else ``_UNFIT``."""
         t = type(v)
-        if t is bytes:
-            return v if len(v) < OOB_THRESHOLD else _UNFIT
-        if t in _SCALARS:
+        if t in _SCALARS or t is bytes:
             return v if _carried(v) else _UNFIT
         if t is tuple or t is list or t is dict:
             if not _plain(v):
@@ -437,11 +448,7 @@ class Codec:
         chosen = None
         for handler in reversed(found):
             chosen = handler if chosen is None else _chain(handler, chosen)
-        learnt = self._cloud_handlers if cloud else self._plain_handlers
-        if len(learnt) >= _LEARNT_TYPES:
-            learnt.clear()  # types made on the fly: do not keep them all alive
-        learnt[t] = chosen
-        return chosen
+        return _remember(self._cloud_handlers if cloud else self._plain_handlers, t, chosen)
 
     def _cloud_pickler(self) -> type[pickle.Pickler]:
         if self._cloud_pickler_cls is None:
@@ -508,10 +515,7 @@ class Codec:
 
     def _learn_lifter(self, t: type) -> Handler | None:
         assert self._sidecar is not None
-        if len(self._lifters) >= _LEARNT_TYPES:
-            self._lifters.clear()
-        lifter = self._lifters[t] = self._sidecar.lifter(t)
-        return lifter
+        return _remember(self._lifters, t, self._sidecar.lifter(t))
 
     def dumps_call(
         self, args: tuple[Any, ...], kwargs: dict[str, Any], mark: Marker, what: str, dest: bytes
@@ -519,22 +523,18 @@ class Codec:
         """:meth:`dumps` of ``prepare_args(args, kwargs, mark)``, faster
         where the arguments are scalars, short byte strings and the
         sidecar's values (see :meth:`_lift`)."""
-        alone = -1  # the index of the only argument that is not a scalar
-        for i, v in enumerate(args):
+        for v in args:
             t = type(v)
             if not (t in _SCALARS or (t is bytes and len(v) < OOB_THRESHOLD)):
-                if alone != -1:
-                    alone = -2  # more than one
-                    break
-                alone = i
-        if not kwargs:
-            if alone == -1:
+                break
+        else:
+            if not kwargs:
                 return pickle.dumps((args, kwargs), 5), []
-            if alone >= 0 and self._sidecar is not None:
-                done = self._lift_one(args, alone, dest)
+        if self._sidecar is not None:
+            if not kwargs:
+                done = self._lift_one(args, True, dest)
                 if done is not None:
                     return done
-        if self._sidecar is not None:
             walk = _Walk()
             items = walk.items(self, args)
             if items is not None and len(kwargs) <= _LIFT_ITEMS:
@@ -560,7 +560,7 @@ class Codec:
         if t in _SCALARS or (t is bytes and len(value) < OOB_THRESHOLD):
             return pickle.dumps(value, 5), []
         if self._sidecar is not None:
-            done = self._lift_one(value, None, dest)
+            done = self._lift_one(value, False, dest)
             if done is not None:
                 return done
             walk = _Walk()
@@ -577,16 +577,23 @@ class Codec:
                     return done
         return self.dumps(prepare(value, mark), what, dest)
 
-    def _lift_one(self, obj: Any, at: int | None, dest: bytes) -> tuple[bytes, list[Any]] | None:
-        """``obj`` (or for ``at``, the positional arguments ``obj``, all
-        scalars but the one at ``at``) as msgpack: the shape, the plain
-        arguments, and the one value's fields from the sidecar's
-        :meth:`~Sidecar.one_lifter`. None where that does not describe the
-        value, or msgpack cannot carry the other arguments exactly.
+    def _lift_one(self, obj: Any, args: bool, dest: bytes) -> tuple[bytes, list[Any]] | None:
+        """``obj`` (or, for ``args``, the positional arguments ``obj``, all
+        scalars but one) as msgpack: the shape, the plain arguments, and the
+        one value's fields from the sidecar's :meth:`~Sidecar.one_lifter`.
+        None where that does not describe the value, or msgpack cannot
+        carry the other arguments exactly.
 
         A tensor alone, or a tensor and a few scalars, is what most
         messages that carry any hold; this costs a third of :meth:`_lift`."""
-        value = obj if at is None else obj[at]
+        at = -1  # for args: where the one value that is not a scalar is
+        if args:
+            for i, v in enumerate(obj):
+                if not _carried(v):
+                    if at >= 0:
+                        return None  # a second one
+                    at = i
+        value = obj[at] if args else obj
         t = type(value)
         try:
             lifter = self._one_lifters[t]
@@ -594,14 +601,10 @@ class Codec:
             lifter = self._learn_one_lifter(t)
         if lifter is None:
             return None
-        if at is not None:
-            for i, v in enumerate(obj):
-                if i != at and not _carried(v):
-                    return None
         fields = lifter(value, dest)  # may lease: nothing may fail after it
         if fields is None:
             return None
-        if at is None:
+        if not args:
             return _lift_encode((_ONE, *fields)), []
         items = list(obj)
         items[at] = None
@@ -609,10 +612,7 @@ class Codec:
 
     def _learn_one_lifter(self, t: type) -> OneLifter | None:
         assert self._sidecar is not None
-        if len(self._one_lifters) >= _LEARNT_TYPES:
-            self._one_lifters.clear()
-        lifter = self._one_lifters[t] = self._sidecar.one_lifter(t)
-        return lifter
+        return _remember(self._one_lifters, t, self._sidecar.one_lifter(t))
 
     def _lift(
         self, walk: _Walk, shape: int, first: Any, second: Any, obj: Any, dest: bytes
