@@ -138,6 +138,24 @@ async def test_cuda_and_cpu_tensors_in_one_message_and_an_actors_own_tensor() ->
 
 
 @pytest.mark.anyio
+async def test_a_stopping_actor_keeps_its_cuda_memory_valid_until_its_views_are_dropped() -> None:
+    async with atoll.open_host(stop_timeout=0.5, device_lease_timeout=60) as host:
+        g = await host.spawn(Gpu)
+        record = host._actors[g._id]
+        with anyio.fail_after(60):
+            made = await g.make(1 << 20, 4.0)
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(host.stop, g)
+                await record.holding.wait()
+                await anyio.sleep(1.0)  # past the grace, its memory is still there
+                assert float(made.sum()) == 4.0 * (1 << 20)
+                del made
+                gc.collect()
+                await record.exited.wait()
+    assert record.exitcode == 0
+
+
+@pytest.mark.anyio
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
 async def test_the_device_index_travels() -> None:
     t = torch.ones(10, device="cuda:1")

@@ -15,6 +15,7 @@ import pytest
 
 import atoll
 from atoll.actors._runtime import current_plane
+from atoll.tensors import _devices
 
 torch = pytest.importorskip("torch")
 
@@ -51,6 +52,10 @@ class Holder(atoll.Actor):
     async def make(self, n: int) -> Any:
         self.kept.append(torch.empty(n, device="meta"))
         return self.kept[-1]
+
+    async def give(self, other: Any, n: int) -> None:
+        self.kept.append(torch.empty(n, device="meta"))
+        await other.keep(self.kept[-1])
 
     async def record(self) -> tuple[list[Any], list[Any], list[Any]]:
         return OPS.opened, OPS.settled, OPS.waited
@@ -195,3 +200,63 @@ async def test_a_process_that_cannot_open_device_memory_says_so() -> None:
         with anyio.fail_after(10), pytest.raises(atoll.SerializationError, match="meta"):
             await echo.echo(torch.empty(4, device="meta"))
         assert _plane(host).device_leases() == 0  # the lease was given back
+
+
+@pytest.mark.anyio
+async def test_a_stopping_actor_waits_past_the_grace_for_views_of_its_device_memory() -> None:
+    async with atoll.open_host(stop_timeout=0.5, device_lease_timeout=60) as host:
+        owner = await host.spawn(Holder)
+        other = await host.spawn(Holder)
+        record = host._actors[owner._id]
+        with anyio.fail_after(30):
+            mine = await owner.make(12)  # a view held by the host
+            await owner.give(other, 8)  # and one by another actor
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(host.stop, owner)
+                await record.holding.wait()
+                await anyio.sleep(1.0)  # the grace runs out; the stop goes on waiting
+                assert not record.exited.is_set()
+                await other.drop()
+                del mine
+                gc.collect()
+                await record.exited.wait()
+    assert record.exitcode == 0  # it exited by itself, was not terminated
+    assert "peers hold 2 views of its device memory; waiting up to 60 s" in "\n".join(
+        record.stderr_tail
+    )
+
+
+@pytest.mark.anyio
+async def test_an_actor_whose_device_memory_is_still_viewed_exits_at_its_deadline_and_says_so(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async with atoll.open_host(stop_timeout=0.5, device_lease_timeout=0.5) as host:
+        h = await host.spawn(Holder)
+        record = host._actors[h._id]
+        with anyio.fail_after(30):
+            kept = await h.make(12)
+            await host.stop(h)
+    assert record.exitcode == 0
+    said = "\n".join(record.stderr_tail)
+    assert "waiting up to 0.5 s for them to be dropped" in said
+    assert "1 views of its device memory are still held by peers" in said
+    assert "exited while this process holds views of 1 of its device storages" in caplog.text
+    assert kept.shape == (12,)
+
+
+@pytest.mark.anyio
+async def test_device_lease_timeout_is_checked() -> None:
+    with pytest.raises(ValueError, match="device_lease_timeout must be a number of seconds"):
+        async with atoll.open_host(device_lease_timeout=-1):
+            pass
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the error of a process without a GPU")
+def test_cuda_memory_arriving_where_there_is_no_gpu_is_a_clear_error() -> None:
+    ops = _devices.ops_for("cuda")
+    assert ops is not None
+    # What UntypedStorage._share_cuda_ makes: device, handle, size, offset,
+    # reference counter and its offset, event handle, whether to wait for it.
+    token = (0, bytes(64), 4096, 0, b"/torch_1_2", 0, bytes(64), True)
+    with pytest.raises(RuntimeError, match=r"no CUDA device .* send it as t\.cpu\(\)"):
+        ops.open(token)

@@ -19,7 +19,7 @@ from typing import Any
 import anyio
 import zmq
 
-from .._errors import ActorClosedError, ExtensionError
+from .._errors import ActorClosedError, ExtensionError, TransportError
 from ..tensors import Plane, _shm
 from ..transport import _messages as m
 from ..transport._codec import Codec
@@ -31,9 +31,6 @@ from ._errors_wire import pack_error
 from ._node import Node
 from ._ref import ACTOR_OID
 from ._registry import class_key
-
-_STOP_HOOK_TIMEOUT = 5.0
-_DEVICE_LEASE_TIMEOUT = 10.0
 
 
 def _read_boot() -> dict[str, Any]:
@@ -57,13 +54,17 @@ class _Child:
         sock.connect(boot["hub"])
         self.socket = AsyncSocket(sock)
         self.shm_prefix: str = boot["shm_prefix"]
+        # on_stop's bound, inside the host's grace, so that the host hears
+        # why it ended before terminating the process.
+        self.on_stop_timeout = 0.8 * boot["stop_timeout"]
+        self.device_lease_timeout: float = boot["device_lease_timeout"]
         plane = Plane(_shm.owner_prefix(self.shm_prefix, os.getpid()), transfer=boot["transfer"])
         self.node = Node(boot["identity"].encode(), boot["node"], self.name, self._transmit, plane)
         self.socket.spin = self.socket.linger = float(boot.get("spin_us", 0)) * 1e-6
         self.node.poll_for = self.socket.poll_for
         _runtime.child_node = self.node
         self.stop = anyio.Event()
-        self.node.on_bye = self.stop.set
+        self.node.on_bye = lambda src, bye: self.stop.set()
         self.actor: Any = None
 
     def _transmit(self, dest: bytes, frames: Any) -> None:
@@ -135,7 +136,7 @@ class _Child:
             await self.stop.wait()
             self.node.close(lambda: ActorClosedError(f"actor {self.name!r} is stopping"))
             if self.actor is not None:
-                with anyio.move_on_after(_STOP_HOOK_TIMEOUT) as scope:
+                with anyio.move_on_after(self.on_stop_timeout) as scope:
                     try:
                         await self.actor.on_stop()
                     except Exception:
@@ -145,7 +146,7 @@ class _Child:
                 if scope.cancelled_caught:
                     print(
                         f"atoll: actor {self.name!r}: on_stop() took over "
-                        f"{_STOP_HOOK_TIMEOUT} s and was cancelled",
+                        f"{self.on_stop_timeout:g} s and was cancelled",
                         file=sys.stderr,
                     )
             await self._wait_device_leases()
@@ -160,12 +161,17 @@ class _Child:
         plane = self.node.plane
         if not plane.device_leases():
             return
+        timeout = self.device_lease_timeout
         print(
             f"atoll: actor {self.name!r} is stopping while peers hold {plane.device_leases()} "
-            f"views of its device memory; waiting up to {_DEVICE_LEASE_TIMEOUT} s for them",
+            f"views of its device memory; waiting up to {timeout:g} s for them to be dropped",
             file=sys.stderr,
         )
-        with anyio.move_on_after(_DEVICE_LEASE_TIMEOUT):
+        try:
+            self.socket.send([HOST, m.encode(m.Bye(hold=timeout))])  # the host waits as long
+        except TransportError:
+            return  # the host is gone, and so are the views it held
+        with anyio.move_on_after(timeout):
             await plane.wait_device_leases()
         left = plane.device_leases()
         if left:

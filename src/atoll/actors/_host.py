@@ -68,6 +68,8 @@ class _ActorProcess:
         self.stderr_done = anyio.Event()
         self.trusted = False
         self.stopping = False
+        self.holding = anyio.Event()  # it waits for peers' views of its device memory
+        self.hold_until = 0.0  # until then (anyio.current_time())
         self.exitcode: int | None = None
         self.stderr_tail: deque[str] = deque(maxlen=_STDERR_TAIL_LINES)
 
@@ -94,9 +96,17 @@ class Host:
         env_cache: str | None = None,
         build_progress: Progress = True,
         fork_server: bool = True,
+        device_lease_timeout: float = 10.0,
     ) -> None:
         if spin_us < 0:
             raise ValueError(f"spin_us must be 0 (no polling) or more, got {spin_us}")
+        for name, value in (
+            ("stop_timeout", stop_timeout),
+            ("device_lease_timeout", device_lease_timeout),
+        ):
+            if not value >= 0:
+                raise ValueError(f"{name} must be a number of seconds, 0 or more, got {value!r}")
+        self._device_lease_timeout = float(device_lease_timeout)
         self._spin_us = spin_us
         self._transfer = check_transfer(transfer)
         _shm.sweep_dead_hosts()
@@ -109,6 +119,7 @@ class Host:
         self.node = Node(HOST, 0, "host", self._transmit, plane)
         self._hub.socket.spin = spin_us * 1e-6
         self.node.poll_for = self._hub.socket.poll_for
+        self.node.on_bye = self._on_bye
         self._actors: dict[bytes, _ActorProcess] = {}
         self._numbers = itertools.count(1)
         self._names = itertools.count(1)
@@ -489,6 +500,8 @@ class Host:
             "spin_us": self._spin_us,
             "shm_prefix": self._shm_prefix,
             "transfer": self._transfer,
+            "stop_timeout": self._stop_timeout,
+            "device_lease_timeout": self._device_lease_timeout,
         }
         process: Process | None = None
         # Twice at most: a server found gone on the first try has its
@@ -673,7 +686,9 @@ class Host:
         with anyio.CancelScope(shield=True):
             if not actor.exited.is_set():
                 actor.stopping = True
-                self.node.peer_gone(actor.identity, actor.gone_error)
+                # Calls to it fail now; leases with it are settled until it
+                # exits (it may be waiting for views of its device memory).
+                self.node.peer_gone(actor.identity, actor.gone_error, exited=False)
                 if actor.trusted and grace > 0:
                     try:
                         self._hub.send(actor.identity, [m.encode(m.Bye())])
@@ -681,6 +696,10 @@ class Host:
                         pass
                     with anyio.move_on_after(grace):
                         await actor.exited.wait()
+                    if actor.holding.is_set():
+                        # It said it waits for peers' views of its device memory.
+                        with anyio.move_on_after(actor.hold_until - anyio.current_time()):
+                            await actor.exited.wait()
                 process = actor.process
                 if process is None:
                     self._hub.forget(actor.identity)
@@ -692,6 +711,13 @@ class Host:
                         _signal(process, "kill")
                         await actor.exited.wait()
             self._actors.pop(actor.identity, None)
+
+    def _on_bye(self, src: bytes, bye: m.Bye) -> None:
+        actor = self._actors.get(src)
+        if actor is not None and actor.stopping and bye.hold > 0:
+            # Its own deadline, and a second to exit after it.
+            actor.hold_until = anyio.current_time() + bye.hold + 1.0
+            actor.holding.set()
 
     def _check_open(self) -> None:
         if self._closed:
@@ -815,6 +841,7 @@ async def open_host(
     env_cache: str | None = None,
     build_progress: Progress = True,
     fork_server: bool = True,
+    device_lease_timeout: float = 10.0,
 ) -> AsyncIterator[Host]:
     """Open a host: the hub and a scope for actor processes.
 
@@ -823,8 +850,14 @@ async def open_host(
     :class:`ActorClosedError`. Works on asyncio and trio, including inside an
     event loop that is already running.
 
-    ``stop_timeout`` is the grace an actor gets to stop before it is
-    terminated; ``spawn_timeout`` bounds a spawn. ``spin_us``: a caller with
+    ``stop_timeout`` is the grace an actor gets to stop (its ``on_stop``
+    included) before it is terminated; ``spawn_timeout`` bounds a spawn.
+    ``device_lease_timeout``: device memory (CUDA) dies with the process that
+    allocated it, so an actor that stops while peers (the host included)
+    still hold views of its device tensors first waits this long for them to
+    be dropped, saying so on stderr, and the host's grace stretches to
+    match; views still held then are no longer valid memory, and each
+    holder logs a warning. ``spin_us``: a caller with
     the only call in flight polls for its reply this long before sleeping,
     and an actor that has just answered a lone call polls as long for the
     next one. That saves event-loop wake-ups (the largest cost of a round
@@ -863,6 +896,7 @@ async def open_host(
         env_cache=env_cache,
         build_progress=build_progress,
         fork_server=fork_server,
+        device_lease_timeout=device_lease_timeout,
     )
     token = _runtime.current_host.set(host)
     tg = anyio.create_task_group()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import logging
 import threading
 import types
 import weakref
@@ -39,6 +40,8 @@ from ..transport._socket import Job, PeerUnreachableError, Resumed, event_maker
 from ._actor import Kind, kind_of
 from ._errors_wire import pack_error, unpack_error
 from ._turns import TurnGate
+
+_log = logging.getLogger("atoll")
 
 STREAM_WINDOW = 16
 """Stream items a producer may send ahead of the consumer."""
@@ -176,7 +179,7 @@ class Node:
         self._new_event: Callable[[], Any] = anyio.Event
         self.peer_names: dict[bytes, str] = {}
         self.dropped: Counter[str] = Counter()
-        self.on_bye: Callable[[], None] | None = None
+        self.on_bye: Callable[[bytes, m.Bye], None] | None = None
         self.poll_for: Callable[[Callable[[], bool]], Awaitable[None]] | None = None
         """Set by the transport: read the socket a while, for a reply expected soon."""
         self.codec = Codec(
@@ -227,10 +230,22 @@ class Node:
             scope.cancel()
         self._drop_queued(lambda src, call_id: True)
 
-    def peer_gone(self, peer: bytes, make_exc: ExcFactory) -> None:
-        """``peer`` is gone: fail what waits on it, cancel what it asked for."""
+    def peer_gone(self, peer: bytes, make_exc: ExcFactory, *, exited: bool = True) -> None:
+        """``peer`` is gone: fail what waits on it, cancel what it asked for.
+        Not ``exited`` (it is stopping): the tensor plane still settles leases
+        with it until it has."""
         self._gone[peer] = make_exc
-        self.plane.peer_gone(peer)
+        if exited:
+            held = self.plane.peer_gone(peer)
+            if held:
+                name = self.peer_names.get(peer, peer.decode(errors="replace"))
+                _log.warning(
+                    "atoll: %s exited while this process holds views of %d of its device "
+                    "storages: they are no longer valid memory; do not use them (copy what "
+                    "you need, or drop it, before the process that made it stops)",
+                    name,
+                    held,
+                )
         for call_id, p in list(self._pending.items()):
             if p.dest == peer:
                 del self._pending[call_id]
@@ -459,7 +474,7 @@ class Node:
             exc = unpack_error(msg.payload)  # type: ignore[union-attr]
             self.peer_gone(msg.actor, lambda: _fresh(exc))  # type: ignore[union-attr]
         elif kind is m.Bye and self.on_bye is not None:
-            self.on_bye()
+            self.on_bye(src, msg)  # type: ignore[arg-type]
         else:
             self.dropped["unexpected"] += 1
         if self._deferred:

@@ -1221,8 +1221,10 @@ class Plane:
         finally:
             self._lock.release()
 
-    def peer_gone(self, peer: bytes) -> None:
-        """``peer`` died or left: what it leased is released."""
+    def peer_gone(self, peer: bytes) -> int:
+        """``peer`` died or left: what it leased is released. Returns how many
+        of its device storages this process still has views of (their memory
+        died with it)."""
         with self._lock:
             self._gone.add(peer)
             held = self._leases.pop(peer, {})
@@ -1231,6 +1233,11 @@ class Plane:
                     self._unhold(holder)
                 elif type(holder) is _DeviceHold:
                     self._device_let_go()
+            return sum(
+                1
+                for ref, owner, *_ in self._opened_from.values()
+                if owner == peer and ref() is not None
+            )
 
     def _device_let_go(self) -> None:
         self._device_out -= 1

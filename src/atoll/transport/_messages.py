@@ -12,7 +12,7 @@ from typing import Any
 
 import msgspec
 
-WIRE_VERSION = 2
+WIRE_VERSION = 3
 
 
 class _Msg(msgspec.Struct, tag=True, frozen=True, array_like=True, gc=False):
@@ -105,7 +105,11 @@ class Died(_Msg, frozen=True):
 
 
 class Bye(_Msg, frozen=True):
-    """Host to child: stop now. Child to host: stopping."""
+    """Host to child: stop now. Child to host: stopping, but first waiting up
+    to ``hold`` seconds for peers to drop their views of its device memory
+    (which dies with it): the host's grace stretches to match."""
+
+    hold: float = 0.0
 
 
 Message = (
