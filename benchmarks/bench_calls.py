@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import multiprocessing
 import os
 import signal
@@ -73,7 +74,7 @@ class EchoServer:
         ready.wait(10)
 
     def stop(self) -> None:
-        ctx = zmq.Context.instance()
+        ctx: zmq.Context[Any] = zmq.Context.instance()
         s = ctx.socket(zmq.DEALER)
         s.connect(self.endpoint)
         s.send(b"stop")
@@ -87,7 +88,7 @@ def _summary(samples: list[float]) -> tuple[float, float]:
 
 
 def raw_blocking(endpoint: str, n: int) -> list[float]:
-    ctx = zmq.Context.instance()
+    ctx: zmq.Context[Any] = zmq.Context.instance()
     s = ctx.socket(zmq.DEALER)
     s.connect(endpoint)
     for _ in range(200):
@@ -105,7 +106,7 @@ def raw_blocking(endpoint: str, n: int) -> list[float]:
 
 
 async def raw_anyio(endpoint: str, n: int) -> list[float]:
-    ctx = zmq.Context.instance()
+    ctx: zmq.Context[Any] = zmq.Context.instance()
     sock = ctx.socket(zmq.DEALER)
     sock.connect(endpoint)
     s = AsyncSocket(sock)
@@ -279,20 +280,22 @@ def main() -> None:
         rows.append(("zmq floor, blocking", floor, p99))
         for backend in ("asyncio", "trio"):
             med, p99 = best_of(
-                rounds, lambda b=backend: anyio.run(raw_anyio, endpoint, n, backend=b)
+                rounds, functools.partial(anyio.run, raw_anyio, endpoint, n, backend=backend)
             )
             rows.append((f"zmq floor, atoll AsyncSocket/{backend}", med, p99))
     finally:
         server.stop()
         workdir.cleanup()
     for backend in ("asyncio", "trio"):
-        med, p99 = best_of(rounds, lambda b=backend: anyio.run(atoll_latency, n, backend=b))
+        med, p99 = best_of(rounds, functools.partial(anyio.run, atoll_latency, n, backend=backend))
         rows.append((f"atoll no-op call, {backend}", med, p99))
-        med, p99 = best_of(rounds, lambda b=backend: anyio.run(atoll_latency, n, 0, backend=b))
+        med, p99 = best_of(
+            rounds, functools.partial(anyio.run, atoll_latency, n, 0, backend=backend)
+        )
         rows.append((f"atoll no-op call, {backend}, spin_us=0", med, p99))
         med, p99 = best_of(
             rounds,
-            lambda b=backend: anyio.run(atoll_latency, n, 150, Point(1.0, 2.0), backend=b),
+            functools.partial(anyio.run, atoll_latency, n, 150, Point(1.0, 2.0), backend=backend),
         )
         rows.append((f"atoll call, __main__ dataclass, {backend}", med, p99))
 

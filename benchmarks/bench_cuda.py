@@ -6,8 +6,9 @@ scalar back, beside a 16-byte call and torch.multiprocessing in the same run.
 Needs a CUDA GPU (it says so and exits otherwise). Rows, per size:
   atoll CUDA tensor      ``await ref.first(t)``: the tensor travels as a CUDA
                          IPC handle; the actor reads one element
-  atoll 16-byte call     ``await ref.first(b"x" * 16)``, in rounds that
-                         alternate with the row above
+  atoll 16-byte call     ``await ref.first(b"x" * 16)``, in ten rounds that
+                         alternate with the row above; "16-byte call + X" is
+                         the median of the rounds' differences
   torch.mp Queue         the same tensor to a torch.multiprocessing worker
                          through a Queue, a scalar back
 and once: the blocking pyzmq round trip (the floor of any call).
@@ -16,6 +17,7 @@ and once: the blocking pyzmq round trip (the floor of any call).
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 from typing import Any
@@ -33,7 +35,7 @@ class Reader(atoll.Actor):
         return float(x[0])
 
 
-async def _rows(sizes: list[int], calls: int) -> list[tuple[float, float]]:
+async def _rows(sizes: list[int], calls: int) -> list[tuple[float, float, float]]:
     import torch
 
     rows = []
@@ -42,10 +44,14 @@ async def _rows(sizes: list[int], calls: int) -> list[tuple[float, float]]:
         ref = await host.spawn(Reader)
         for nbytes in sizes:
             t = torch.ones(nbytes // 4, device="cuda")
-            small, sent = await _interleaved(
-                10, calls // 4, lambda: ref.first(b"x" * 16), lambda t=t: ref.first(t)
+            rows.append(
+                await _interleaved(
+                    10,
+                    calls // 4,
+                    functools.partial(ref.first, b"x" * 16),
+                    functools.partial(ref.first, t),
+                )
             )
-            rows.append((small, sent))
             del t
     return rows
 
@@ -65,13 +71,13 @@ def main() -> None:
     rows = anyio.run(_rows, sizes, opts.calls, backend=opts.backend)
     print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}, backend {opts.backend}")
     print(f"{'zmq floor (16 B round trip)':34} {floor * 1e6:10.1f}us")
-    for nbytes, (small, sent) in zip(sizes, rows, strict=True):
+    for nbytes, (small, sent, over) in zip(sizes, rows, strict=True):
         label = f"{nbytes >> 20} MiB"
         queue = _torch_queue(torch.ones(nbytes // 4, device="cuda"), opts.calls)
         print(f"{'atoll 16-byte call':34} {small * 1e6:10.1f}us")
         print(
             f"{'atoll CUDA tensor, ' + label:34} {sent * 1e6:10.1f}us  "
-            f"16-byte call + {(sent - small) * 1e6:.1f}us"
+            f"16-byte call + {over * 1e6:.1f}us"
         )
         print(f"{'torch.mp Queue, CUDA, ' + label:34} {queue * 1e6:10.1f}us")
 

@@ -27,6 +27,7 @@ Latencies are medians over ``--calls`` calls, in one run, on one machine.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import sys
@@ -132,12 +133,15 @@ async def _atoll_rows(
                 np.copyto(dst, src)  # dst is faulted in by the warm-up copies
 
             copy, fresh, _ = await _interleaved(
-                3, _copies(nbytes, calls), memcpy, lambda t=fresh_t: ref.first(t)
+                3, _copies(nbytes, calls), memcpy, functools.partial(ref.first, fresh_t)
             )
             del fresh_t, src, dst
             shared_t = atoll.share(torch.ones(nbytes // 4))
             small, shared, over = await _interleaved(
-                10, calls // 4, lambda: ref.first(b"x" * 16), lambda t=shared_t: ref.first(t)
+                10,
+                calls // 4,
+                functools.partial(ref.first, b"x" * 16),
+                functools.partial(ref.first, shared_t),
             )
             del shared_t
             rows.append((small, shared, over, fresh, copy))
@@ -152,7 +156,7 @@ async def _crossover(sizes: list[int], calls: int) -> list[tuple[int, float, flo
             ref = await host.spawn(Reader)
             for i, nbytes in enumerate(sizes):
                 a = np.ones(nbytes // 8)
-                med = await _median(calls, lambda a=a, ref=ref: ref.first(a))
+                med = await _median(calls, functools.partial(ref.first, a))
                 if transfer == "inline":
                     out.append((nbytes, med, 0.0))
                 else:
