@@ -8,6 +8,7 @@ from __future__ import annotations
 import gc
 import os
 import signal
+import types
 from typing import Any
 
 import anyio
@@ -260,3 +261,73 @@ def test_cuda_memory_arriving_where_there_is_no_gpu_is_a_clear_error() -> None:
     token = (0, bytes(64), 4096, 0, b"/torch_1_2", 0, bytes(64), True)
     with pytest.raises(RuntimeError, match=r"no CUDA device .* send it as t\.cpu\(\)"):
         ops.open(token)
+
+
+class _RecordingTorch:
+    """What ``CudaOps`` uses of torch, recording each call."""
+
+    __version__ = "recording"
+
+    def __init__(self) -> None:
+        calls: list[tuple[Any, ...]] = []
+        self.calls = calls
+
+        class UntypedStorage:
+            @staticmethod
+            def _new_shared_cuda(*token: Any) -> str:
+                calls.append(("open", *token))
+                return "storage"
+
+            @staticmethod
+            def _release_ipc_counter(counter: bytes, offset: int, *, device: int) -> None:
+                calls.append(("release", counter, offset, device))
+
+        class Event:
+            @staticmethod
+            def from_ipc_handle(device: int, handle: bytes) -> tuple[str, bytes]:
+                calls.append(("open event", device, handle))
+                return ("event", handle)
+
+        class Stream:
+            def __init__(self, device: int) -> None:
+                self.device = device
+
+            def wait_event(self, event: Any) -> None:
+                calls.append(("wait", self.device, event))
+
+        self.UntypedStorage = UntypedStorage
+        self.cuda = types.SimpleNamespace(
+            is_available=lambda: True,
+            _lazy_init=lambda: calls.append(("init",)),
+            Event=Event,
+            current_stream=Stream,
+        )
+
+
+def test_cuda_tokens_are_opened_and_settled_as_torchs_own_multiprocessing_does() -> None:
+    fake = _RecordingTorch()
+    ops = _devices.CudaOps(fake)
+    token = (1, b"h" * 64, 4096, 512, b"/torch_9_9", 8, b"e" * 64, True)
+    assert ops.identity(token) == (b"h" * 64, 512)  # torch's shared_cache key
+    assert ops.open(token) == "storage"
+    ops.settle(token)
+    assert fake.calls == [("init",), ("open", *token), ("release", b"/torch_9_9", 8, 1)]
+
+
+def test_peers_cuda_events_are_opened_once_and_the_least_recently_used_let_go() -> None:
+    fake = _RecordingTorch()
+    ops = _devices.CudaOps(fake)
+    first, second, *rest = [i.to_bytes(64, "big") for i in range(_devices._OPENED_EVENTS + 1)]
+
+    def opened() -> list[bytes]:
+        return [call[2] for call in fake.calls if call[0] == "open event"]
+
+    for marker in [first, second, *rest[:-1], first]:  # as many as are kept
+        ops.wait(0, marker)
+    assert opened() == [first, second, *rest[:-1]]  # the first only once
+    assert fake.calls[-1] == ("wait", 0, ("event", first))
+    ops.wait(0, rest[-1])  # one more: the least recently used one is let go
+    ops.wait(0, first)
+    assert opened() == [first, second, *rest]
+    ops.wait(0, second)  # opened again
+    assert opened() == [first, second, *rest, second]

@@ -50,6 +50,10 @@ class DeviceOps(Protocol):
 
 _ops: dict[str, DeviceOps] = {}
 
+_OPENED_EVENTS = 64
+"""Peers' interprocess events kept open here (one per peer and device), the
+most recently used; one dropped is opened again if its peer sends again."""
+
 
 def register(device_type: str, ops: DeviceOps) -> None:
     """Carry tensors on ``device_type`` with ``ops`` (tests register a fake
@@ -105,9 +109,13 @@ class CudaOps:
 
     def wait(self, device: int, marker: Any) -> None:
         torch = self.torch
-        event = self._opened_events.get(marker)
+        opened = self._opened_events
+        event = opened.pop(marker, None)
         if event is None:
-            event = self._opened_events[marker] = torch.cuda.Event.from_ipc_handle(device, marker)
+            event = torch.cuda.Event.from_ipc_handle(device, marker)
+            if len(opened) >= _OPENED_EVENTS:  # those of peers gone, most likely
+                del opened[next(iter(opened))]
+        opened[marker] = event
         torch.cuda.current_stream(device).wait_event(event)
 
 
