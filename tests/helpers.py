@@ -315,6 +315,13 @@ class Holder(atoll.Actor):
     async def drop(self, key: Any) -> None:
         del self.kept[key]
 
+    async def keys(self) -> list[Any]:
+        return list(self.kept)
+
+    async def park(self) -> None:
+        """Hold this actor's turn until cancelled."""
+        await anyio.sleep_forever()
+
     async def damaged(self) -> list[Any]:
         """Keys of kept ``(tensor, fill)`` pairs whose values changed."""
         return [key for key, (t, fill) in self.kept.items() if not bool((t == fill).all())]

@@ -16,7 +16,10 @@ import pytest
 
 import atoll
 from atoll.actors._runtime import current_plane
-from atoll.tensors import _devices
+from atoll.tensors import _devices, _shm
+from atoll.tensors import _plane as _plane_mod
+from atoll.transport import _messages as m
+from atoll.transport._codec import Codec
 
 torch = pytest.importorskip("torch")
 
@@ -198,9 +201,12 @@ async def test_an_actors_own_device_tensor_reaches_the_host() -> None:
 async def test_a_process_that_cannot_open_device_memory_says_so() -> None:
     async with atoll.open_host() as host:
         echo = await host.spawn(Echo)  # its process never registered the meta device
+        settled = len(OPS.settled)
         with anyio.fail_after(10), pytest.raises(atoll.SerializationError, match="meta"):
             await echo.echo(torch.empty(4, device="meta"))
         assert _plane(host).device_leases() == 0  # the lease was given back
+        # as a token never opened: what its export took for the reader, we let go of
+        assert [pid for pid, _ in OPS.settled[settled:]] == [os.getpid()]
 
 
 @pytest.mark.anyio
@@ -331,3 +337,24 @@ def test_peers_cuda_events_are_opened_once_and_the_least_recently_used_let_go() 
     assert opened() == [first, second, *rest]
     ops.wait(0, second)  # opened again
     assert opened() == [first, second, *rest, second]
+
+
+def test_a_device_token_in_a_message_never_read_is_settled_by_its_sender() -> None:
+    sender, receiver = _plane_mod.Plane(_shm.host_prefix()), _plane_mod.Plane(_shm.host_prefix())
+    back: list[Any] = []
+    receiver.send = lambda dest, frames: back.append(m.decode(frames[0]))
+    try:
+        payload, _ = Codec({}, sender).dumps_value(
+            (torch.empty(8, device="meta"), 1), lambda x: x, "value", b"receiver"
+        )
+        assert sender.device_leases() == 1
+        settled = len(OPS.settled)
+        Codec({}, receiver).discard(payload, b"sender")  # its call was dropped, say
+        receiver.drain()
+        (unlease,) = back
+        sender.unlease(b"receiver", unlease.leases)
+        assert sender.device_leases() == 0
+        assert len(OPS.settled) == settled + 1
+    finally:
+        sender.close()
+        receiver.close()

@@ -18,6 +18,7 @@ import atoll
 from atoll.actors._runtime import current_plane
 from atoll.tensors import _plane, _shm
 from atoll.tensors._plane import segment_size
+from atoll.transport import _messages as m
 from atoll.transport._codec import _ONE, _ONE_ARG, Codec
 from helpers import Echo, Holder, Mirror, host_process, kill_and_watch, pid_of
 
@@ -346,6 +347,76 @@ def test_mappings_no_view_uses_are_kept_up_to_a_bound_most_recent_first(
     finally:
         sender.close()
         receiver.close()
+
+
+@pytest.mark.parametrize(
+    "shape", ["alone", "beside a scalar", "two in a tuple", "in a dict (pickled)"]
+)
+def test_a_payload_never_read_gives_its_leases_back(shape: str) -> None:
+    sender, receiver = _plane.Plane(_shm.host_prefix()), _plane.Plane(_shm.host_prefix())
+    back: list[Any] = []
+    receiver.send = lambda dest, frames: back.append(m.decode(frames[0]))
+    send = Codec({}, sender)
+    try:
+        t = torch.ones(1 << 16)
+        value = {
+            "alone": t,
+            "beside a scalar": (t, 1),
+            "two in a tuple": (t, np.ones(1 << 14)),
+            "in a dict (pickled)": {"t": t},
+        }[shape]
+        payload, _ = send.dumps_value(value, lambda x: x, "value", b"receiver")
+        assert sender.stats()["leases"] >= 1
+        Codec({}, receiver).discard(payload, b"sender")  # its call was dropped, say
+        receiver.drain()
+        for unlease in back:
+            sender.unlease(b"receiver", unlease.leases)
+        assert sender.stats()["leases"] == 0
+    finally:
+        sender.close()
+        receiver.close()
+
+
+async def test_a_call_given_up_while_it_waits_its_turn_gives_its_leases_back() -> None:
+    async with atoll.open_host() as host:
+        holder = await host.spawn(Holder)
+        plane = host.node.plane
+        parked, queued = anyio.CancelScope(), anyio.CancelScope()
+
+        async def park() -> None:
+            with parked:
+                await holder.park()
+
+        async def keep() -> None:
+            with queued:
+                await holder.keep("t", torch.ones(MIB))
+
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(park)
+                await anyio.wait_all_tasks_blocked()
+                tg.start_soon(keep)  # one call at a time: it waits behind park()
+                await anyio.wait_all_tasks_blocked()
+                assert plane.stats()["leases"] == 1
+                queued.cancel()
+                parked.cancel()
+            assert "t" not in await holder.keys()  # its releases come before this reply
+        assert plane.stats()["leases"] == 0
+
+
+async def test_stream_items_never_read_give_their_leases_back() -> None:
+    async with atoll.open_host() as host:
+        holder = await host.spawn(Holder)
+        with anyio.fail_after(10):
+            stream = holder.yield_tensors(100, MIB // 4)
+            async for first in stream:
+                assert float(first[0]) == 0.0
+                break
+            await stream.aclose()  # items that came meanwhile are dropped
+            del first
+            await holder.pid()  # what it sent before this reply has arrived
+            stats = await holder.plane_stats()  # and our releases went before this call
+        assert stats["leases"] == 0
 
 
 async def test_a_fresh_tensor_is_copied_into_a_reused_segment() -> None:

@@ -260,7 +260,12 @@ class Node:
         for export in self._exports.values():
             if export.gate is not None and export.gate.queue:
                 queue = export.gate.queue
-                kept = [(c, item) for c, item in queue if not matches(item[0], item[1].call_id)]
+                kept = []
+                for chain, (src, msg, frames) in queue:
+                    if matches(src, msg.call_id):
+                        self.codec.discard(msg.payload, src)
+                    else:
+                        kept.append((chain, (src, msg, frames)))
                 if len(kept) != len(queue):
                     queue.clear()
                     queue.extend(kept)
@@ -344,6 +349,8 @@ class Node:
         except BaseException:
             if self._pending.pop(call_id, None) is not None:
                 self._send_quietly(dest, [m.encode(m.Cancel(call_id))])
+            elif type(pending.header) is m.Result:  # it came as we gave up
+                self.codec.discard(pending.header.payload, dest)
             raise
         if pending.error is not None:
             raise pending.error
@@ -449,6 +456,8 @@ class Node:
             if type(stream) is _StreamIn:
                 stream.items.append((msg, frames[1:]))  # type: ignore[arg-type]
                 stream.wake()
+            else:  # its consumer gave up
+                self.codec.discard(msg.payload, src)  # type: ignore[union-attr]
         elif kind is m.StreamEnd:
             stream = self._pending.pop(msg.call_id, None)  # type: ignore[union-attr]
             if type(stream) is _StreamIn:
@@ -485,8 +494,10 @@ class Node:
         if type(msg) is m.Result and msg.unleased:
             self.plane.unlease(src, msg.unleased)
         pending = self._pending.pop(msg.call_id, None)
-        if pending is None:
-            return  # the caller gave up (cancelled) before the reply came
+        if pending is None:  # the caller gave up (cancelled) before the reply came
+            if type(msg) is m.Result:
+                self.codec.discard(msg.payload, src)
+            return
         if type(pending) is _Pending:
             pending.finish(msg, frames[1:])
         elif type(msg) is m.Error:
@@ -497,6 +508,7 @@ class Node:
         if export is None or self._closed is not None:
             what = self._retired.get(msg.target, f"object #{msg.target}")
             exc = ActorClosedError(f"{what!r} in {self.name!r} was stopped or unregistered")
+            self.codec.discard(msg.payload, src)
             self._send_quietly(src, [m.encode(m.Error(msg.call_id, pack_error(exc, self.name)))])
             return None
         gate = export.gate
@@ -571,6 +583,7 @@ class Node:
         else:
             kind = export.kinds.get(method)  # type: ignore[assignment]
             if kind is None:
+                self.codec.discard(msg.payload, src)
                 raise AttributeError(
                     f"actor {export.name!r} ({type(export.obj).__qualname__}) has no public "
                     f"method {method!r}"
@@ -807,10 +820,18 @@ class RemoteStream:
 
     def _abort(self) -> None:
         state = self._state
-        if state is not None and not state.done:
-            state.done = True
-            if self._node._pending.pop(self._call_id, None) is not None:
-                self._node._send_quietly(self._dest, [m.encode(m.Cancel(self._call_id))])
+        if state is not None:
+            self._drop_items(state)
+            if not state.done:
+                state.done = True
+                if self._node._pending.pop(self._call_id, None) is not None:
+                    self._node._send_quietly(self._dest, [m.encode(m.Cancel(self._call_id))])
+
+    def _drop_items(self, state: _StreamIn) -> None:
+        """Items received and never to be read: give back what they lease."""
+        while state.items:
+            item, _ = state.items.popleft()
+            self._node.codec.discard(item.payload, self._dest)
 
     async def aclose(self) -> None:
         """Stop the stream; the producer's generator is closed in its process."""
@@ -819,10 +840,12 @@ class RemoteStream:
 
     def __del__(self) -> None:
         state = self._state
-        if state is not None and not state.done:
-            state.done = True
-            self._node._pending.pop(self._call_id, None)
-            self._node.defer(self._dest, [m.encode(m.Cancel(self._call_id))])
+        if state is not None:
+            self._drop_items(state)
+            if not state.done:
+                state.done = True
+                self._node._pending.pop(self._call_id, None)
+                self._node.defer(self._dest, [m.encode(m.Cancel(self._call_id))])
 
 
 class _BlockingStream:

@@ -75,6 +75,18 @@ class CudaOps:
         self.torch = torch
         self._events: dict[int, Any] = {}  # ours, one per device, recorded per send
         self._opened_events: dict[bytes, Any] = {}
+        self._ready = False
+
+    def _check(self) -> None:
+        """CUDA is there to open what peers send (the first time, say why not)."""
+        torch = self.torch
+        if not torch.cuda.is_available():
+            raise RuntimeError(
+                "a CUDA tensor arrived, and this process has no CUDA device "
+                f"(torch {torch.__version__}); send it as t.cpu(), or give this actor a GPU"
+            )
+        torch.cuda._lazy_init()
+        self._ready = True
 
     def export(self, storage: Any) -> tuple[Any, ...]:
         # (device, handle, size, offset in the allocation, ref counter handle,
@@ -85,14 +97,9 @@ class CudaOps:
         return (token[1], token[3])  # the allocation's handle, the storage's offset in it
 
     def open(self, token: tuple[Any, ...]) -> Any:
-        torch = self.torch
-        if not torch.cuda.is_available():
-            raise RuntimeError(
-                "a CUDA tensor arrived, and this process has no CUDA device "
-                f"(torch {torch.__version__}); send it as t.cpu(), or give this actor a GPU"
-            )
-        torch.cuda._lazy_init()
-        return torch.UntypedStorage._new_shared_cuda(*token)
+        if not self._ready:
+            self._check()
+        return self.torch.UntypedStorage._new_shared_cuda(*token)
 
     def settle(self, token: tuple[Any, ...]) -> None:
         device, _, _, _, counter, counter_offset = token[:6]
@@ -108,6 +115,8 @@ class CudaOps:
         return event.ipc_handle()
 
     def wait(self, device: int, marker: Any) -> None:
+        if not self._ready:
+            self._check()
         torch = self.torch
         opened = self._opened_events
         event = opened.pop(marker, None)

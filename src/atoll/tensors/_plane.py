@@ -36,7 +36,7 @@ import threading
 import types
 import weakref
 from collections import OrderedDict, deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from collections.abc import Set as AbstractSet
 from contextvars import ContextVar
 from typing import Any, TypeVar
@@ -310,11 +310,9 @@ class _Incoming:
         return found
 
     def unused_leases(self) -> list[int]:
-        return [
-            entry[-1]
-            for index, entry in enumerate(self.entries)
-            if entry[0] in _LEASED and index not in self.bases
-        ]
+        return _leases_of(
+            entry for index, entry in enumerate(self.entries) if index not in self.bases
+        )
 
     def device_storage(self, index: int) -> Any:
         found = self.bases.get(index)
@@ -820,7 +818,7 @@ class Plane:
         with self._lock:
             lease = self._leases_next()
             if dest not in self._gone:
-                self._leases.setdefault(dest, {})[lease] = _DeviceHold(storage)
+                self._leases.setdefault(dest, {})[lease] = _DeviceHold(storage, ops, token)
                 self._device_out += 1
         return (_DEVICE, 0, device_type, index, self.identity, token, marker, lease)
 
@@ -846,14 +844,16 @@ class Plane:
         identity = _hashable(ops.identity(token))
         ours = owner == self.identity  # a message to ourselves
         storage = (self._exported if ours else self._opened).get(identity)
-        if storage is not None:
-            ops.settle(token)
-        else:
-            try:
+        # Nothing can fail once the token is opened or settled here: else its
+        # lease goes back as unopened, and its sender settles it.
+        try:
+            ops.wait(index, marker)
+            if storage is None:
                 storage = ops.open(token)
-            except Exception as exc:
-                raise SerializationError(f"cannot open a {device_type} tensor: {exc}") from exc
-        ops.wait(index, marker)
+            else:
+                ops.settle(token)
+        except Exception as exc:
+            raise SerializationError(f"cannot open a {device_type} tensor: {exc}") from exc
         if ours:
             self.dead.append((src, lease, _NO_OWNER))  # our own memory: nothing to hold
             self._ring()
@@ -1013,6 +1013,22 @@ class Plane:
         _incoming.reset(token)
         if len(incoming.bases) < len(incoming.entries):
             self._release_unused(incoming)
+
+    def discard(self, src: bytes, head: bytes | Sequence[Sequence[Any]]) -> None:
+        """Give back the leases of a message from ``src`` that will not be
+        read (its call was dropped, its caller gave up): its head, or the
+        head's entries."""
+        entries = _head_decode(head)[1] if isinstance(head, bytes) else head
+        self._give_back(src, _leases_of(entries))
+
+    def discard_one(self, src: bytes, fields: Sequence[Any]) -> None:
+        """Likewise for a one-lifter's ``fields`` (see :meth:`land_one`)."""
+        self._give_back(src, [fields[3]])
+
+    def _give_back(self, src: bytes, leases: list[int]) -> None:
+        if leases:
+            self.dead.extend((src, lease, _NO_OWNER) for lease in leases)
+            self._ring()
 
     def _release_unused(self, incoming: _Incoming) -> None:
         # Regions nothing was built on (the load failed first): release now.
@@ -1216,6 +1232,11 @@ class Plane:
                     self._unhold(holder)
                 elif type(holder) is _DeviceHold:
                     self._device_let_go()
+                elif holder is None and lease < 0:  # a device token it never opened
+                    holder = held.pop(-lease, None)
+                    if type(holder) is _DeviceHold:
+                        self._settle_unopened(holder)
+                        self._device_let_go()
             # A forwarded region's view is let go here; its own finalizer
             # then unleases it upstream.
         finally:
@@ -1238,6 +1259,13 @@ class Plane:
                 for ref, owner, *_ in self._opened_from.values()
                 if owner == peer and ref() is not None
             )
+
+    @staticmethod
+    def _settle_unopened(holder: _DeviceHold) -> None:
+        try:
+            holder.ops.settle(holder.token)
+        except Exception as exc:  # its memory stays reserved until this process exits
+            _log.warning("atoll: could not settle a device token its reader never opened: %r", exc)
 
     def _device_let_go(self) -> None:
         self._device_out -= 1
@@ -1309,13 +1337,26 @@ class Plane:
 _NO_OWNER: Any = types.SimpleNamespace()
 
 
+def _leases_of(entries: Iterable[Sequence[Any]]) -> list[int]:
+    """The leases of region entries nothing was built on, as given back: a
+    device token never opened as ``-lease``, for its sender to settle (what
+    its export took for the reader, only the reader or the sender can give
+    back, and the reader may have no device)."""
+    return [
+        entry[-1] if entry[0] == _SHARED else -entry[-1] for entry in entries if entry[0] in _LEASED
+    ]
+
+
 class _DeviceHold:
-    """A lease's hold on a device storage of this process."""
+    """A lease's hold on a device storage of this process, and the token it
+    was sent as (settled here if it comes back unopened)."""
 
-    __slots__ = ("storage",)
+    __slots__ = ("ops", "storage", "token")
 
-    def __init__(self, storage: Any) -> None:
+    def __init__(self, storage: Any, ops: _devices.DeviceOps, token: tuple[Any, ...]) -> None:
         self.storage = storage
+        self.ops = ops
+        self.token = token
 
 
 def _hashable(value: Any) -> Any:

@@ -106,6 +106,14 @@ class Sidecar(Protocol):
 
     def end_load(self, state: Any) -> None: ...
 
+    def discard(self, src: bytes, head: Any) -> None:
+        """Give back what a message that will not be read leases: its
+        ``head`` (as :meth:`begin_load` takes it, or the entries of a lifted
+        message)."""
+        ...
+
+    def discard_one(self, src: bytes, fields: Sequence[Any]) -> None: ...
+
 
 _V = TypeVar("_V")
 
@@ -672,6 +680,25 @@ class Codec:
         for (at, _, _), value in zip(slots, made, strict=True):
             first[at] = value
         return tuple(first) if shape == _TUPLE else first
+
+    def discard(self, data: bytes, src: bytes) -> None:
+        """Give back what a payload from ``src`` that will not be read leases
+        (its call was dropped, or its caller gave up on it)."""
+        sidecar = self._sidecar
+        if sidecar is None or not data or (data[0] != _HEADED and data[0] not in _LIFTED):
+            return
+        try:
+            if data[0] == _HEADED:
+                size = int.from_bytes(data[1:5], "little")
+                sidecar.discard(src, bytes(data[5 : 5 + size]))
+                return
+            fields = _lift_decode(data)
+            if fields[0] >= _ONE:
+                sidecar.discard_one(src, fields[1:] if fields[0] == _ONE else fields[3:])
+            else:
+                sidecar.discard(src, fields[4])
+        except Exception:
+            pass  # not a payload atoll made: it leases nothing
 
     def loads(
         self, data: bytes, buffers: Sequence[Any], what: str = "value", src: bytes = b""
