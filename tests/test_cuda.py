@@ -147,8 +147,10 @@ async def test_a_stopping_actor_keeps_its_cuda_memory_valid_until_its_views_are_
             async with anyio.create_task_group() as tg:
                 tg.start_soon(host.stop, g)
                 await record.holding.wait()
-                await anyio.sleep(1.0)  # past the grace, its memory is still there
-                assert float(made.sum()) == 4.0 * (1 << 20)
+                with anyio.move_on_after(1.0):  # twice the grace: it must not exit in it
+                    await record.exited.wait()
+                assert not record.exited.is_set()
+                assert float(made.sum()) == 4.0 * (1 << 20)  # its memory is still there
                 del made
                 gc.collect()
                 await record.exited.wait()

@@ -221,7 +221,8 @@ async def test_a_stopping_actor_waits_past_the_grace_for_views_of_its_device_mem
             async with anyio.create_task_group() as tg:
                 tg.start_soon(host.stop, owner)
                 await record.holding.wait()
-                await anyio.sleep(1.0)  # the grace runs out; the stop goes on waiting
+                with anyio.move_on_after(1.0):  # twice the grace: it must not exit in it
+                    await record.exited.wait()
                 assert not record.exited.is_set()
                 await other.drop()
                 del mine

@@ -855,8 +855,7 @@ class Plane:
         except Exception as exc:
             raise SerializationError(f"cannot open a {device_type} tensor: {exc}") from exc
         if ours:
-            self.dead.append((src, lease, _NO_OWNER))  # our own memory: nothing to hold
-            self._ring()
+            self._give_back(src, [lease])  # our own memory: nothing to hold
             return storage
         with self._lock:
             held = self._opened_from.get(id(storage))
@@ -1012,7 +1011,7 @@ class Plane:
         incoming, token = state
         _incoming.reset(token)
         if len(incoming.bases) < len(incoming.entries):
-            self._release_unused(incoming)
+            self._give_back(incoming.src, incoming.unused_leases())
 
     def discard(self, src: bytes, head: bytes | Sequence[Sequence[Any]]) -> None:
         """Give back the leases of a message from ``src`` that will not be
@@ -1026,15 +1025,10 @@ class Plane:
         self._give_back(src, [fields[3]])
 
     def _give_back(self, src: bytes, leases: list[int]) -> None:
+        """Leases of regions nothing was built on (a load that failed, a
+        message not read): released with the next traffic."""
         if leases:
             self.dead.extend((src, lease, _NO_OWNER) for lease in leases)
-            self._ring()
-
-    def _release_unused(self, incoming: _Incoming) -> None:
-        # Regions nothing was built on (the load failed first): release now.
-        unused = [(incoming.src, lease, _NO_OWNER) for lease in incoming.unused_leases()]
-        if unused:
-            self.dead.extend(unused)
             self._ring()
 
     def land(
@@ -1055,8 +1049,7 @@ class Plane:
                 try:
                     region = self._shared_region(src, entries[0], True)
                 except BaseException:
-                    self.dead.append((src, entries[0][-1], _NO_OWNER))  # its lease: unused
-                    self._ring()
+                    self._give_back(src, [entries[0][-1]])
                     raise
                 return [_kinds.rebuild_tensor(region, *args[1:])]
         incoming = _Incoming(self, src, entries, frames)
@@ -1066,7 +1059,7 @@ class Plane:
                 made.append(made[args] if code < 0 else _LANDERS[code](incoming, *args))
         finally:
             if len(incoming.bases) < len(entries):
-                self._release_unused(incoming)
+                self._give_back(incoming.src, incoming.unused_leases())
         return made
 
     def land_one(self, src: bytes, fields: Sequence[Any]) -> Any:
@@ -1076,8 +1069,7 @@ class Plane:
         try:
             buffer = self._attach(src, name, lease, True, start, size)
         except BaseException:
-            self.dead.append((src, lease, _NO_OWNER))  # its lease: unused
-            self._ring()
+            self._give_back(src, [lease])
             raise
         return _kinds.tensor_over(buffer, dtype, shape, stride)
 
