@@ -400,3 +400,55 @@ def parent_of(pid: int) -> int:
     with open(f"/proc/{pid}/stat", "rb") as f:
         stat = f.read()
     return int(stat[stat.rindex(b")") + 2 :].split()[1])
+
+
+class Quitter(atoll.Actor):
+    """Ends its process from inside a method, the ways user code does."""
+
+    async def quit(self, code: Any) -> None:
+        sys.exit(code)
+
+    def quit_sync(self, code: Any) -> None:
+        sys.exit(code)
+
+    async def interrupt(self) -> None:
+        raise KeyboardInterrupt("raised by the method")
+
+    async def ping(self) -> str:
+        return "pong"
+
+
+class Stubborn(atoll.Actor):
+    """Ignores SIGTERM, then blocks its event loop: only SIGKILL ends it."""
+
+    async def pid(self) -> int:
+        return os.getpid()
+
+    async def freeze(self, frozen: Callable[[], Awaitable[None]], seconds: float) -> None:
+        import time
+
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        await frozen()
+        time.sleep(seconds)  # noqa: ASYNC251  (the loop is stuck: not even Bye is read)
+
+
+class SlowStart(atoll.Actor):
+    """Hangs in its constructor."""
+
+    def __init__(self, seconds: float) -> None:
+        import time
+
+        time.sleep(seconds)
+
+
+class Sleepy(atoll.Actor):
+    """A sync method that runs far longer than any stop waits."""
+
+    def doze(self, started: Callable[[], None], seconds: float) -> None:
+        import time
+
+        started()  # blocks this thread until the caller has heard
+        time.sleep(seconds)
+
+    async def pid(self) -> int:
+        return os.getpid()

@@ -34,7 +34,9 @@ if TYPE_CHECKING:
     from .actors._blocking import BlockingHost as BlockingHost
     from .actors._blocking import blocking_host as blocking_host
     from .actors._host import Host as Host
+    from .actors._host import HostOpener as HostOpener
     from .actors._host import open_host as open_host
+    from .actors._host import start_host as start_host
     from .actors._ref import ActorRef as ActorRef
     from .actors._registry import Subscription as Subscription
     from .actors._runtime import lookup as lookup
@@ -53,6 +55,7 @@ _LAZY = {
     "BlockingHost": "atoll.actors._blocking",
     "Env": "atoll.venvs._env",
     "Host": "atoll.actors._host",
+    "HostOpener": "atoll.actors._host",
     "SharedMemoryError": "atoll.tensors._shm",
     "Subscription": "atoll.actors._registry",
     "blocking_host": "atoll.actors._blocking",
@@ -61,6 +64,7 @@ _LAZY = {
     "open_host": "atoll.actors._host",
     "publish": "atoll.actors._runtime",
     "share": "atoll.actors._runtime",
+    "start_host": "atoll.actors._host",
 }
 
 
@@ -92,6 +96,7 @@ __all__ = [
     "EnvBuildError",
     "ExtensionError",
     "Host",
+    "HostOpener",
     "ProtocolError",
     "RemoteError",
     "RemoteTraceback",
@@ -106,4 +111,5 @@ __all__ = [
     "open_host",
     "publish",
     "share",
+    "start_host",
 ]

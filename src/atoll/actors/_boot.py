@@ -45,6 +45,7 @@ CHILD_MODULES = (
     "atoll.actors._ref",
     "atoll.actors._registry",
     "atoll.actors._runtime",
+    "atoll.actors._title",
     "atoll.actors._turns",
     "atoll.tensors",
     "atoll.tensors._devices",
@@ -126,6 +127,27 @@ def cached_table(package_dir: str, cache_dir: str, modules: tuple[str, ...] = CH
     return path
 
 
+def stale_table(path: str) -> str | None:
+    """Why no atoll can use the code table at ``path`` any more, or None."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+        header = _header()
+        if not data.startswith(header):
+            return "written by another Python version"
+        entries: dict[str, _Entry] = marshal.loads(data[len(header) :])
+    except (OSError, ValueError, EOFError, TypeError):
+        return "unreadable"
+    for source, _, stamp, _ in entries.values():
+        try:
+            stat = os.stat(source)
+        except OSError:
+            return f"its atoll is no longer installed ({os.path.dirname(source)})"
+        if (stat.st_mtime_ns, stat.st_size) != stamp:
+            return "its atoll's sources have changed since"
+    return None
+
+
 class _TableLoader(SourceFileLoader):
     """A source loader that hands out the host's code while the source is unchanged."""
 
@@ -166,8 +188,11 @@ class _TableFinder:
 
 def install_table(path: str) -> bool:
     """Serve the modules in the table at ``path``; False if this interpreter can't use it."""
-    with open(path, "rb") as f:
-        data = f.read()
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError:
+        return False  # pruned meanwhile (`atoll env prune`): import as usual
     header = _header()
     if not data.startswith(header):
         return False  # another Python version or -O level: import as usual

@@ -31,6 +31,7 @@ from ._errors_wire import pack_error
 from ._node import Node
 from ._ref import ACTOR_OID
 from ._registry import class_key
+from ._title import set_actor_title
 
 
 def _read_boot() -> dict[str, Any]:
@@ -65,6 +66,8 @@ class _Child:
         _runtime.child_node = self.node
         self.stop = anyio.Event()
         self.node.on_bye = lambda src, bye: self.stop.set()
+        self.node.on_exit = self._exit_requested
+        self.exit_code = 0
         self.actor: Any = None
 
     def _transmit(self, dest: bytes, frames: Any) -> None:
@@ -92,6 +95,7 @@ class _Child:
                 msg.payload, buffers, "actor arguments", HOST
             )
             self.name = self.node.name = name
+            set_actor_title(name, self.boot["host_pid"])
             sys.path[:0] = paths  # an extension's folder
             cls = Codec().loads(spec, [], "actor class")
             if isinstance(cls, str):
@@ -113,6 +117,28 @@ class _Child:
             kinds = {k: int(v) for k, v in method_kinds(cls).items()}
             reply = m.Result(msg.call_id, Codec().dumps((kinds, class_key(cls)))[0])
         self.socket.send([HOST, m.encode(reply)])
+
+    def _exit_requested(self, exc: SystemExit, where: str) -> None:
+        """A method called ``sys.exit()``: this process exits, as the method
+        asked, once it has stopped like at the host's request (``on_stop``
+        runs). Its callers get ActorDiedError with the exit code, and the
+        line below in its stderr tail."""
+        code = exc.code
+        if code is None:
+            self.exit_code = 0
+        elif isinstance(code, int):
+            self.exit_code = code
+        else:
+            print(code, file=sys.stderr)
+            self.exit_code = 1
+        frames = traceback.extract_tb(exc.__traceback__)
+        at = f" at {frames[-1].filename}:{frames[-1].lineno}" if frames else ""
+        print(
+            f"atoll: actor {self.name!r}: {where} called sys.exit({code!r}){at}",
+            file=sys.stderr,
+            flush=True,
+        )
+        self.stop.set()
 
     async def _watch_host(self) -> None:
         while True:
@@ -149,6 +175,7 @@ class _Child:
                         f"{self.on_stop_timeout:g} s and was cancelled",
                         file=sys.stderr,
                     )
+            await self.node.finish_threads(self.on_stop_timeout)
             await self._wait_device_leases()
             tg.cancel_scope.cancel()
         self.socket.close()
@@ -223,6 +250,7 @@ def main() -> None:
     # when actors stop, so the signal is the host's to handle, not ours.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     boot = _read_boot()
+    set_actor_title(boot["name"], boot["host_pid"])
     if "environ" in boot:  # forked by a fork server: become what a fresh start would be
         os.environ.clear()
         os.environ.update(boot["environ"])
@@ -231,7 +259,16 @@ def main() -> None:
     sys.path[:] = wanted + [p for p in sys.path if p not in wanted]
     for module in boot.get("imports", ()):
         importlib.import_module(module)  # a warm process: paid for before any spawn
-    anyio.run(_Child(boot).run, backend="asyncio")
+    child = _Child(boot)
+    anyio.run(child.run, backend="asyncio")
+    if child.node.abandoned_threads:
+        # Sync methods still running that the stop no longer waited for:
+        # exiting normally would wait for their threads, past the host's grace.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(child.exit_code)
+    if child.exit_code:
+        sys.exit(child.exit_code)
 
 
 if __name__ == "__main__":

@@ -70,6 +70,9 @@ def serve(ctl_fd: int) -> bool:
     """Run a fork server on ``ctl_fd``; True in a forked child (which then
     runs the actor), False in the server once its host has gone."""
     from . import _child  # noqa: F401  (what an actor imports, imported once here)
+    from ._title import set_title
+
+    set_title(f"atoll: fork server [host {os.getppid()}] {sys.executable}", "atoll forks")
 
     async def nothing() -> None:
         pass

@@ -8,13 +8,14 @@ import json
 import logging
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 import sysconfig
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from contextlib import asynccontextmanager, contextmanager
-from typing import Any, TypeVar
+from collections.abc import Callable, Generator, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, TypeVar, overload
 
 import anyio
 import anyio.lowlevel
@@ -26,6 +27,7 @@ from .._errors import (
     ActorClosedError,
     ActorDiedError,
     AtollError,
+    EnvBuildError,
     ExtensionError,
     SpawnError,
     TransportError,
@@ -37,12 +39,13 @@ from ..transport._hub import HOST, Hub
 from ..transport._socket import Job
 from ..venvs import BuiltEnv, Env, Progress, build, read_extension
 from ..venvs._env import user_cache_dir
-from . import _runtime
+from . import _runtime, _signals
 from ._actor import Actor, Kind, method_kinds
+from ._background import start_background
 from ._boot import cached_table, write_table
 from ._errors_wire import pack_error, unpack_error
 from ._forks import ForkServer, ForkServerError, supported
-from ._node import ExcFactory, Node, _Pending
+from ._node import Node, _fresh, _Pending
 from ._ref import ACTOR_OID, ActorRef
 from ._registry import REGISTRY_OID, Registry, RegistryService, Subscription, class_key
 
@@ -51,6 +54,9 @@ A = TypeVar("A", bound=Actor)
 _logger = logging.getLogger("atoll")
 
 _STDERR_TAIL_LINES = 20
+_TERMINATE_WAIT = 1.0  # how long a stop waits after SIGTERM, and then after SIGKILL
+_KILL_WAIT = 1.0
+_FORK_SERVER_WAIT = 2.0
 _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
 _SRC_ROOT = os.path.dirname(_PACKAGE_DIR)
 _BOOT_SCRIPT = os.path.join(_PACKAGE_DIR, "actors", "_boot.py")
@@ -65,6 +71,9 @@ class _ActorProcess:
         self.process: Process | None = None
         self.ready = anyio.Event()  # hello received, or the process exited
         self.exited = anyio.Event()
+        # Its watcher ended: it reported the exit, or it was cancelled first
+        # (asyncio.run cancels every task left when main() returns).
+        self.watch_ended = anyio.Event()
         self.stderr_done = anyio.Event()
         self.trusted = False
         self.stopping = False
@@ -130,6 +139,11 @@ class Host:
         self._warm_imports: dict[str | None, tuple[str, ...]] = {}
         self._tg: TaskGroup | None = None
         self._closed = False
+        self._ready = anyio.Event()  # its tasks run (or failed to start)
+        self._close_requested = anyio.Event()
+        self._finished = anyio.Event()  # stopped, and its transport closed
+        self._crash: BaseException | None = None
+        self._context_token: Any = None
         self._code_table: str | None = None
         self._code_table_lock = anyio.Lock()
         self._use_forks = fork_server and supported()
@@ -246,8 +260,28 @@ class Host:
         ref: A = await self._launch(spec, cls.__qualname__, args, kwargs, name, built, [])
         return ref  # typed as the actor class: see the docstring
 
+    @overload
+    async def load_extension(
+        self,
+        path: str | os.PathLike[str],
+        /,
+        *args: Any,
+        name: str | None = None,
+        actor_class: type[A],
+        **kwargs: Any,
+    ) -> A: ...
+    @overload
     async def load_extension(
         self, path: str | os.PathLike[str], /, *args: Any, name: str | None = None, **kwargs: Any
+    ) -> ActorRef[Any]: ...
+    async def load_extension(
+        self,
+        path: str | os.PathLike[str],
+        /,
+        *args: Any,
+        name: str | None = None,
+        actor_class: type[A] | None = None,
+        **kwargs: Any,
     ) -> Any:
         """Load the extension folder at ``path`` and return a ref to its actor.
 
@@ -258,21 +292,38 @@ class Host:
         ``kwargs`` go to its constructor; ``name`` defaults to the project's
         name. A bad manifest is an :class:`ExtensionError` naming the file and
         the fix.
+
+        ``actor_class``, the class the entry point names (importable here
+        too), types the ref for type checkers; an entry point that names
+        another class is an :class:`ExtensionError`. Without it the ref is
+        an ``ActorRef[Any]``.
         """
         self._check_open()
         extension = read_extension(path)
         name = name or extension.name
         self.registry.check_free(name)
-        built = await self._built(extension.env)
+        where = f"extension {extension.name!r} ({extension.manifest})"
+        try:
+            built = await self._built(extension.env)
+        except EnvBuildError as exc:
+            raise EnvBuildError(f"{where}: {exc}", exc.dependencies, exc.output) from None
         spec, _ = Codec().dumps(extension.entry_point)
         try:
-            return await self._launch(
+            ref = await self._launch(
                 spec, extension.entry_point, args, kwargs, name, built, extension.paths
             )
         except SpawnError as exc:
             if isinstance(exc.__cause__, ExtensionError):
                 raise ExtensionError(f"{extension.manifest}: {exc.__cause__}") from None
-            raise
+            raise SpawnError(f"{where}: {exc}") from exc.__cause__
+        loaded = self.registry.class_of(name)
+        if actor_class is not None and loaded != class_key(actor_class):
+            await self.stop(ref)
+            raise ExtensionError(
+                f"{extension.manifest}: its entry point {extension.entry_point!r} is "
+                f"{loaded}, not {class_key(actor_class)} (actor_class=): fix one of them"
+            )
+        return ref
 
     async def prewarm(
         self,
@@ -387,17 +438,24 @@ class Host:
                 f"arguments of {label}()",
                 actor.identity,
             )
-            if fresh:
-                await self._boot(actor, built, ())
-            else:
-                await self._await_hello(actor)
-            kinds, cls_key = await self._init(actor, payload, buffers)
+            with anyio.fail_after(self._spawn_timeout):
+                if fresh:
+                    await self._boot(actor, built, ())
+                else:
+                    await self._await_hello(actor)
+                kinds, cls_key = await self._init(actor, payload, buffers)
         except BaseException as exc:
             with anyio.CancelScope(shield=True):
                 await self._stop(actor, grace=0)
             if isinstance(exc, SpawnError):
                 raise
-            if isinstance(exc, (ActorDiedError, TimeoutError, TransportError)):
+            if isinstance(exc, TimeoutError):
+                raise SpawnError(
+                    f"actor {name!r} ({label}) did not start within spawn_timeout="
+                    f"{self._spawn_timeout:g} s: its process, the import of its class, its "
+                    "constructor or on_start() hung; it was killed" + _tail(actor)
+                ) from None
+            if isinstance(exc, (ActorDiedError, TransportError)):
                 raise SpawnError(f"actor {name!r} ({label}) failed to start: {exc}") from exc
             raise
         self.registry.add(name, actor.identity, ACTOR_OID, kinds, cls_key)
@@ -437,7 +495,12 @@ class Host:
         except BaseException as exc:
             with anyio.CancelScope(shield=True):
                 await self._stop(actor, grace=0)
-            if isinstance(exc, (ActorDiedError, TimeoutError, TransportError)):
+            if isinstance(exc, TimeoutError):
+                raise SpawnError(
+                    f"actor process {actor.name!r} did not connect within spawn_timeout="
+                    f"{self._spawn_timeout:g} s; it was killed" + _tail(actor)
+                ) from None
+            if isinstance(exc, (ActorDiedError, TransportError)):
                 raise SpawnError(f"actor {actor.name!r} failed to start: {exc}") from exc
             raise
 
@@ -499,6 +562,7 @@ class Host:
             "imports": list(imports),
             "spin_us": self._spin_us,
             "shm_prefix": self._shm_prefix,
+            "host_pid": os.getpid(),
             "transfer": self._transfer,
             "stop_timeout": self._stop_timeout,
             "device_lease_timeout": self._device_lease_timeout,
@@ -617,19 +681,22 @@ class Host:
     async def _supervise(self, actor: _ActorProcess) -> None:
         process = actor.process
         assert process is not None
-        # Shielded: the supervisor reports the exit even when the host's body
-        # is cancelled; shutdown makes sure the process does exit.
-        with anyio.CancelScope(shield=True):
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(self._pump_stderr, actor)
-                code = await process.wait()
-                # Let the last lines of stderr arrive, unless a grandchild holds the pipe.
-                with anyio.move_on_after(0.05):
-                    await actor.stderr_done.wait()
-                tg.cancel_scope.cancel()
-            await process.aclose()
-        actor.exitcode = code
-        self._on_exit(actor)
+        try:
+            # Shielded: the exit is reported even when the host's tasks are
+            # cancelled; the stop path makes sure the process does exit.
+            with anyio.CancelScope(shield=True):
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(self._pump_stderr, actor)
+                    code = await process.wait()
+                    # Let the last lines of stderr arrive, unless a grandchild holds the pipe.
+                    with anyio.move_on_after(0.05):
+                        await actor.stderr_done.wait()
+                    tg.cancel_scope.cancel()
+                await process.aclose()
+            actor.exitcode = code
+            self._on_exit(actor)
+        finally:
+            actor.watch_ended.set()
 
     async def _pump_stderr(self, actor: _ActorProcess) -> None:
         assert actor.process is not None and actor.process.stderr is not None
@@ -648,18 +715,20 @@ class Host:
             actor.stderr_done.set()
 
     def _on_exit(self, actor: _ActorProcess) -> None:
+        if actor.exited.is_set():
+            return  # reported already (a watcher late after the stop gave up on it)
         self._hub.forget(actor.identity)
         if actor.process is not None:
             # Its segments: views of them stay valid where they are mapped.
             prefix = _shm.owner_prefix(self._shm_prefix, actor.process.pid)
             _shm.sweep(prefix)
             self.node.plane.forget_owner(prefix)
-        self.registry.mark_gone(actor.identity, None if actor.stopping else actor.gone_error)
         error = actor.gone_error()
 
         def make_exc() -> Exception:
-            return actor.gone_error()
+            return _fresh(error)  # not the record itself: it is let go of now
 
+        self.registry.mark_gone(actor.identity, None if actor.stopping else make_exc)
         self.node.peer_gone(actor.identity, make_exc)
         died = m.encode(m.Died(actor.identity, pack_error(error, actor.name)))
         for other in self._actors.values():
@@ -670,6 +739,7 @@ class Host:
                     pass
         actor.exited.set()
         actor.ready.set()
+        self._actors.pop(actor.identity, None)
 
     async def stop(self, ref: Any) -> None:
         """Stop one actor: gracefully, then terminate, then kill, each with a deadline.
@@ -683,34 +753,51 @@ class Host:
             await self._stop(actor, self._stop_timeout)
 
     async def _stop(self, actor: _ActorProcess, grace: float) -> None:
+        """Stop ``actor``: ``Bye`` and ``grace`` seconds (longer if it waits for
+        views of its device memory), then SIGTERM, then SIGKILL; every wait
+        has a deadline, and none depends on another task still running."""
         with anyio.CancelScope(shield=True):
             if not actor.exited.is_set():
                 actor.stopping = True
                 # Calls to it fail now; leases with it are settled until it
                 # exits (it may be waiting for views of its device memory).
                 self.node.peer_gone(actor.identity, actor.gone_error, exited=False)
+                process = actor.process
                 if actor.trusted and grace > 0:
                     try:
                         self._hub.send(actor.identity, [m.encode(m.Bye())])
                     except TransportError:
                         pass
-                    with anyio.move_on_after(grace):
-                        await actor.exited.wait()
-                    if actor.holding.is_set():
+                    if not await self._wait_exit(actor, grace) and actor.holding.is_set():
                         # It said it waits for peers' views of its device memory.
-                        with anyio.move_on_after(actor.hold_until - anyio.current_time()):
-                            await actor.exited.wait()
-                process = actor.process
+                        await self._wait_exit(actor, actor.hold_until - anyio.current_time())
                 if process is None:
                     self._hub.forget(actor.identity)
                 elif not actor.exited.is_set():
                     _signal(process, "terminate")
-                    with anyio.move_on_after(1.0):
-                        await actor.exited.wait()
-                    if not actor.exited.is_set():
+                    if not await self._wait_exit(actor, _TERMINATE_WAIT):
                         _signal(process, "kill")
-                        await actor.exited.wait()
+                        if not await self._wait_exit(actor, _KILL_WAIT):
+                            _logger.warning(
+                                "atoll: actor %r (pid %d) has not exited %g s after SIGKILL; "
+                                "no longer waiting for it",
+                                actor.name,
+                                process.pid,
+                                _KILL_WAIT,
+                            )
+                            self._on_exit(actor)
             self._actors.pop(actor.identity, None)
+
+    async def _wait_exit(self, actor: _ActorProcess, seconds: float) -> bool:
+        """Wait up to ``seconds`` for ``actor``'s process to end; whether it has."""
+        with anyio.move_on_after(seconds):
+            await actor.watch_ended.wait()
+            if not actor.exited.is_set():
+                # Its watcher was cancelled before the exit came (asyncio.run
+                # cancels every task it finds left): watch the process here.
+                await _process_ended(actor.process)
+                self._on_exit(actor)
+        return actor.exited.is_set()
 
     def _on_bye(self, src: bytes, bye: m.Bye) -> None:
         actor = self._actors.get(src)
@@ -721,7 +808,7 @@ class Host:
 
     def _check_open(self) -> None:
         if self._closed:
-            raise ActorClosedError("this host is closed: open a new one with atoll.open_host()")
+            raise _host_closed_error()
 
     # -- the hub's traffic for the host ---------------------------------
 
@@ -745,13 +832,88 @@ class Host:
         except TransportError:
             pass
 
-    async def _run(self, tg: TaskGroup) -> None:
-        self._tg = tg
-        self.node.start(tg)
-        tg.start_soon(self._hub.serve, self._on_message, self._unroutable)
-
     def _on_message(self, src: bytes, frames: list[zmq.Frame]) -> Job | None:
         return self.node.on_message(src, frames)
+
+    # -- the host's lifetime ------------------------------------------
+
+    async def _start(self) -> None:
+        """Start the host's own task (see :meth:`_serve`) and wait until it runs."""
+        start_background(self._serve, f"atoll host {os.getpid()}")
+        try:
+            await self._ready.wait()
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await self.aclose()
+            raise
+        if self._finished.is_set():
+            await self.aclose()  # raises what stopped it
+        _runtime.host_opened(self)
+        _signals.watch(id(self), self._remove_files)
+
+    async def _serve(self) -> None:
+        """The host's own task: it owns every task of the host (the hub's
+        reader, the actors' watchers) until :meth:`aclose` asks it to stop.
+
+        It is not a task of the caller's task group, so the host may be
+        closed from another task or context than the one that opened it (two
+        notebook cells). Cancelled from outside (``asyncio.run`` cancels the
+        tasks left when ``main()`` returns), it stops everything all the same,
+        within the stop deadlines.
+        """
+        try:
+            async with anyio.create_task_group() as tg:
+                self._tg = tg
+                self.node.start(tg)
+                tg.start_soon(self._hub.serve, self._on_message, self._unroutable)
+                self._ready.set()
+                try:
+                    await self._close_requested.wait()
+                finally:
+                    await self._shutdown()
+                    tg.cancel_scope.cancel()
+        except Exception as exc:  # a failed reader: aclose() raises it
+            self._crash = exc
+        finally:
+            self._closed = True
+            try:
+                self._close_transport()
+            finally:
+                self._finished.set()
+                self._ready.set()
+
+    async def aclose(self) -> None:
+        """Stop every actor and close the host: what leaving ``async with
+        open_host()`` does. Calls still in flight fail with
+        :class:`ActorClosedError`; later calls and spawns say the host is
+        closed. Safe to call more than once, from any task of the host's
+        event loop; it returns within the stop deadlines."""
+        self._closed = True
+        self._close_requested.set()
+        with anyio.CancelScope(shield=True):
+            with anyio.move_on_after(self._close_deadline()):
+                await self._finished.wait()
+            if not self._finished.is_set():
+                _logger.warning(
+                    "atoll: the host did not finish closing within %g s; leaving it",
+                    self._close_deadline(),
+                )
+        _runtime.host_closed(self)
+        _signals.unwatch(id(self))
+        crash, self._crash = self._crash, None
+        if crash is not None:
+            raise TransportError(f"the host stopped after an internal error: {crash!r}") from crash
+
+    def _close_deadline(self) -> float:
+        """How long closing may take at most: each stop path's deadlines, added up."""
+        return (
+            2 * self._stop_timeout
+            + self._device_lease_timeout
+            + _TERMINATE_WAIT
+            + _KILL_WAIT
+            + _FORK_SERVER_WAIT
+            + 1.0
+        )
 
     async def _shutdown(self) -> None:
         self._closed = True
@@ -761,16 +923,51 @@ class Host:
                 for actor in list(self._actors.values()):
                     tg.start_soon(self._stop, actor, self._stop_timeout)
             for server in self._fork_servers.values():
-                await server.aclose()
-        self.node.close(
-            lambda: ActorClosedError("the host was closed while this call was in flight")
-        )
+                with anyio.move_on_after(_FORK_SERVER_WAIT):
+                    await server.aclose()
+            self.node.close(
+                lambda: ActorClosedError("the host was closed while this call was in flight"),
+                later=_host_closed_error,
+            )
+            await self.node.finish_threads(self._stop_timeout)
+
+    def _remove_files(self) -> None:
+        """What a SIGTERM must not leave behind: the private directory, the segments."""
+        shutil.rmtree(self._hub.dir, ignore_errors=True)
+        _shm.sweep(self._shm_prefix)
 
     def _close_transport(self) -> None:
         self._hub.close()
         self._ctx.term()
         self.node.plane.close()
         _shm.sweep(self._shm_prefix)
+
+
+def _tail(actor: _ActorProcess) -> str:
+    if not actor.stderr_tail:
+        return ""
+    return "\nlast lines of its stderr:\n" + "\n".join(actor.stderr_tail)
+
+
+def _host_closed_error() -> ActorClosedError:
+    return ActorClosedError("this host is closed: open a new one with atoll.open_host()")
+
+
+async def _process_ended(process: Process | None) -> None:
+    """Return once ``process`` has ended (its pidfd turns readable); where
+    there are no pidfds, never (the caller's deadline ends the wait)."""
+    if process is None:
+        return
+    try:
+        fd = os.pidfd_open(process.pid)
+    except ProcessLookupError:
+        return
+    except (AttributeError, OSError):
+        await anyio.sleep_forever()
+    try:
+        await anyio.wait_readable(fd)
+    finally:
+        os.close(fd)
 
 
 def _pool_key(built: BuiltEnv | None) -> str | None:
@@ -788,12 +985,14 @@ class _ByValue:
     def __reduce__(self) -> tuple[Any, ...]:
         import cloudpickle
 
+        from ..transport import _by_value
+
         module = sys.modules[self.cls.__module__]
         by_value = module.__name__ != "__main__"
         if by_value:
             cloudpickle.register_pickle_by_value(module)
         try:
-            data = cloudpickle.dumps(self.cls, protocol=5)
+            data = _by_value.dumps(self.cls)
         finally:
             if by_value:
                 cloudpickle.unregister_pickle_by_value(module)
@@ -831,8 +1030,7 @@ def _signal(process: Process, how: str) -> None:
         pass
 
 
-@asynccontextmanager
-async def open_host(
+def open_host(
     *,
     stop_timeout: float = 2.0,
     spawn_timeout: float = 60.0,
@@ -842,13 +1040,23 @@ async def open_host(
     build_progress: Progress = True,
     fork_server: bool = True,
     device_lease_timeout: float = 10.0,
-) -> AsyncIterator[Host]:
+) -> HostOpener:
     """Open a host: the hub and a scope for actor processes.
 
-    Leaving the block stops every actor (gracefully, then terminate, then
-    kill, each with a deadline); calls still in flight fail with
-    :class:`ActorClosedError`. Works on asyncio and trio, including inside an
-    event loop that is already running.
+    Use it as ``async with atoll.open_host() as host:``; leaving the block
+    stops every actor (gracefully, then terminate, then kill, each with a
+    deadline); calls still in flight fail with :class:`ActorClosedError`.
+    Where one block cannot hold the host's whole life (a notebook, whose
+    cells are separate tasks; an application's start-up and shut-down
+    hooks), await it instead and close it yourself, from any task::
+
+        host = await atoll.open_host()   # or atoll.start_host()
+        ...
+        await host.aclose()
+
+    Works on asyncio and trio, including inside an event loop that is
+    already running. A host whose task is cancelled from outside still
+    stops everything within the stop deadlines.
 
     ``stop_timeout`` is the grace an actor gets to stop (its ``on_stop``
     included) before it is terminated; ``spawn_timeout`` bounds a spawn.
@@ -888,34 +1096,55 @@ async def open_host(
     False starts every actor process from scratch. Linux only (pidfds);
     elsewhere every process starts from scratch.
     """
-    host = Host(
-        stop_timeout=stop_timeout,
-        spawn_timeout=spawn_timeout,
-        spin_us=spin_us,
-        transfer=transfer,
-        env_cache=env_cache,
-        build_progress=build_progress,
-        fork_server=fork_server,
-        device_lease_timeout=device_lease_timeout,
+    return HostOpener(
+        dict(
+            stop_timeout=stop_timeout,
+            spawn_timeout=spawn_timeout,
+            spin_us=spin_us,
+            transfer=transfer,
+            env_cache=env_cache,
+            build_progress=build_progress,
+            fork_server=fork_server,
+            device_lease_timeout=device_lease_timeout,
+        )
     )
-    token = _runtime.current_host.set(host)
-    tg = anyio.create_task_group()
-    # The task group is entered by hand so that an exception from the body
-    # reaches the caller as itself, not wrapped in an ExceptionGroup.
-    await tg.__aenter__()
-    try:
-        await host._run(tg)
-        yield host
-    finally:
-        try:
-            await host._shutdown()
-        finally:
-            tg.cancel_scope.cancel()
-            try:
-                await tg.__aexit__(None, None, None)
-            finally:
-                host._close_transport()
-                _runtime.current_host.reset(token)
 
 
-__all__ = ["ActorRef", "AtollError", "ExcFactory", "Host", "open_host"]
+class HostOpener:
+    """What :func:`open_host` returns: an async context manager, or an
+    awaitable for a host you close yourself with :meth:`Host.aclose`."""
+
+    def __init__(self, options: dict[str, Any]) -> None:
+        self._options = options
+        self._host: Host | None = None
+
+    async def _open(self) -> Host:
+        host = Host(**self._options)
+        await host._start()
+        return host
+
+    def __await__(self) -> Generator[Any, None, Host]:
+        return self._open().__await__()
+
+    async def __aenter__(self) -> Host:
+        if self._host is not None:
+            raise RuntimeError("this open_host() was entered already: call open_host() again")
+        self._host = await self._open()
+        return self._host
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        assert self._host is not None
+        await self._host.aclose()
+
+
+async def start_host(**options: Any) -> Host:
+    """Open a host that you close yourself: ``await atoll.open_host(**options)``.
+
+    For notebooks and applications whose start and end are in different
+    tasks; ``await host.aclose()`` stops it. The options are those of
+    :func:`open_host`.
+    """
+    return await open_host(**options)
+
+
+__all__ = ["Host", "HostOpener", "open_host", "start_host"]

@@ -51,6 +51,9 @@ _EXPORT_WEIGHT = 1 << 20
 a proxy forwarded to a third process splits its weight, with no message to
 the owner, and the owner frees the object when all weight has come back)."""
 
+_GONE_KEPT = 256
+"""Peers that ended whose exit (code, stderr) a call to them still reports."""
+
 CallContext = tuple[int, int]
 """``(call_id, chain)`` of the call a task is serving."""
 
@@ -171,6 +174,10 @@ class Node:
             weakref.WeakValueDictionary()
         )
         self._deferred: deque[tuple[bytes, list[bytes]]] = deque()
+        self._threads: dict[anyio.CancelScope, str] = {}  # sync calls running, and what
+        self._threads_done: anyio.Event | None = None
+        self.abandoned_threads = 0
+        """Sync calls :meth:`finish_threads` stopped waiting for."""
         self._gone: dict[bytes, ExcFactory] = {}
         self._closed: ExcFactory | None = None
         self._tg: TaskGroup | None = None
@@ -180,6 +187,8 @@ class Node:
         self.peer_names: dict[bytes, str] = {}
         self.dropped: Counter[str] = Counter()
         self.on_bye: Callable[[bytes, m.Bye], None] | None = None
+        self.on_exit: Callable[[SystemExit, str], None] | None = None
+        """Set by an actor process: a method called ``sys.exit()``."""
         self.poll_for: Callable[[Callable[[], bool]], Awaitable[None]] | None = None
         """Set by the transport: read the socket a while, for a reply expected soon."""
         self.codec = Codec(
@@ -220,9 +229,10 @@ class Node:
         if export is not None:
             self._retired[oid] = export.name
 
-    def close(self, make_exc: ExcFactory) -> None:
-        """Fail every pending call and stream with ``make_exc()``; refuse new ones."""
-        self._closed = make_exc
+    def close(self, make_exc: ExcFactory, *, later: ExcFactory | None = None) -> None:
+        """Fail every pending call and stream with ``make_exc()``; refuse new
+        ones with ``later()`` (by default ``make_exc()`` too)."""
+        self._closed = later or make_exc
         pending, self._pending = self._pending, {}
         for p in pending.values():
             p.fail(make_exc())
@@ -234,7 +244,13 @@ class Node:
         """``peer`` is gone: fail what waits on it, cancel what it asked for.
         Not ``exited`` (it is stopping): the tensor plane still settles leases
         with it until it has."""
-        self._gone[peer] = make_exc
+        gone = self._gone
+        gone[peer] = make_exc
+        while len(gone) > _GONE_KEPT:
+            # The oldest: a call through a ref that old gets the hub's "no such actor".
+            oldest = next(iter(gone))
+            del gone[oldest]
+            self.peer_names.pop(oldest, None)
         if exited:
             held = self.plane.peer_gone(peer)
             if held:
@@ -293,6 +309,8 @@ class Node:
         loop's thread, the result itself (blocking) on any other thread."""
         if threading.get_ident() == self._loop_thread:
             return self.call(dest, target, method, args, kwargs)
+        if self._closed is not None:
+            raise self._closed()  # its event loop may be gone: nothing to ask it
         import anyio.from_thread  # only threads need it; actor processes start without it
 
         return anyio.from_thread.run(
@@ -405,6 +423,8 @@ class Node:
         stream = RemoteStream(self, dest, target, method, args, kwargs, window)
         if threading.get_ident() == self._loop_thread:
             return stream
+        if self._closed is not None:
+            raise self._closed()
         return _BlockingStream(stream, self._token)
 
     def _load(self, payload: bytes, frames: Sequence[Any], what: str, src: bytes) -> Any:
@@ -563,8 +583,15 @@ class Node:
                         del self._running[key]
                 if scope.cancelled_caught:
                     return  # the caller gave up: nobody wants an answer
-        except Exception as exc:
+        except (Exception, KeyboardInterrupt) as exc:
+            # A KeyboardInterrupt here was raised by the method itself (actor
+            # processes ignore SIGINT): the call fails with it, reported as
+            # what it was (a RemoteError: never re-raised as a Ctrl-C here).
             self._send_quietly(src, [m.encode(m.Error(msg.call_id, pack_error(exc, export.name)))])
+        except SystemExit as exc:
+            if self.on_exit is None:
+                raise
+            self.on_exit(exc, f"{export.name}.{msg.method}()")
         else:
             if not msg.credit:
                 self._reply(src, msg.call_id, result, export.name)
@@ -598,8 +625,58 @@ class Node:
         if kind is Kind.ASYNC:
             return await fn(*args, **kwargs)
         if kind is Kind.SYNC:
-            return await anyio.to_thread.run_sync(functools.partial(fn, *args, **kwargs))
+            return await self._in_thread(functools.partial(fn, *args, **kwargs), export, src)
         raise TypeError(f"{method}() is an async generator: iterate it with `async for`")
+
+    async def _in_thread(self, fn: Callable[[], Any], export: _Export, src: bytes) -> Any:
+        """Run a sync method or callback in a worker thread.
+
+        A caller that gives up does not interrupt it (a thread cannot be):
+        it keeps its turn until it returns, and its result is dropped. Only
+        :meth:`finish_threads`, when this process closes, stops waiting for it.
+        """
+        # Suspend once first: the call's own cancel scope is entered only once
+        # the call suspends (see _serve_call), and ours must nest inside it.
+        await anyio.lowlevel.checkpoint()
+        with anyio.CancelScope(shield=True) as guard:
+            caller = self.peer_names.get(src, src.decode(errors="replace"))
+            self._threads[guard] = f"{export.name} (called by {caller!r})"
+            try:
+                return await anyio.to_thread.run_sync(fn, abandon_on_cancel=True)
+            finally:
+                del self._threads[guard]
+                if not self._threads and self._threads_done is not None:
+                    self._threads_done.set()
+        raise ActorClosedError(f"{self.name!r} closed while {export.name} still ran in a thread")
+
+    async def finish_threads(self, seconds: float) -> None:
+        """Wait up to ``seconds`` for the sync calls still running in worker
+        threads, saying what for; then stop waiting for them (their threads
+        run on, and their results are dropped)."""
+        if not self._threads:
+            return
+        running = ", ".join(sorted(self._threads.values()))
+        _log.warning(
+            "atoll: %s is closing; waiting up to %g s for sync calls still running in "
+            "worker threads: %s",
+            self.name,
+            seconds,
+            running,
+        )
+        self._threads_done = anyio.Event()
+        with anyio.CancelScope(shield=True), anyio.move_on_after(seconds):
+            await self._threads_done.wait()
+        if self._threads:
+            _log.warning(
+                "atoll: %s no longer waits for sync calls still running after %g s: %s; "
+                "their threads run on, and their results are dropped",
+                self.name,
+                seconds,
+                ", ".join(sorted(self._threads.values())),
+            )
+            self.abandoned_threads = len(self._threads)
+            for guard in list(self._threads):
+                guard.cancel()
 
     def _reply(self, dest: bytes, call_id: int, result: Any, name: str) -> None:
         try:

@@ -45,7 +45,15 @@ class ActorRef(Generic[A]):
 
     def __getattr__(self, name: str) -> _Method:
         if name.startswith("_"):
-            raise AttributeError(name)
+            if name.startswith("__") and name.endswith("__"):
+                raise AttributeError(name)  # protocols (copy, pickle, numpy) probe these
+            methods = ", ".join(sorted(self._kinds)) or "none"
+            raise AttributeError(
+                f"{name!r}: a ref to actor {self._name!r} only calls its public methods "
+                f"(no leading underscore) in the actor's process; they are: {methods}. "
+                "Attributes and private methods stay in the actor: add a public method "
+                "that returns what you need"
+            )
         method = self._methods.get(name)
         if method is not None:
             return method
@@ -67,6 +75,15 @@ class ActorRef(Generic[A]):
     def __reduce__(self) -> tuple[Any, ...]:
         kinds = {k: int(v) for k, v in self._kinds.items()}
         return (_rebuild_ref, (self._id, self._name, kinds, self._oid))
+
+
+class BlockingRef(ActorRef[A]):
+    """A ref from :func:`atoll.blocking_host`: the same as an :class:`ActorRef`
+    (a ref blocks whenever it is called outside its host's event loop), typed
+    for sync code: with the ``atoll.mypy`` plugin its methods return plain
+    results and its streams are plain iterators."""
+
+    __slots__ = ()
 
 
 class _Method:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections import deque
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -21,6 +22,9 @@ from ._ref import ActorRef
 
 REGISTRY_OID = 1
 """Object id of the registry in the host (the host exports it first)."""
+
+TOMBSTONES_KEPT = 256
+"""Names of dead actors whose lookup says how they died (older ones: not found)."""
 
 SUBSCRIPTION_BUFFER = 1000
 """Events a subscriber may fall behind by before new ones are dropped for it."""
@@ -102,6 +106,7 @@ class Registry:
     def __init__(self, node: Node) -> None:
         self._node = node
         self._entries: dict[str, _Entry] = {}
+        self._tombstones: deque[str] = deque()  # names of dead actors, oldest first
         self._topics: dict[str, list[Subscription]] = {}
 
     def publish_now(self, topic: str, value: Any) -> None:
@@ -149,6 +154,17 @@ class Registry:
                     del self._entries[name]
                 else:
                     entry.gone = gone
+                    self._tombstones.append(name)
+        while len(self._tombstones) > TOMBSTONES_KEPT:
+            name = self._tombstones.popleft()
+            oldest = self._entries.get(name)
+            if oldest is not None and oldest.gone is not None:
+                del self._entries[name]
+
+    def class_of(self, name: str) -> str | None:
+        """The class (``module.QualName``) of what is registered as ``name``."""
+        entry = self._entries.get(name)
+        return entry.cls_key if entry is not None else None
 
     def find(self, key: str) -> ActorRef[Any]:
         if key.startswith("class:"):

@@ -21,6 +21,40 @@ current_host: ContextVar[Host | None] = ContextVar("atoll_current_host", default
 child_node: Node | None = None
 """The RPC node of this process, when it is an actor process."""
 
+_open_hosts: list[Host] = []
+
+
+def host_opened(host: Host) -> None:
+    """``host`` is open: the current context's host from now on."""
+    _open_hosts.append(host)
+    host._context_token = current_host.set(host)
+
+
+def host_closed(host: Host) -> None:
+    """``host`` is closed: it is nobody's current host any more."""
+    if host in _open_hosts:
+        _open_hosts.remove(host)
+    token, host._context_token = host._context_token, None
+    if token is not None:
+        try:
+            current_host.reset(token)
+            return
+        except ValueError:
+            pass  # closed in another context than it was opened in (another task, a later cell)
+    if current_host.get() is host:
+        current_host.set(None)
+
+
+def host_here() -> Host | None:
+    """The host of the current context, or else the only host open on this
+    thread (one opened in another task or context: a notebook's earlier cell)."""
+    host = current_host.get()
+    if host is not None and not host._closed:
+        return host
+    thread = threading.get_ident()
+    here = [h for h in _open_hosts if h.node._loop_thread == thread]
+    return here[0] if len(here) == 1 else None
+
 
 def _key(target: str | type[Any]) -> str:
     if isinstance(target, str):
@@ -42,7 +76,7 @@ async def lookup(target: str | type[Any]) -> Any:
     several are), and :class:`atoll.ActorDiedError` if it died.
     """
     key = _key(target)
-    host = current_host.get()
+    host = host_here()
     if host is not None:
         return host.registry.find(key)
     if child_node is not None:
@@ -56,7 +90,7 @@ def publish(topic: str, value: Any) -> None:
     Callable from async and sync code, in the host or in an actor process; the
     value is pickled here, so an unpicklable one raises here.
     """
-    host = current_host.get()
+    host = host_here()
     if host is not None:
         host.registry.publish_now(topic, value)
         return
@@ -75,7 +109,7 @@ def publish(topic: str, value: Any) -> None:
 
 def current_plane(what: str) -> Plane:
     """The tensor plane of the host in context, or of this actor process."""
-    host = current_host.get()
+    host = host_here()
     if host is not None:
         return host.node.plane
     if child_node is not None:

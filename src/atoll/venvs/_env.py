@@ -13,7 +13,7 @@ from typing import Any
 
 from ..transport._messages import WIRE_VERSION
 
-RUNTIME_PACKAGES = ("pyzmq", "anyio", "msgspec", "cloudpickle")
+RUNTIME_PACKAGES = ("pyzmq", "anyio", "msgspec", "cloudpickle", "setproctitle")
 """atoll's own runtime dependencies: installed in every environment at exactly
 the host's versions, so both ends speak the same wire."""
 
