@@ -169,11 +169,11 @@ def test_codec_uses_cloudpickle_only_when_needed() -> None:
 
 
 def test_codec_pickles_a_class_defined_in_main_once() -> None:
-    import cloudpickle
+    from atoll.transport import _by_value
 
     point = type("Point", (), {"__module__": "__main__", "__init__": _set_xy})
     codec = Codec()
-    with mock.patch.object(cloudpickle, "dumps", wraps=cloudpickle.dumps) as dumps:
+    with mock.patch.object(_by_value, "dumps", wraps=_by_value.dumps) as dumps:
         payloads = [codec.dumps([point(i, -i), point(0, 0)])[0] for i in range(3)]
     assert dumps.call_count == 1  # the class, once; the instances by plain pickle
     assert codec._cloud_pickler_cls is None

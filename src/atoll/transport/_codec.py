@@ -359,10 +359,10 @@ def _reduce_main_class(cls: type, pickler: Any) -> Any:
     if reduction is None:
         import hashlib
 
-        import cloudpickle
+        from ._by_value import dumps as dumps_by_value
 
         try:
-            blob = cloudpickle.dumps(cls, protocol=5)
+            blob = dumps_by_value(cls)
         except Exception:
             raise _NeedsCloudpickle from None  # the whole message, and its error
         digest = hashlib.blake2b(blob, digest_size=16).digest()
@@ -460,12 +460,12 @@ class Codec:
 
     def _cloud_pickler(self) -> type[pickle.Pickler]:
         if self._cloud_pickler_cls is None:
-            import cloudpickle  # imported only when plain pickle cannot do the job
+            from . import _by_value  # imports cloudpickle: only when plain pickle cannot do
 
             handlers = self._cloud_handlers
             learn = self._learn
 
-            class _CloudPickler(cloudpickle.Pickler):  # type: ignore[misc]
+            class _CloudPickler(_by_value.Pickler):
                 batch: Any = None
 
                 def reducer_override(self, obj: Any) -> Any:
