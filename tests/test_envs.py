@@ -386,6 +386,32 @@ async def test_bad_manifests_name_the_file_and_the_fix(tmp_path: Path, env_cache
             await host.load_extension(missing)
 
 
+async def test_build_and_spawn_errors_of_an_extension_name_its_manifest(
+    tmp_path: Path, env_cache: str
+) -> None:
+    unbuildable = _extension(
+        tmp_path / "unbuildable",
+        '[project]\nname = "unbuildable"\ndependencies = ["atoll-test-no-such-package-zz"]\n'
+        '[project.entry-points.atoll]\nactor = "m:A"\n',
+    )
+    failing = _extension(
+        tmp_path / "failing",
+        _NO_DEPS.format(name="failing", entry="ext_module:Failing"),
+        "import atoll\nclass Failing(atoll.Actor):\n    def __init__(self):\n"
+        "        raise RuntimeError('refused to start')\n",
+    )
+    with anyio.fail_after(120):
+        async with open_host(env_cache) as host:
+            with pytest.raises(atoll.EnvBuildError) as built:
+                await host.load_extension(unbuildable)
+            assert str(unbuildable / "pyproject.toml") in str(built.value)
+            assert "atoll-test-no-such-package-zz" in built.value.output
+            with pytest.raises(atoll.SpawnError) as spawned:
+                await host.load_extension(failing)
+            assert str(failing / "pyproject.toml") in str(spawned.value)
+            assert "refused to start" in str(spawned.value)
+
+
 async def test_lifecycle_hooks_run_in_the_child_and_report_errors(
     tmp_path: Path, env_cache: str, capfd: pytest.CaptureFixture[str]
 ) -> None:
@@ -428,15 +454,57 @@ async def test_lifecycle_hooks_run_in_the_child_and_report_errors(
 # -- the command line -----------------------------------------------------------
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+def _cli(*args: str, cache_home: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """``atoll env ARGS``; code tables in ``cache_home`` (never the user's own cache)."""
+    user_cache = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+    env = {
+        **os.environ,
+        "PYTHONPATH": _src(),
+        "XDG_CACHE_HOME": str(cache_home) if cache_home is not None else os.devnull,
+        # uv keeps its own (warm) download cache
+        "UV_CACHE_DIR": os.environ.get("UV_CACHE_DIR") or os.path.join(user_cache, "uv"),
+    }
     return subprocess.run(
         [sys.executable, "-m", "atoll", "env", *args],
         capture_output=True,
         text=True,
         timeout=120,
-        env={**os.environ, "PYTHONPATH": _src()},
+        env=env,
         check=False,
     )
+
+
+def test_cli_options_after_the_action_and_real_defaults(tmp_path: Path) -> None:
+    cache = str(tmp_path / "cache")
+    listed = _cli("list", "--cache-dir", cache)
+    assert listed.returncode == 0, listed.stderr
+    assert f"no environments in {cache}" in listed.stdout
+    helped = _cli("prune", "--help", cache_home=tmp_path)
+    assert "--cache-dir" in helped.stdout and "default:" in helped.stdout
+    default = os.environ.get("ATOLL_CACHE_DIR") or str(tmp_path / "atoll" / "envs")
+    assert default in "".join(helped.stdout.split())  # argparse wraps long paths
+    nothing = _cli("prune", "--cache-dir", cache, cache_home=tmp_path)
+    assert nothing.returncode == 0 and f"nothing to remove in {cache}" in nothing.stdout
+
+
+def test_cli_prune_removes_code_tables_of_atoll_versions_gone(tmp_path: Path) -> None:
+    from atoll.actors._boot import write_table
+
+    package = tmp_path / "old" / "atoll"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("VERSION = 'old'\n")
+    tables = tmp_path / "home" / "atoll" / "code"
+    tables.mkdir(parents=True)
+    write_table(str(tables / "old.table"), str(package), ("atoll",))
+    write_table(str(tables / "kept.table"), str(package), ("atoll",))
+    pruned = _cli("prune", "--cache-dir", str(tmp_path / "cache"), cache_home=tmp_path / "home")
+    assert "removed" not in pruned.stdout  # both still match their sources
+    shutil.rmtree(package.parent)  # that atoll is uninstalled
+    pruned = _cli("prune", "--cache-dir", str(tmp_path / "cache"), cache_home=tmp_path / "home")
+    assert pruned.returncode == 0, pruned.stderr
+    assert "removed code table kept.table" in pruned.stdout
+    assert "no longer installed" in pruned.stdout
+    assert os.listdir(tables) == []
 
 
 def test_cli_builds_lists_and_prunes(tmp_path: Path) -> None:

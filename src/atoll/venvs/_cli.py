@@ -15,7 +15,7 @@ import anyio
 
 from .._errors import AtollError
 from ._build import MANIFEST, build, try_lock
-from ._env import default_cache_dir, runtime_pins
+from ._env import CACHE_ENV_VAR, default_cache_dir, runtime_pins, user_cache_dir
 from ._extension import read_extension
 
 
@@ -97,6 +97,7 @@ def cmd_list(cache: str) -> int:
 
 
 def cmd_prune(cache: str, everything: bool, unused_days: float | None) -> int:
+    removed = 0
     for path, manifest in _entries(cache):
         name = os.path.basename(path)
         key = name.split("-")[1] if name.startswith(".tmp-") else name
@@ -105,18 +106,41 @@ def cmd_prune(cache: str, everything: bool, unused_days: float | None) -> int:
             print(f"kept {name[:24]}: being built now")
             continue
         try:
-            _prune_one(path, manifest, everything, unused_days)
+            removed += _prune_one(path, manifest, everything, unused_days)
         finally:
             os.close(lock)
     for entry in os.listdir(cache) if os.path.isdir(cache) else ():
         if entry.endswith(".lock") and not os.path.isdir(os.path.join(cache, entry[:-5])):
             os.unlink(os.path.join(cache, entry))
+    removed += _prune_code_tables(user_cache_dir("code"), everything)
+    if not removed:
+        print(f"nothing to remove in {cache}")
     return 0
+
+
+def _prune_code_tables(directory: str, everything: bool) -> int:
+    """Remove code tables (see ``atoll.actors._boot``) that no installed atoll
+    can use: their sources are gone or changed, or another Python wrote them."""
+    from ..actors._boot import stale_table
+
+    removed = 0
+    for entry in sorted(os.listdir(directory)) if os.path.isdir(directory) else ():
+        path = os.path.join(directory, entry)
+        if not entry.endswith(".table"):
+            continue
+        why = "--all" if everything else stale_table(path)
+        if why is None:
+            continue
+        size = os.path.getsize(path)
+        os.unlink(path)
+        print(f"removed code table {entry[:12]} ({_human(size)}): {why}")
+        removed += 1
+    return removed
 
 
 def _prune_one(
     path: str, manifest: dict[str, Any] | None, everything: bool, unused_days: float | None
-) -> None:
+) -> int:
     if manifest is None:
         why: str | None = "partial build"
     elif everything:
@@ -126,10 +150,11 @@ def _prune_one(
     else:
         why = _stale(manifest)
     if why is None:
-        return
+        return 0
     size = _size(path)
     shutil.rmtree(path, ignore_errors=True)
     print(f"removed {os.path.basename(path)[:24]} ({_human(size)}): {why}")
+    return 1
 
 
 def cmd_build(cache: str, path: str, quiet: bool) -> int:
@@ -140,28 +165,44 @@ def cmd_build(cache: str, path: str, quiet: bool) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    default_cache = default_cache_dir()
+    origin = f"${CACHE_ENV_VAR}" if os.environ.get(CACHE_ENV_VAR) else "the user cache"
+    # --cache-dir goes before or after the action (`atoll env list --cache-dir X`).
+    cache_option = argparse.ArgumentParser(add_help=False)
+    cache_option.add_argument(
+        "--cache-dir",
+        default=argparse.SUPPRESS,
+        help=f"the cache of environments (default: {default_cache}, from {origin})",
+    )
     parser = argparse.ArgumentParser(prog="atoll", description="atoll's command line")
     commands = parser.add_subparsers(dest="command", required=True)
-    env = commands.add_parser("env", help="the cache of built environments")
-    env.add_argument(
-        "--cache-dir",
-        default=None,
-        help=f"the cache (default: ${{ATOLL_CACHE_DIR}}, else {default_cache_dir()})",
-    )
+    env = commands.add_parser("env", help="the cache of built environments", parents=[cache_option])
     actions = env.add_subparsers(dest="action", required=True)
-    actions.add_parser("list", help="list built environments with their sizes")
+    actions.add_parser(
+        "list", help="list built environments with their sizes", parents=[cache_option]
+    )
     prune = actions.add_parser(
-        "prune", help="remove partial builds and environments this atoll cannot use"
+        "prune",
+        help="remove partial builds, environments and code tables this atoll cannot use",
+        parents=[cache_option],
     )
-    prune.add_argument("--all", action="store_true", help="remove every environment")
+    prune.add_argument("--all", action="store_true", help="remove every environment and code table")
     prune.add_argument(
-        "--unused-days", type=float, default=None, help="also remove those unused this long"
+        "--unused-days",
+        type=float,
+        default=None,
+        metavar="N",
+        help="also remove environments unused for N days (default: none is removed for that)",
     )
-    build_cmd = actions.add_parser("build", help="build an extension folder's environment")
+    build_cmd = actions.add_parser(
+        "build", help="build an extension folder's environment", parents=[cache_option]
+    )
     build_cmd.add_argument("path", help="an extension folder (with a pyproject.toml)")
-    build_cmd.add_argument("--quiet", action="store_true", help="print only the result")
+    build_cmd.add_argument(
+        "--quiet", action="store_true", help="print only the result (default: show uv's progress)"
+    )
     args = parser.parse_args(argv)
-    cache = os.path.abspath(args.cache_dir or default_cache_dir())
+    cache = os.path.abspath(getattr(args, "cache_dir", None) or default_cache)
     try:
         if args.action == "list":
             return cmd_list(cache)
