@@ -13,7 +13,7 @@ import anyio
 import pytest
 
 import atoll
-from atoll.actors import _boot, _host
+from atoll.actors import _boot, _code_table, _host
 from helpers import Echo
 
 
@@ -26,7 +26,7 @@ async def test_an_actor_process_loads_every_atoll_module_from_the_table() -> Non
             assert await forked.call_sync(os.getppid) != await fresh.call_sync(os.getppid)
             by_process = [await fresh.atoll_loaders(), await forked.atoll_loaders()]
     # The fork server imported them all; each actor those it runs.
-    assert set(_boot.CHILD_MODULES) == set(by_process[1])
+    assert set(_code_table.CHILD_MODULES) == set(by_process[1])
     for loaders in by_process:
         assert {name for name, loader in loaders.items() if loader != "_TableLoader"} == set()
 
@@ -76,7 +76,7 @@ def _import_mod() -> tuple[int, str, str]:
 
 def test_the_table_serves_unchanged_modules(package: Path, tmp_path: Path) -> None:
     table = str(tmp_path / "table")
-    _boot.write_table(table, str(package), ("boottest", "boottest.mod"))
+    _code_table.write_table(table, str(package), ("boottest", "boottest.mod"))
     # New text, same size and mtime: what the table checks is unchanged, so
     # the code that runs is the table's (this is how it shows it was used).
     stat = os.stat(package / "mod.py")
@@ -88,7 +88,7 @@ def test_the_table_serves_unchanged_modules(package: Path, tmp_path: Path) -> No
 
 def test_a_module_edited_after_the_table_is_read_from_source(package: Path, tmp_path: Path) -> None:
     table = str(tmp_path / "table")
-    _boot.write_table(table, str(package), ("boottest", "boottest.mod"))
+    _code_table.write_table(table, str(package), ("boottest", "boottest.mod"))
     (package / "mod.py").write_text("VALUE = 22\n")  # another size
     assert _boot.install_table(table)
     value, package_loader, path = _import_mod()
@@ -101,7 +101,7 @@ def test_a_module_touched_after_the_table_is_read_from_source(
     package: Path, tmp_path: Path
 ) -> None:
     table = str(tmp_path / "table")
-    _boot.write_table(table, str(package), ("boottest", "boottest.mod"))
+    _code_table.write_table(table, str(package), ("boottest", "boottest.mod"))
     (package / "mod.py").write_text("VALUE = 2\n")  # same size
     stat = os.stat(package / "mod.py")
     os.utime(package / "mod.py", ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
@@ -111,7 +111,7 @@ def test_a_module_touched_after_the_table_is_read_from_source(
 
 def test_a_table_from_another_interpreter_is_not_used(package: Path, tmp_path: Path) -> None:
     table = tmp_path / "table"
-    _boot.write_table(str(table), str(package), ("boottest", "boottest.mod"))
+    _code_table.write_table(str(table), str(package), ("boottest", "boottest.mod"))
     data = table.read_bytes()
     table.write_bytes(bytes([data[0] ^ 1]) + data[1:])  # another bytecode magic number
     assert not _boot.install_table(str(table))
@@ -120,18 +120,18 @@ def test_a_table_from_another_interpreter_is_not_used(package: Path, tmp_path: P
 
 def test_a_module_outside_the_package_is_refused(package: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="not a module of the package"):
-        _boot.write_table(str(tmp_path / "table"), str(package), ("other.mod",))
+        _code_table.write_table(str(tmp_path / "table"), str(package), ("other.mod",))
 
 
 def test_a_cached_table_is_reused_until_a_source_changes(package: Path, tmp_path: Path) -> None:
     cache = tmp_path / "cache"
     modules = ("boottest", "boottest.mod")
-    first = _boot.cached_table(str(package), str(cache), modules)
+    first = _code_table.cached_table(str(package), str(cache), modules)
     written = os.stat(first)
-    assert _boot.cached_table(str(package), str(cache), modules) == first
+    assert _code_table.cached_table(str(package), str(cache), modules) == first
     assert os.stat(first).st_ino == written.st_ino  # the same file, not written again
     (package / "mod.py").write_text("VALUE = 22\n")
-    second = _boot.cached_table(str(package), str(cache), modules)
+    second = _code_table.cached_table(str(package), str(cache), modules)
     assert second != first
     assert _boot.install_table(second)
     assert _import_mod()[:2] == (22, "_TableLoader")
@@ -140,9 +140,9 @@ def test_a_cached_table_is_reused_until_a_source_changes(package: Path, tmp_path
 def test_cached_tables_unused_for_long_are_removed(package: Path, tmp_path: Path) -> None:
     cache = tmp_path / "cache"
     modules = ("boottest", "boottest.mod")
-    old = _boot.cached_table(str(package), str(cache), modules)
-    long_ago = os.stat(old).st_mtime - _boot._TABLE_MAX_AGE - 60
+    old = _code_table.cached_table(str(package), str(cache), modules)
+    long_ago = os.stat(old).st_mtime - _code_table._TABLE_MAX_AGE - 60
     os.utime(old, (long_ago, long_ago))
     (package / "mod.py").write_text("VALUE = 22\n")
-    new = _boot.cached_table(str(package), str(cache), modules)
+    new = _code_table.cached_table(str(package), str(cache), modules)
     assert sorted(os.listdir(cache)) == [os.path.basename(new)]

@@ -12,43 +12,24 @@ host made, it reads its boot description (secret included) from stdin, and
 it creates its ZeroMQ context after the fork. The fork server never creates
 one, nor any thread, so forking it is safe.
 
-The protocol, over a ``SOCK_SEQPACKET`` socket pair (one message each):
-
-- server -> host ``R``: ready.
-- host -> server ``S`` with two descriptors (the child's stdin and stderr):
-  fork one.
-- server -> host ``F`` + pid, with a pidfd of the child: forked, in request
-  order. The host signals and watches the child through the pidfd, so a pid
-  the system has reused is never signalled.
-- server -> host ``X`` + pid + exit code (negative: the signal): it exited.
-  The server is the child's parent and reaps it.
-
-The server exits when the host's end closes (the host closed or died);
-its children notice the host's death themselves (their stdin ends).
+This module is the host's side: starting a server, asking it for forks,
+and each fork as an :class:`anyio.abc.Process`. The server's own loop and
+the protocol between the two are in ``_fork_server``.
 """
 
 from __future__ import annotations
 
 import os
-import selectors
 import signal
 import socket
-import struct
 import subprocess
-import sys
-import threading
 from collections import deque
 from collections.abc import Mapping, Sequence
 
 import anyio
 from anyio.abc import ByteReceiveStream, ByteSendStream, Process, TaskGroup
 
-_READY = b"R"
-_SPAWN = b"S"
-_FORKED = b"F"
-_EXITED = b"X"
-_PID = struct.Struct("=q")
-_EXIT = struct.Struct("=qq")
+from ._fork_server import EXIT, EXITED, FORKED, PID, READY, SPAWN
 
 # Variables the interpreter or the dynamic loader read only at start-up: a
 # fork server started under other values cannot give a child these.
@@ -61,91 +42,6 @@ _STATUS_WAIT = 1.0
 def supported() -> bool:
     """Whether this system has what fork servers need (Linux pidfds)."""
     return hasattr(os, "pidfd_open") and hasattr(signal, "pidfd_send_signal")
-
-
-# -- in the fork server's process -------------------------------------------
-
-
-def serve(ctl_fd: int) -> bool:
-    """Run a fork server on ``ctl_fd``; True in a forked child (which then
-    runs the actor), False in the server once its host has gone."""
-    from . import _child  # noqa: F401  (what an actor imports, imported once here)
-    from ._title import set_title
-
-    set_title(f"atoll: fork server [host {os.getppid()}] {sys.executable}", "atoll forks")
-
-    async def nothing() -> None:
-        pass
-
-    anyio.run(nothing, backend="asyncio")  # the imports an event loop makes on its first run
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the host decides when its processes stop
-    others = [t.name for t in threading.enumerate() if t is not threading.current_thread()]
-    if others:
-        # A fork would have them stopped wherever they were (a lock held for
-        # good). Something imported at start-up (a .pth file, sitecustomize)
-        # started them: the host starts its actors from scratch instead.
-        print(
-            f"atoll: no fork server: threads {others} run after start-up; "
-            "actor processes start from scratch",
-            file=sys.stderr,
-        )
-        return False
-    ctl = socket.socket(fileno=ctl_fd)
-    try:
-        ctl.send(_READY)
-        return _fork_loop(ctl)
-    except (BrokenPipeError, ConnectionResetError):
-        return False  # the host has gone
-    finally:
-        if ctl.fileno() >= 0:
-            ctl.close()
-
-
-def _fork_loop(ctl: socket.socket) -> bool:
-    selector = selectors.DefaultSelector()
-    selector.register(ctl, selectors.EVENT_READ)
-    children: dict[int, int] = {}  # pidfd -> pid
-    try:
-        while True:
-            for key, _ in selector.select():
-                if key.fileobj is ctl:
-                    msg, fds, _, _ = socket.recv_fds(ctl, 64, 2)
-                    if not msg:
-                        return False
-                    if msg != _SPAWN or len(fds) != 2:
-                        for fd in fds:
-                            os.close(fd)
-                        continue
-                    sys.stdout.flush()
-                    sys.stderr.flush()
-                    pid = os.fork()
-                    if pid == 0:
-                        ctl.close()
-                        for pidfd in children:
-                            os.close(pidfd)
-                        os.dup2(fds[0], 0)
-                        os.dup2(fds[1], 2)
-                        os.close(fds[0])
-                        os.close(fds[1])
-                        return True
-                    pidfd = os.pidfd_open(pid)
-                    for fd in fds:
-                        os.close(fd)
-                    children[pidfd] = pid
-                    selector.register(pidfd, selectors.EVENT_READ)
-                    socket.send_fds(ctl, [_FORKED + _PID.pack(pid)], [pidfd])
-                else:
-                    pidfd = key.fd
-                    pid = children.pop(pidfd)
-                    selector.unregister(pidfd)
-                    os.close(pidfd)
-                    _, status = os.waitpid(pid, 0)
-                    ctl.send(_EXITED + _EXIT.pack(pid, os.waitstatus_to_exitcode(status)))
-    finally:
-        selector.close()
-
-
-# -- in the host --------------------------------------------------------------
 
 
 class ForkServerError(Exception):
@@ -188,7 +84,7 @@ class ForkServer:
         server = cls(process, ours, env)
         try:
             msg, _ = await server._receive()
-            if msg != _READY:
+            if msg != READY:
                 raise ForkServerError("the fork server ended before it was ready")
         except BaseException:
             with anyio.CancelScope(shield=True):
@@ -217,7 +113,7 @@ class ForkServer:
                 async with self._send_lock:  # one waiter for room at a time
                     while True:
                         try:
-                            socket.send_fds(self._sock, [_SPAWN], [stdin_r, stderr_w])
+                            socket.send_fds(self._sock, [SPAWN], [stdin_r, stderr_w])
                             break
                         except BlockingIOError:  # many asked at once: let it catch up
                             await anyio.wait_writable(self._sock)
@@ -264,8 +160,8 @@ class ForkServer:
             while True:
                 msg, fds = await self._receive()
                 kind = msg[:1]
-                if kind == _FORKED and fds and len(msg) == 1 + _PID.size:
-                    (pid,) = _PID.unpack_from(msg, 1)
+                if kind == FORKED and fds and len(msg) == 1 + PID.size:
+                    (pid,) = PID.unpack_from(msg, 1)
                     child = self._children[pid] = ForkedProcess(pid, fds[0], self)
                     slot = self._slots.popleft() if self._slots else None
                     if slot is None or slot.abandoned:
@@ -273,8 +169,8 @@ class ForkServer:
                         continue
                     slot.child = child
                     slot.done.set()
-                elif kind == _EXITED and len(msg) == 1 + _EXIT.size:
-                    pid, code = _EXIT.unpack_from(msg, 1)
+                elif kind == EXITED and len(msg) == 1 + EXIT.size:
+                    pid, code = EXIT.unpack_from(msg, 1)
                     exited = self._children.pop(pid, None)
                     if exited is not None:
                         exited._exited(code)
