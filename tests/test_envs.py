@@ -488,7 +488,7 @@ def test_cli_options_after_the_action_and_real_defaults(tmp_path: Path) -> None:
 
 
 def test_cli_prune_removes_code_tables_of_atoll_versions_gone(tmp_path: Path) -> None:
-    from atoll.actors._boot import write_table
+    from atoll.actors._code_table import write_table
 
     package = tmp_path / "old" / "atoll"
     package.mkdir(parents=True)

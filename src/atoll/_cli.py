@@ -1,4 +1,5 @@
-"""``atoll env list | prune | build PATH``: see and manage the environment cache."""
+"""``atoll env list | prune | build PATH``: see and manage the caches of
+environments (``atoll.venvs``) and of compiled code (``atoll.actors._code_table``)."""
 
 from __future__ import annotations
 
@@ -13,10 +14,11 @@ from typing import Any
 
 import anyio
 
-from .._errors import AtollError
-from ._build import MANIFEST, build, try_lock
-from ._env import CACHE_ENV_VAR, default_cache_dir, runtime_pins, user_cache_dir
-from ._extension import read_extension
+from ._errors import AtollError
+from .actors._code_table import stale_table
+from .venvs._build import MANIFEST, build, try_lock
+from .venvs._env import CACHE_ENV_VAR, default_cache_dir, runtime_pins, user_cache_dir
+from .venvs._extension import read_extension
 
 
 def _entries(cache: str) -> Iterator[tuple[str, dict[str, Any] | None]]:
@@ -121,8 +123,6 @@ def cmd_prune(cache: str, everything: bool, unused_days: float | None) -> int:
 def _prune_code_tables(directory: str, everything: bool) -> int:
     """Remove code tables (see ``atoll.actors._boot``) that no installed atoll
     can use: their sources are gone or changed, or another Python wrote them."""
-    from ..actors._boot import stale_table
-
     removed = 0
     for entry in sorted(os.listdir(directory)) if os.path.isdir(directory) else ():
         path = os.path.join(directory, entry)
