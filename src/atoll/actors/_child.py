@@ -1,7 +1,8 @@
 """An actor process: ``main()``, which ``_boot`` runs (or ``python -m atoll.actors._child``).
 
-The host writes one JSON line to our stdin (hub endpoint, identity, the
-per-spawn secret, sys.path) and keeps the pipe open. EOF on stdin means the
+The host writes its boot description (``_boot_spec``: hub endpoint,
+identity, the per-spawn secret, sys.path...) to our stdin and keeps the pipe
+open. EOF on stdin means the
 host is gone, and we exit at once: no orphans, whatever killed the host.
 """
 
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import importlib
-import json
+import logging
 import os
 import signal
 import sys
@@ -27,41 +28,43 @@ from ..transport._hub import HOST, remove_hub_dir
 from ..transport._socket import AsyncSocket, Job
 from . import _runtime
 from ._actor import Actor, method_kinds
+from ._boot_spec import BootSpec, decode_boot
 from ._errors_wire import pack_error
 from ._node import Node
 from ._ref import ACTOR_OID
 from ._registry import class_key
 from ._title import set_actor_title
 
+_log = logging.getLogger(__name__)
 
-def _read_boot() -> dict[str, Any]:
+
+def _read_boot() -> BootSpec:
     data = b""
     while not data.endswith(b"\n"):
         chunk = os.read(0, 65536)
         if not chunk:
             sys.exit(0)  # the host went away before telling us anything
         data += chunk
-    boot: dict[str, Any] = json.loads(data)
-    return boot
+    return decode_boot(data)
 
 
 class _Child:
-    def __init__(self, boot: dict[str, Any]) -> None:
+    def __init__(self, boot: BootSpec) -> None:
         self.boot = boot
-        self.name: str = boot["name"]
+        self.name: str = boot.name
         self.ctx: zmq.Context[Any] = zmq.Context()
         sock = self.ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.IDENTITY, boot["identity"].encode())
-        sock.connect(boot["hub"])
+        sock.setsockopt(zmq.IDENTITY, boot.identity.encode())
+        sock.connect(boot.hub)
         self.socket = AsyncSocket(sock)
-        self.shm_prefix: str = boot["shm_prefix"]
+        self.shm_prefix: str = boot.shm_prefix
         # on_stop's bound, inside the host's grace, so that the host hears
         # why it ended before terminating the process.
-        self.on_stop_timeout = 0.8 * boot["stop_timeout"]
-        self.device_lease_timeout: float = boot["device_lease_timeout"]
-        plane = Plane(_shm.owner_prefix(self.shm_prefix, os.getpid()), transfer=boot["transfer"])
-        self.node = Node(boot["identity"].encode(), boot["node"], self.name, self._transmit, plane)
-        self.socket.spin = self.socket.linger = float(boot.get("spin_us", 0)) * 1e-6
+        self.on_stop_timeout = 0.8 * boot.stop_timeout
+        self.device_lease_timeout: float = boot.device_lease_timeout
+        plane = Plane(_shm.owner_prefix(self.shm_prefix, os.getpid()), transfer=boot.transfer)
+        self.node = Node(boot.identity.encode(), boot.node, self.name, self._transmit, plane)
+        self.socket.spin = self.socket.linger = boot.spin_us * 1e-6
         self.node.poll_for = self.socket.poll_for
         _runtime.child_node = self.node
         self.stop = anyio.Event()
@@ -95,7 +98,7 @@ class _Child:
                 msg.payload, buffers, "actor arguments", HOST
             )
             self.name = self.node.name = name
-            set_actor_title(name, self.boot["host_pid"])
+            set_actor_title(name, self.boot.host_pid)
             sys.path[:0] = paths  # an extension's folder
             cls = Codec().loads(spec, [], "actor class")
             if isinstance(cls, str):
@@ -103,7 +106,7 @@ class _Child:
             actor = cls(*args, **kwargs)
             await actor.on_start()
         except Exception as exc:
-            missing = _missing_module(exc) if self.boot.get("isolated") else None
+            missing = _missing_module(exc) if self.boot.isolated else None
             if missing is not None:
                 exc = ModuleNotFoundError(
                     f"No module named {missing!r}: it is not installed in the actor's "
@@ -129,15 +132,11 @@ class _Child:
         elif isinstance(code, int):
             self.exit_code = code
         else:
-            print(code, file=sys.stderr)
+            _log.error("%s", code)  # what Python does with a message for an exit code
             self.exit_code = 1
         frames = traceback.extract_tb(exc.__traceback__)
         at = f" at {frames[-1].filename}:{frames[-1].lineno}" if frames else ""
-        print(
-            f"atoll: actor {self.name!r}: {where} called sys.exit({code!r}){at}",
-            file=sys.stderr,
-            flush=True,
-        )
+        _log.warning("atoll: actor %r: %s called sys.exit(%r)%s", self.name, where, code, at)
         self.stop.set()
 
     async def _watch_host(self) -> None:
@@ -147,7 +146,7 @@ class _Child:
                 # The host died without saying goodbye: nobody is left to
                 # answer, so leave at once, whatever the actor is doing, and
                 # take the host's private directory along.
-                remove_hub_dir(self.boot["hub"])
+                remove_hub_dir(self.boot.hub)
                 _shm.sweep(self.shm_prefix)
                 os._exit(0)
 
@@ -157,7 +156,7 @@ class _Child:
             self.node.start(tg)
             tg.start_soon(self.socket.serve, self._on_message)
             tg.start_soon(self._watch_host)
-            hello = m.Hello(bytes.fromhex(self.boot["secret"]), os.getpid(), m.WIRE_VERSION)
+            hello = m.Hello(self.boot.secret, os.getpid(), m.WIRE_VERSION)
             self.socket.send([HOST, m.encode(hello)])
             await self.stop.wait()
             self.node.close(lambda: ActorClosedError(f"actor {self.name!r} is stopping"))
@@ -167,13 +166,12 @@ class _Child:
                         await self.actor.on_stop()
                     except Exception:
                         # The host relays our stderr, and keeps its tail.
-                        traceback.print_exc()
-                        print(f"atoll: actor {self.name!r}: on_stop() raised", file=sys.stderr)
+                        _log.exception("atoll: actor %r: on_stop() raised", self.name)
                 if scope.cancelled_caught:
-                    print(
-                        f"atoll: actor {self.name!r}: on_stop() took over "
-                        f"{self.on_stop_timeout:g} s and was cancelled",
-                        file=sys.stderr,
+                    _log.warning(
+                        "atoll: actor %r: on_stop() took over %g s and was cancelled",
+                        self.name,
+                        self.on_stop_timeout,
                     )
             await self.node.finish_threads(self.on_stop_timeout)
             await self._wait_device_leases()
@@ -189,10 +187,12 @@ class _Child:
         if not plane.device_leases():
             return
         timeout = self.device_lease_timeout
-        print(
-            f"atoll: actor {self.name!r} is stopping while peers hold {plane.device_leases()} "
-            f"views of its device memory; waiting up to {timeout:g} s for them to be dropped",
-            file=sys.stderr,
+        _log.warning(
+            "atoll: actor %r is stopping while peers hold %d views of its device memory; "
+            "waiting up to %g s for them to be dropped",
+            self.name,
+            plane.device_leases(),
+            timeout,
         )
         try:
             self.socket.send([HOST, m.encode(m.Bye(hold=timeout))])  # the host waits as long
@@ -202,10 +202,11 @@ class _Child:
             await plane.wait_device_leases()
         left = plane.device_leases()
         if left:
-            print(
-                f"atoll: actor {self.name!r}: {left} views of its device memory are still "
-                "held by peers; they become invalid as it exits",
-                file=sys.stderr,
+            _log.warning(
+                "atoll: actor %r: %d views of its device memory are still held by peers; "
+                "they become invalid as it exits",
+                self.name,
+                left,
             )
 
 
@@ -245,19 +246,32 @@ def _entry_point(spec: str) -> type[Actor]:
     return obj
 
 
+def _log_to_stderr() -> None:
+    """atoll's records go to stderr, which the host relays and keeps the tail
+    of, whatever the actor's own code does with logging (its records do not
+    reach the root logger twice)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    atoll_logger = logging.getLogger("atoll")
+    atoll_logger.addHandler(handler)
+    atoll_logger.propagate = False
+
+
 def main() -> None:
     # Ctrl-C in a terminal reaches the whole process group; the host decides
     # when actors stop, so the signal is the host's to handle, not ours.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _log_to_stderr()
     boot = _read_boot()
-    set_actor_title(boot["name"], boot["host_pid"])
-    if "environ" in boot:  # forked by a fork server: become what a fresh start would be
+    set_actor_title(boot.name, boot.host_pid)
+    if boot.environ is not None:  # forked by a fork server: become what a fresh start would be
         os.environ.clear()
-        os.environ.update(boot["environ"])
-        os.chdir(boot["cwd"])
-    wanted: list[str] = boot["sys_path"]
+        os.environ.update(boot.environ)
+    if boot.cwd is not None:
+        os.chdir(boot.cwd)
+    wanted: list[str] = boot.sys_path
     sys.path[:] = wanted + [p for p in sys.path if p not in wanted]
-    for module in boot.get("imports", ()):
+    for module in boot.imports:
         importlib.import_module(module)  # a warm process: paid for before any spawn
     child = _Child(boot)
     anyio.run(child.run, backend="asyncio")

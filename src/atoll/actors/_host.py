@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import inspect
 import itertools
-import json
 import logging
 import os
 import pickle
@@ -20,6 +19,7 @@ from typing import Any, TypeVar, overload
 import anyio
 import anyio.lowlevel
 import anyio.to_thread
+import msgspec
 import zmq
 from anyio.abc import Process, TaskGroup
 
@@ -42,7 +42,8 @@ from ..venvs._env import user_cache_dir
 from . import _runtime, _signals
 from ._actor import Actor, Kind, method_kinds
 from ._background import start_background
-from ._boot import cached_table, write_table
+from ._boot_spec import BootSpec, encode_boot
+from ._code_table import cached_table, write_table
 from ._errors_wire import pack_error, unpack_error
 from ._forks import ForkServer, ForkServerError, supported
 from ._node import Node, _fresh, _Pending
@@ -51,7 +52,7 @@ from ._registry import REGISTRY_OID, Registry, RegistryService, Subscription, cl
 
 A = TypeVar("A", bound=Actor)
 
-_logger = logging.getLogger("atoll")
+_logger = logging.getLogger(__name__)
 
 _STDERR_TAIL_LINES = 20
 _TERMINATE_WAIT = 1.0  # how long a stop waits after SIGTERM, and then after SIGKILL
@@ -387,7 +388,7 @@ class Host:
             await self._add_warm(built)
         except Exception as exc:  # nobody waits for a refill: say it here
             if not self._closed:
-                print(f"atoll: could not start a warm actor process: {exc}", file=sys.stderr)
+                _logger.warning("atoll: could not start a warm actor process: %s", exc)
 
     def _take_warm(self, built: BuiltEnv | None) -> _ActorProcess | None:
         pool = self._warm.get(_pool_key(built))
@@ -551,22 +552,22 @@ class Host:
             argv = [built.python, "-I", _BOOT_SCRIPT, self._overlay(), table]
             env.pop("VIRTUAL_ENV", None)
             sys_path = []
-        boot = {
-            "hub": self._hub.endpoint,
-            "identity": actor.identity.decode(),
-            "secret": secret.hex(),
-            "node": int(actor.identity[1:]),
-            "name": actor.name,
-            "sys_path": sys_path,
-            "isolated": built is not None,
-            "imports": list(imports),
-            "spin_us": self._spin_us,
-            "shm_prefix": self._shm_prefix,
-            "host_pid": os.getpid(),
-            "transfer": self._transfer,
-            "stop_timeout": self._stop_timeout,
-            "device_lease_timeout": self._device_lease_timeout,
-        }
+        boot = BootSpec(
+            hub=self._hub.endpoint,
+            identity=actor.identity.decode(),
+            secret=secret,
+            node=int(actor.identity[1:]),
+            name=actor.name,
+            host_pid=os.getpid(),
+            sys_path=sys_path,
+            isolated=built is not None,
+            imports=list(imports),
+            spin_us=self._spin_us,
+            shm_prefix=self._shm_prefix,
+            transfer=self._transfer,
+            stop_timeout=self._stop_timeout,
+            device_lease_timeout=self._device_lease_timeout,
+        )
         process: Process | None = None
         # Twice at most: a server found gone on the first try has its
         # replacement started by the second (this spawn waits for it only if
@@ -581,8 +582,7 @@ class Host:
                 break
         if process is not None:
             # A fork of the server: it takes on this spawn's environment itself.
-            boot["environ"] = env
-            boot["cwd"] = os.getcwd()
+            boot = msgspec.structs.replace(boot, environ=env, cwd=os.getcwd())
         else:
             process = await anyio.open_process(
                 argv,
@@ -602,7 +602,7 @@ class Host:
         # The secret goes through the pipe, never argv. The pipe then stays
         # open: the child exits when it reads EOF, i.e. when this process dies.
         try:
-            await process.stdin.send(json.dumps(boot).encode() + b"\n")
+            await process.stdin.send(encode_boot(boot))
         except (anyio.BrokenResourceError, anyio.ClosedResourceError):
             pass  # it exited at once: its supervisor says how, and the wait for its hello ends
 

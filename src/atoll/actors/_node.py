@@ -41,7 +41,7 @@ from ._actor import Kind, kind_of
 from ._errors_wire import pack_error, unpack_error
 from ._turns import TurnGate
 
-_log = logging.getLogger("atoll")
+_log = logging.getLogger(__name__)
 
 STREAM_WINDOW = 16
 """Stream items a producer may send ahead of the consumer."""

@@ -49,7 +49,7 @@ from ..transport import _messages as m
 from ..transport._codec import Handler, Lifted
 from . import _devices, _kinds, _shm
 
-_log = logging.getLogger("atoll")
+_log = logging.getLogger(__name__)
 
 V = TypeVar("V")
 

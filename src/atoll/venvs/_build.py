@@ -90,7 +90,8 @@ def _say(progress: Progress) -> Callable[[str], None]:
     if progress:
 
         def to_stderr(line: str) -> None:
-            print(line, file=sys.stderr, flush=True)
+            sys.stderr.write(line + "\n")  # the documented place for progress
+            sys.stderr.flush()
 
         return to_stderr
     return lambda line: None

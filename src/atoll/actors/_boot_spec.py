@@ -1,0 +1,47 @@
+"""What a host tells a new actor process about itself: its boot description.
+
+The host writes it as one line of JSON to the process's stdin (never argv:
+it carries the per-spawn secret) and keeps the pipe open; the process reads
+it before anything else (``_child.main``).
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+
+class BootSpec(msgspec.Struct, frozen=True, kw_only=True):
+    hub: str
+    """The hub's ZeroMQ endpoint."""
+    identity: str
+    """The process's identity on the hub."""
+    secret: bytes
+    """The per-spawn secret its Hello proves."""
+    node: int
+    """Its node number: the high bits of its call ids."""
+    name: str
+    """The actor's name (a warm process's placeholder until it is given an actor)."""
+    host_pid: int
+    sys_path: list[str]
+    """Put first on ``sys.path`` (empty for an isolated environment)."""
+    isolated: bool
+    """It runs in an environment of its own (``atoll.Env``)."""
+    imports: list[str]
+    """Modules to import before anything else (a warm process)."""
+    spin_us: float
+    shm_prefix: str
+    transfer: str
+    stop_timeout: float
+    device_lease_timeout: float
+    environ: dict[str, str] | None = None
+    """For a fork: the environment variables a fresh start would have had."""
+    cwd: str | None = None
+    """For a fork: the working directory a fresh start would have had."""
+
+
+def encode_boot(spec: BootSpec) -> bytes:
+    return msgspec.json.encode(spec) + b"\n"
+
+
+def decode_boot(line: bytes) -> BootSpec:
+    return msgspec.json.decode(line, type=BootSpec)
