@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from .actors._host import HostOpener as HostOpener
     from .actors._host import open_host as open_host
     from .actors._host import start_host as start_host
+    from .actors._options import HostOptions as HostOptions
     from .actors._ref import ActorRef as ActorRef
     from .actors._registry import Subscription as Subscription
     from .actors._runtime import lookup as lookup
@@ -56,6 +57,7 @@ _LAZY = {
     "Env": "atoll.venvs._env",
     "Host": "atoll.actors._host",
     "HostOpener": "atoll.actors._host",
+    "HostOptions": "atoll.actors._options",
     "SharedMemoryError": "atoll.tensors._shm",
     "Subscription": "atoll.actors._registry",
     "blocking_host": "atoll.actors._blocking",
@@ -97,6 +99,7 @@ __all__ = [
     "ExtensionError",
     "Host",
     "HostOpener",
+    "HostOptions",
     "ProtocolError",
     "RemoteError",
     "RemoteTraceback",

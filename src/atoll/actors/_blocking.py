@@ -23,7 +23,8 @@ from anyio.from_thread import BlockingPortal, start_blocking_portal
 
 from . import _signals
 from ._actor import Actor
-from ._host import Host, _host_closed_error, open_host
+from ._host import Host, HostOpener, _host_closed_error
+from ._options import HostOptions
 from ._ref import BlockingRef
 
 A = TypeVar("A", bound=Actor)
@@ -35,7 +36,7 @@ class BlockingHost:
     Use it in a ``with`` block, or call :meth:`close` when done.
     """
 
-    def __init__(self, backend: str, options: dict[str, Any]) -> None:
+    def __init__(self, backend: str, options: HostOptions) -> None:
         _signals.install()  # the host's loop thread cannot: it is not the main thread
         portal_cm = start_blocking_portal(backend, name="atoll host")
         portal = portal_cm.__enter__()
@@ -123,7 +124,7 @@ class BlockingHost:
 def blocking_host(backend: str = "asyncio", **options: Any) -> BlockingHost:
     """Open a host for sync code; its event loop runs in a background thread.
 
-    ``options`` are those of :func:`open_host`. Refs from this host block when
+    ``options`` are those of :class:`atoll.HostOptions`. Refs from this host block when
     called, and async-generator methods return plain iterators::
 
         with atoll.blocking_host() as host:
@@ -133,11 +134,11 @@ def blocking_host(backend: str = "asyncio", **options: Any) -> BlockingHost:
     Without a ``with`` block, call ``host.close()``; a host left open is
     closed when it is garbage-collected or when the interpreter exits.
     """
-    return BlockingHost(backend, options)
+    return BlockingHost(backend, HostOptions(**options))
 
 
-async def _open(options: dict[str, Any]) -> Host:
-    return await open_host(**options)
+async def _open(options: HostOptions) -> Host:
+    return await HostOpener(options)
 
 
 class _Closer:

@@ -37,7 +37,7 @@ from ..transport import _messages as m
 from ..transport._codec import Codec, prepare_args
 from ..transport._hub import HOST, Hub
 from ..transport._socket import Job
-from ..venvs import BuiltEnv, Env, Progress, build, read_extension
+from ..venvs import BuiltEnv, Env, build, read_extension
 from ..venvs._env import user_cache_dir
 from . import _runtime, _signals
 from ._actor import Actor, Kind, method_kinds
@@ -47,6 +47,7 @@ from ._code_table import cached_table, write_table
 from ._errors_wire import pack_error, unpack_error
 from ._forks import ForkServer, ForkServerError, supported
 from ._node import Node, _fresh, _Pending
+from ._options import HostOptions, keywords_of
 from ._ref import ACTOR_OID, ActorRef
 from ._registry import REGISTRY_OID, Registry, RegistryService, Subscription, class_key
 
@@ -96,45 +97,27 @@ class _ActorProcess:
 class Host:
     """Owns the hub and the actor processes; made by :func:`open_host`."""
 
-    def __init__(
-        self,
-        *,
-        stop_timeout: float = 2.0,
-        spawn_timeout: float = 60.0,
-        spin_us: float = 150,
-        transfer: str = "shared_memory",
-        env_cache: str | None = None,
-        build_progress: Progress = True,
-        fork_server: bool = True,
-        device_lease_timeout: float = 10.0,
-    ) -> None:
-        if spin_us < 0:
-            raise ValueError(f"spin_us must be 0 (no polling) or more, got {spin_us}")
-        for name, value in (
-            ("stop_timeout", stop_timeout),
-            ("device_lease_timeout", device_lease_timeout),
-        ):
-            if not value >= 0:
-                raise ValueError(f"{name} must be a number of seconds, 0 or more, got {value!r}")
-        self._device_lease_timeout = float(device_lease_timeout)
-        self._spin_us = spin_us
-        self._transfer = check_transfer(transfer)
+    def __init__(self, options: HostOptions) -> None:
+        self.options = options
+        self._device_lease_timeout = float(options.device_lease_timeout)
+        self._spin_us = options.spin_us
+        self._transfer = check_transfer(options.transfer)
+        self._stop_timeout = options.stop_timeout
+        self._spawn_timeout = options.spawn_timeout
         _shm.sweep_dead_hosts()
         self._shm_prefix = _shm.host_prefix()
-        self._stop_timeout = stop_timeout
-        self._spawn_timeout = spawn_timeout
         self._ctx: zmq.Context[Any] = zmq.Context()
         self._hub = Hub(self._ctx)
-        plane = Plane(_shm.owner_prefix(self._shm_prefix, os.getpid()), transfer=transfer)
+        plane = Plane(_shm.owner_prefix(self._shm_prefix, os.getpid()), transfer=self._transfer)
         self.node = Node(HOST, 0, "host", self._transmit, plane)
-        self._hub.socket.spin = spin_us * 1e-6
+        self._hub.socket.spin = self._spin_us * 1e-6
         self.node.poll_for = self._hub.socket.poll_for
         self.node.on_bye = self._on_bye
         self._actors: dict[bytes, _ActorProcess] = {}
         self._numbers = itertools.count(1)
         self._names = itertools.count(1)
-        self._env_cache = env_cache
-        self._build_progress = build_progress
+        self._env_cache = options.env_cache
+        self._build_progress = options.build_progress
         self._envs: dict[Env, BuiltEnv] = {}
         self._warm: dict[str | None, deque[_ActorProcess]] = {}
         self._warm_imports: dict[str | None, tuple[str, ...]] = {}
@@ -147,7 +130,7 @@ class Host:
         self._context_token: Any = None
         self._code_table: str | None = None
         self._code_table_lock = anyio.Lock()
-        self._use_forks = fork_server and supported()
+        self._use_forks = options.fork_server and supported()
         self._fork_servers: dict[str | None, ForkServer] = {}
         self._fork_starting: dict[str | None, anyio.Event] = {}
         self._fork_failed: set[str | None] = set()
@@ -1030,17 +1013,8 @@ def _signal(process: Process, how: str) -> None:
         pass
 
 
-def open_host(
-    *,
-    stop_timeout: float = 2.0,
-    spawn_timeout: float = 60.0,
-    spin_us: float = 150,
-    transfer: str = "shared_memory",
-    env_cache: str | None = None,
-    build_progress: Progress = True,
-    fork_server: bool = True,
-    device_lease_timeout: float = 10.0,
-) -> HostOpener:
+@keywords_of(HostOptions)
+def open_host(options: HostOptions) -> HostOpener:
     """Open a host: the hub and a scope for actor processes.
 
     Use it as ``async with atoll.open_host() as host:``; leaving the block
@@ -1058,68 +1032,22 @@ def open_host(
     already running. A host whose task is cancelled from outside still
     stops everything within the stop deadlines.
 
-    ``stop_timeout`` is the grace an actor gets to stop (its ``on_stop``
-    included) before it is terminated; ``spawn_timeout`` bounds a spawn.
-    ``device_lease_timeout``: device memory (CUDA) dies with the process that
-    allocated it, so an actor that stops while peers (the host included)
-    still hold views of its device tensors first waits this long for them to
-    be dropped, saying so on stderr, and the host's grace stretches to
-    match; views still held then are no longer valid memory, and each
-    holder logs a warning. ``spin_us``: a caller with
-    the only call in flight polls for its reply this long before sleeping,
-    and an actor that has just answered a lone call polls as long for the
-    next one. That saves event-loop wake-ups (the largest cost of a round
-    trip) when replies and calls come fast; the polling gives the CPU away
-    at each turn, and other tasks of the loop wait at most ``spin_us``
-    meanwhile. 0 turns it off: every wait sleeps in the event loop.
-
-    ``transfer`` says how numpy arrays, CPU tensors and byte buffers of
-    64 KiB or more travel, for the host and every actor it spawns:
-    ``"shared_memory"`` (as descriptors of shared memory, no copy of data
-    already there) or ``"inline"`` (copied into the messages, for systems
-    with a small or no ``/dev/shm``). Anything else is a ``ValueError``.
-
-    ``env_cache`` is where environments (:class:`atoll.Env`, extensions) are
-    built and kept: by default ``$ATOLL_CACHE_DIR``, else ``~/.cache/atoll/envs``.
-    ``build_progress`` reports their builds: True prints what uv installs and
-    how long it took to stderr, a callable gets each line, False is silent.
-
-    ``fork_server``: actor processes are forked from a process per
-    environment that has atoll and its dependencies imported already, so a
-    spawn skips the interpreter's start and those imports: about 15 ms
-    instead of 150 ms or more. The first spawn for an environment starts from
-    scratch and starts that environment's fork server beside it (about 16 MB
-    of its own, kept until the host closes); spawns after it are forks.
-    Each fork takes on the host's environment variables and working directory
-    at its spawn; a spawn whose ``PYTHON*``, ``LD_*`` or ``MALLOC_*``
-    variables differ from the fork server's starts from scratch.
-    False starts every actor process from scratch. Linux only (pidfds);
-    elsewhere every process starts from scratch.
+    The options are those of :class:`atoll.HostOptions`, each documented
+    there; an option out of range is a ``ValueError`` naming it.
     """
-    return HostOpener(
-        dict(
-            stop_timeout=stop_timeout,
-            spawn_timeout=spawn_timeout,
-            spin_us=spin_us,
-            transfer=transfer,
-            env_cache=env_cache,
-            build_progress=build_progress,
-            fork_server=fork_server,
-            device_lease_timeout=device_lease_timeout,
-        )
-    )
+    return HostOpener(options)
 
 
 class HostOpener:
     """What :func:`open_host` returns: an async context manager, or an
     awaitable for a host you close yourself with :meth:`Host.aclose`."""
 
-    def __init__(self, options: dict[str, Any]) -> None:
+    def __init__(self, options: HostOptions) -> None:
         self._options = options
         self._host: Host | None = None
 
     async def _open(self) -> Host:
-        host = Host(**self._options)
+        host = Host(self._options)
         await host._start()
         return host
 
@@ -1137,14 +1065,15 @@ class HostOpener:
         await self._host.aclose()
 
 
-async def start_host(**options: Any) -> Host:
-    """Open a host that you close yourself: ``await atoll.open_host(**options)``.
+@keywords_of(HostOptions)
+async def start_host(options: HostOptions) -> Host:
+    """Open a host that you close yourself: ``await atoll.open_host(...)``.
 
     For notebooks and applications whose start and end are in different
     tasks; ``await host.aclose()`` stops it. The options are those of
-    :func:`open_host`.
+    :class:`atoll.HostOptions`.
     """
-    return await open_host(**options)
+    return await HostOpener(options)
 
 
 __all__ = ["Host", "HostOpener", "open_host", "start_host"]
