@@ -17,7 +17,7 @@ import atoll
 
 def pid_of(host: atoll.Host, name: str) -> int:
     """The process id of the actor named ``name`` (test-only peek at the host)."""
-    for actor in host._actors.values():
+    for actor in host._processes.actors.values():
         if actor.name == name and actor.process is not None:
             return int(actor.process.pid)
     raise LookupError(name)

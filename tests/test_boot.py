@@ -13,7 +13,7 @@ import anyio
 import pytest
 
 import atoll
-from atoll.actors import _boot, _code_table, _host
+from atoll.actors import _boot, _code_table, _spawner
 from helpers import Echo
 
 
@@ -38,8 +38,8 @@ async def test_an_actor_starts_without_a_table_where_none_can_be_written(
     def unwritable(path: str, *args: object) -> None:
         raise PermissionError(13, "Permission denied", path)
 
-    monkeypatch.setattr(_host, "cached_table", unwritable)
-    monkeypatch.setattr(_host, "write_table", unwritable)
+    monkeypatch.setattr(_spawner, "cached_table", unwritable)
+    monkeypatch.setattr(_spawner, "write_table", unwritable)
     async with atoll.open_host() as host:
         echo = await host.spawn(Echo)
         with anyio.fail_after(10):

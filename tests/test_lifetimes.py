@@ -20,7 +20,7 @@ import anyio.to_thread
 import pytest
 
 import atoll
-from atoll.actors import _host, _node, _registry
+from atoll.actors import _node, _processes, _registry, _spawner
 from atoll.testing._leaks import wait_for_exit
 from helpers import Echo, Holder, Sleepy, SlowStart, Stubborn, pid_of
 
@@ -246,7 +246,7 @@ async def test_stop_gives_up_on_a_process_that_never_exits(
 ) -> None:
     """Signals that change nothing (as for a process stuck in the kernel):
     the stop still ends, at its deadline, and says so."""
-    monkeypatch.setattr(_host, "_signal", lambda process, how: None)
+    monkeypatch.setattr(_processes, "signal_process", lambda process, how: None)
     frozen = anyio.Event()
 
     async def on_frozen() -> None:
@@ -293,7 +293,7 @@ async def test_an_actor_stops_on_time_while_a_sync_method_runs_on(
             async with anyio.create_task_group() as tg:
                 tg.start_soon(doze)
                 await dozing.wait()  # the method runs in its thread
-                actor = host._actors[sleepy._id]  # type: ignore[attr-defined]
+                actor = host._processes.actors[sleepy._id]  # type: ignore[attr-defined]
                 started = time.monotonic()
                 await host.stop(sleepy)
                 assert time.monotonic() - started < 1.5
@@ -320,7 +320,7 @@ async def test_closing_is_bounded_when_a_fork_server_does_not_answer(
             await host.spawn(Echo)  # a fork: the server is up
             monkeypatch.setattr(_forks.ForkServer, "aclose", never)
             started = time.monotonic()
-        assert time.monotonic() - started < _host._FORK_SERVER_WAIT + 2
+        assert time.monotonic() - started < _spawner.FORK_SERVER_WAIT + 2
         for server in servers:
             await real_aclose(server)  # what the host gave up on
 
@@ -389,7 +389,7 @@ async def test_dead_actors_leave_bounded_bookkeeping(monkeypatch: pytest.MonkeyP
                 else:
                     await host.stop(echo)
             gc.collect()
-            assert host._actors == {}
+            assert host._processes.actors == {}
             assert len(host.node._gone) <= 8 and len(host.node.peer_names) <= 8
             assert len(host.registry._entries) <= 8 + 1  # tombstones, and the registry
             assert _descriptors() <= fds + 2
@@ -442,7 +442,7 @@ async def test_actor_processes_are_titled_with_their_names() -> None:
                 title = _read(f"/proc/{pid}/cmdline").replace("\0", " ").strip()
                 assert title == f"atoll: {name} [host {os.getpid()}]"
                 assert _read(f"/proc/{pid}/comm").strip() == f"atoll {name}"
-            servers = [s.process.pid for s in host._fork_servers.values()]
+            servers = [s.process.pid for s in host._spawner.fork_servers.values()]
             assert servers
             title = _read(f"/proc/{servers[0]}/cmdline")
             assert title.startswith(f"atoll: fork server [host {os.getpid()}]")

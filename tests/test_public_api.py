@@ -13,7 +13,14 @@ import atoll
 from helpers import Echo
 
 # What only a host uses: an actor process that imported them would start slower.
-HOST_SIDE = ["atoll.actors._host", "atoll.actors._blocking", "atoll.venvs", "anyio.from_thread"]
+HOST_SIDE = [
+    "atoll.actors._host",
+    "atoll.actors._spawner",
+    "atoll.actors._processes",
+    "atoll.actors._blocking",
+    "atoll.venvs",
+    "anyio.from_thread",
+]
 
 
 def test_public_names_exist_and_are_documented() -> None:

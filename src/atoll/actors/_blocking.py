@@ -23,8 +23,9 @@ from anyio.from_thread import BlockingPortal, start_blocking_portal
 
 from . import _signals
 from ._actor import Actor
-from ._host import Host, HostOpener, _host_closed_error
+from ._host import Host, HostOpener
 from ._options import HostOptions
+from ._processes import host_closed_error
 from ._ref import BlockingRef
 
 A = TypeVar("A", bound=Actor)
@@ -69,7 +70,7 @@ class BlockingHost:
 
     def _call(self, fn: Any, *args: Any) -> Any:
         if self._closer.done:
-            raise _host_closed_error()
+            raise host_closed_error()
         return self._portal.call(fn, *args)
 
     def spawn(self, cls: type[A], /, *args: Any, name: str | None = None, **kwargs: Any) -> A:

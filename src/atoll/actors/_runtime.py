@@ -4,15 +4,25 @@ from __future__ import annotations
 
 import threading
 from contextvars import ContextVar
-from typing import TYPE_CHECKING, Any, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, overload
 
 from ..transport._hub import HOST
-from ._registry import REGISTRY_OID, class_key
+from ._registry import REGISTRY_OID, Registry, class_key
 
 if TYPE_CHECKING:
     from ..tensors import Plane
-    from ._host import Host
     from ._node import Node
+
+
+class Host(Protocol):
+    """What these functions use of a host (``_host.Host``, which this module
+    does not import: actor processes import this one, never the host's side)."""
+
+    registry: Registry
+    node: Node
+    _closed: bool
+    _context_token: Any
+
 
 A = TypeVar("A")
 V = TypeVar("V")

@@ -1,0 +1,240 @@
+"""The host's actor processes: a record of each, watching them, stopping them.
+
+A process is watched by a task of the host (its exit status, its stderr,
+relayed line by line and kept in a tail for errors). Stopping is ``Bye`` and
+a grace, then SIGTERM, then SIGKILL; every wait has a deadline, and none
+relies on the watcher still running: ``asyncio.run`` cancels every task it
+finds left, the watchers included, and the stop then watches the process
+itself. When a process has ended, everything that waits on it fails with
+the reason, and what the host keeps of it is bounded.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections import deque
+
+import anyio
+from anyio.abc import Process, TaskGroup
+
+from .._errors import ActorClosedError, ActorDiedError, TransportError
+from ..tensors import _shm
+from ..transport import _messages as m
+from ..transport._hub import Hub
+from ._errors_wire import pack_error
+from ._node import Node, _fresh
+from ._registry import Registry
+
+_logger = logging.getLogger(__name__)
+
+_STDERR_TAIL_LINES = 20
+TERMINATE_WAIT = 1.0
+"""How long a stop waits after SIGTERM, and then after SIGKILL."""
+KILL_WAIT = 1.0
+
+
+class ActorProcess:
+    """The host's record of one actor process."""
+
+    def __init__(self, identity: bytes, name: str) -> None:
+        self.identity = identity
+        self.name = name
+        self.process: Process | None = None
+        self.ready = anyio.Event()  # hello received, or the process exited
+        self.exited = anyio.Event()
+        # Its watcher ended: it reported the exit, or it was cancelled first
+        # (asyncio.run cancels every task left when main() returns).
+        self.watch_ended = anyio.Event()
+        self.stderr_done = anyio.Event()
+        self.trusted = False
+        self.stopping = False
+        self.holding = anyio.Event()  # it waits for peers' views of its device memory
+        self.hold_until = 0.0  # until then (anyio.current_time())
+        self.exitcode: int | None = None
+        self.stderr_tail: deque[str] = deque(maxlen=_STDERR_TAIL_LINES)
+
+    def on_hello(self, hello: m.Hello) -> None:
+        self.trusted = hello.version == m.WIRE_VERSION
+        self.ready.set()
+
+    def gone_error(self) -> Exception:
+        if self.stopping:
+            return ActorClosedError(f"actor {self.name!r} was stopped")
+        return ActorDiedError(self.name, self.exitcode, "\n".join(self.stderr_tail))
+
+
+class Processes:
+    """The host's actor processes, by identity: started by the spawner,
+    watched and stopped here."""
+
+    def __init__(self, hub: Hub, node: Node, registry: Registry, shm_prefix: str) -> None:
+        self._hub = hub
+        self._node = node
+        self._registry = registry
+        self._shm_prefix = shm_prefix
+        self.actors: dict[bytes, ActorProcess] = {}
+        self.tg: TaskGroup | None = None
+        """The host's task group, once it runs: the watchers' home."""
+
+    def watch(self, actor: ActorProcess) -> None:
+        """Watch ``actor``'s process (just started) until it exits."""
+        assert self.tg is not None
+        self.tg.start_soon(self._supervise, actor)
+
+    async def stop_all(self, grace: float) -> None:
+        async with anyio.create_task_group() as tg:
+            for actor in list(self.actors.values()):
+                tg.start_soon(self.stop, actor, grace)
+
+    async def _supervise(self, actor: ActorProcess) -> None:
+        process = actor.process
+        assert process is not None
+        try:
+            # Shielded: the exit is reported even when the host's tasks are
+            # cancelled; the stop path makes sure the process does exit.
+            with anyio.CancelScope(shield=True):
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(self._pump_stderr, actor)
+                    code = await process.wait()
+                    # Let the last lines of stderr arrive, unless a grandchild holds the pipe.
+                    with anyio.move_on_after(0.05):
+                        await actor.stderr_done.wait()
+                    tg.cancel_scope.cancel()
+                await process.aclose()
+            actor.exitcode = code
+            self.on_exit(actor)
+        finally:
+            actor.watch_ended.set()
+
+    async def _pump_stderr(self, actor: ActorProcess) -> None:
+        assert actor.process is not None and actor.process.stderr is not None
+        partial = b""
+        try:
+            async for chunk in actor.process.stderr:
+                sys.stderr.write(chunk.decode(errors="replace"))
+                lines = (partial + chunk).split(b"\n")
+                partial = lines.pop()
+                actor.stderr_tail.extend(line.decode(errors="replace") for line in lines)
+        except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+            pass
+        finally:
+            if partial:
+                actor.stderr_tail.append(partial.decode(errors="replace"))
+            actor.stderr_done.set()
+
+    def on_exit(self, actor: ActorProcess) -> None:
+        if actor.exited.is_set():
+            return  # reported already (a watcher late after the stop gave up on it)
+        self._hub.forget(actor.identity)
+        if actor.process is not None:
+            # Its segments: views of them stay valid where they are mapped.
+            prefix = _shm.owner_prefix(self._shm_prefix, actor.process.pid)
+            _shm.sweep(prefix)
+            self._node.plane.forget_owner(prefix)
+        error = actor.gone_error()
+
+        def make_exc() -> Exception:
+            return _fresh(error)  # not the record itself: it is let go of now
+
+        self._registry.mark_gone(actor.identity, None if actor.stopping else make_exc)
+        self._node.peer_gone(actor.identity, make_exc)
+        died = m.encode(m.Died(actor.identity, pack_error(error, actor.name)))
+        for other in self.actors.values():
+            if other is not actor and other.trusted and not other.exited.is_set():
+                try:
+                    self._hub.send(other.identity, [died])
+                except TransportError:
+                    pass
+        actor.exited.set()
+        actor.ready.set()
+        self.actors.pop(actor.identity, None)
+
+    async def stop(self, actor: ActorProcess, grace: float) -> None:
+        """Stop ``actor``: ``Bye`` and ``grace`` seconds (longer if it waits for
+        views of its device memory), then SIGTERM, then SIGKILL; every wait
+        has a deadline, and none depends on another task still running."""
+        with anyio.CancelScope(shield=True):
+            if not actor.exited.is_set():
+                actor.stopping = True
+                # Calls to it fail now; leases with it are settled until it
+                # exits (it may be waiting for views of its device memory).
+                self._node.peer_gone(actor.identity, actor.gone_error, exited=False)
+                process = actor.process
+                if actor.trusted and grace > 0:
+                    try:
+                        self._hub.send(actor.identity, [m.encode(m.Bye())])
+                    except TransportError:
+                        pass
+                    if not await self._wait_exit(actor, grace) and actor.holding.is_set():
+                        # It said it waits for peers' views of its device memory.
+                        await self._wait_exit(actor, actor.hold_until - anyio.current_time())
+                if process is None:
+                    self._hub.forget(actor.identity)
+                elif not actor.exited.is_set():
+                    signal_process(process, "terminate")
+                    if not await self._wait_exit(actor, TERMINATE_WAIT):
+                        signal_process(process, "kill")
+                        if not await self._wait_exit(actor, KILL_WAIT):
+                            _logger.warning(
+                                "atoll: actor %r (pid %d) has not exited %g s after SIGKILL; "
+                                "no longer waiting for it",
+                                actor.name,
+                                process.pid,
+                                KILL_WAIT,
+                            )
+                            self.on_exit(actor)
+            self.actors.pop(actor.identity, None)
+
+    async def _wait_exit(self, actor: ActorProcess, seconds: float) -> bool:
+        """Wait up to ``seconds`` for ``actor``'s process to end; whether it has."""
+        with anyio.move_on_after(seconds):
+            await actor.watch_ended.wait()
+            if not actor.exited.is_set():
+                # Its watcher was cancelled before the exit came (asyncio.run
+                # cancels every task it finds left): watch the process here.
+                await _process_ended(actor.process)
+                self.on_exit(actor)
+        return actor.exited.is_set()
+
+    def on_bye(self, src: bytes, bye: m.Bye) -> None:
+        actor = self.actors.get(src)
+        if actor is not None and actor.stopping and bye.hold > 0:
+            # Its own deadline, and a second to exit after it.
+            actor.hold_until = anyio.current_time() + bye.hold + 1.0
+            actor.holding.set()
+
+
+def stderr_tail_text(actor: ActorProcess) -> str:
+    if not actor.stderr_tail:
+        return ""
+    return "\nlast lines of its stderr:\n" + "\n".join(actor.stderr_tail)
+
+
+def host_closed_error() -> ActorClosedError:
+    return ActorClosedError("this host is closed: open a new one with atoll.open_host()")
+
+
+async def _process_ended(process: Process | None) -> None:
+    """Return once ``process`` has ended (its pidfd turns readable); where
+    there are no pidfds, never (the caller's deadline ends the wait)."""
+    if process is None:
+        return
+    try:
+        fd = os.pidfd_open(process.pid)
+    except ProcessLookupError:
+        return
+    except (AttributeError, OSError):
+        await anyio.sleep_forever()
+    try:
+        await anyio.wait_readable(fd)
+    finally:
+        os.close(fd)
+
+
+def signal_process(process: Process, how: str) -> None:
+    try:
+        getattr(process, how)()
+    except ProcessLookupError:
+        pass

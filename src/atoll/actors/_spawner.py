@@ -1,0 +1,481 @@
+"""Starting actor processes: environments, warm pools, fork servers, the
+code table, and building the actor in its new process.
+
+A spawn takes a process from the environment's warm pool if one waits,
+else a fork of the environment's fork server, else a process started from
+scratch (which starts the fork server for the spawns after it). The process
+reads its boot description, connects to the hub and says hello; the actor
+is then built in it (``Init``), all within ``spawn_timeout``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import pickle
+import subprocess
+import sys
+import sysconfig
+from collections import deque
+from collections.abc import Sequence
+from typing import Any
+
+import anyio
+import anyio.to_thread
+import msgspec
+from anyio.abc import Process, TaskGroup
+
+from .._errors import ActorClosedError, ActorDiedError, AtollError, SpawnError, TransportError
+from ..transport import _messages as m
+from ..transport._codec import Codec, prepare_args
+from ..transport._hub import Hub
+from ..venvs import BuiltEnv, Env, build
+from ..venvs._env import user_cache_dir
+from ._actor import Kind
+from ._boot_spec import BootSpec, encode_boot
+from ._code_table import cached_table, write_table
+from ._errors_wire import unpack_error
+from ._forks import ForkServer, ForkServerError, supported
+from ._node import Node, _Pending
+from ._options import HostOptions
+from ._processes import (
+    ActorProcess,
+    Processes,
+    host_closed_error,
+    signal_process,
+    stderr_tail_text,
+)
+
+_logger = logging.getLogger(__name__)
+
+Launched = tuple[bytes, dict[str, Kind], str]
+"""A started actor: its process's identity, its methods and its class."""
+
+FORK_SERVER_WAIT = 2.0
+"""How long closing waits for a fork server to end."""
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
+_SRC_ROOT = os.path.dirname(_PACKAGE_DIR)
+_BOOT_SCRIPT = os.path.join(_PACKAGE_DIR, "actors", "_boot.py")
+
+
+class Spawner:
+    """Starts the host's actor processes and builds actors in them."""
+
+    def __init__(
+        self,
+        options: HostOptions,
+        hub: Hub,
+        node: Node,
+        processes: Processes,
+        shm_prefix: str,
+    ) -> None:
+        self._hub = hub
+        self._node = node
+        self._processes = processes
+        self._shm_prefix = shm_prefix
+        self._spawn_timeout = options.spawn_timeout
+        self._stop_timeout = options.stop_timeout
+        self._spin_us = options.spin_us
+        self._transfer = options.transfer
+        self._device_lease_timeout = float(options.device_lease_timeout)
+        self._env_cache = options.env_cache
+        self._build_progress = options.build_progress
+        self._use_forks = options.fork_server and supported()
+        self._numbers = itertools.count(1)
+        self._envs: dict[Env, BuiltEnv] = {}
+        self._warm: dict[str | None, deque[ActorProcess]] = {}
+        self._warm_imports: dict[str | None, tuple[str, ...]] = {}
+        self._code_table: str | None = None
+        self._code_table_lock = anyio.Lock()
+        self.fork_servers: dict[str | None, ForkServer] = {}
+        self._fork_starting: dict[str | None, anyio.Event] = {}
+        self._fork_failed: set[str | None] = set()
+        self.tg: TaskGroup | None = None
+        """The host's task group, once it runs."""
+        self.closed = False
+        """The host is closing: no more processes."""
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise host_closed_error()
+
+    async def close_fork_servers(self) -> None:
+        for server in self.fork_servers.values():
+            with anyio.move_on_after(FORK_SERVER_WAIT):
+                await server.aclose()
+
+    async def prewarm(self, built: BuiltEnv | None, count: int, imports: Sequence[str]) -> None:
+        """Have ``count`` processes for ``built`` waiting (see Host.prewarm)."""
+        key = _pool_key(built)
+        self._warm_imports[key] = tuple(imports)
+        waiting = [a for a in self._warm.get(key, ()) if not a.exited.is_set()]
+        errors: list[Exception] = []
+
+        async def one(actor: ActorProcess | None) -> None:
+            try:
+                await (self._add_warm(built) if actor is None else self._await_hello(actor))
+            except AtollError as exc:
+                errors.append(exc)
+
+        async with anyio.create_task_group() as tg:
+            for actor in [*waiting[:count], *[None] * (count - len(waiting))]:
+                tg.start_soon(one, actor)
+        if errors:
+            raise errors[0]
+
+    async def _add_warm(self, built: BuiltEnv | None) -> None:
+        key = _pool_key(built)
+        actor = ActorProcess(self._new_identity(), f"warm-{key or 'host'}")
+        # In the pool while it starts: a spawn that comes meanwhile takes it
+        # and waits for its hello, rather than starting a cold process.
+        pool = self._warm.setdefault(key, deque())
+        pool.append(actor)
+        try:
+            await self._boot(actor, built, self._warm_imports.get(key, ()))
+        except BaseException:
+            if actor in pool:
+                pool.remove(actor)
+            raise
+
+    async def _refill(self, built: BuiltEnv | None) -> None:
+        try:
+            await self._add_warm(built)
+        except Exception as exc:  # nobody waits for a refill: say it here
+            if not self.closed:
+                _logger.warning("atoll: could not start a warm actor process: %s", exc)
+
+    def _take_warm(self, built: BuiltEnv | None) -> ActorProcess | None:
+        pool = self._warm.get(_pool_key(built))
+        while pool:
+            actor = pool.popleft()
+            if not actor.exited.is_set():
+                assert self.tg is not None
+                self.tg.start_soon(self._refill, built)
+                return actor  # perhaps still starting: the caller waits for its hello
+        return None
+
+    async def built(self, env: Env | None) -> BuiltEnv | None:
+        if env is None:
+            return None
+        if not isinstance(env, Env):
+            raise TypeError(f"env= takes an atoll.Env, got {env!r}")
+        built = self._envs.get(env)
+        if built is None:
+            built = await build(env, cache_dir=self._env_cache, progress=self._build_progress)
+            os.utime(built.path)  # when it was last used, for `atoll env prune --unused-days`
+            self._envs[env] = built
+        return built
+
+    def _new_identity(self) -> bytes:
+        return b"a%d" % next(self._numbers)
+
+    async def launch(
+        self,
+        spec: bytes,
+        label: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        name: str,
+        built: BuiltEnv | None,
+        paths: list[str],
+    ) -> Launched:
+        """Start ``spec`` (a class, or an entry point's name) as actor ``name``
+        in a process for ``built``: its identity, methods and class."""
+        actor = self._take_warm(built)
+        if actor is None:
+            actor = ActorProcess(self._new_identity(), name)
+            fresh = True
+        else:
+            actor.name = name
+            self._node.peer_names[actor.identity] = name
+            fresh = False
+        try:
+            payload, buffers = self._node.codec.dumps(
+                (name, spec, paths, *prepare_args(args, kwargs, self._node.mark)),
+                f"arguments of {label}()",
+                actor.identity,
+            )
+            with anyio.fail_after(self._spawn_timeout):
+                if fresh:
+                    await self._boot(actor, built, ())
+                else:
+                    await self._await_hello(actor)
+                kinds, cls_key = await self._init(actor, payload, buffers)
+        except BaseException as exc:
+            with anyio.CancelScope(shield=True):
+                await self._processes.stop(actor, grace=0)
+            if isinstance(exc, SpawnError):
+                raise
+            if isinstance(exc, TimeoutError):
+                raise SpawnError(
+                    f"actor {name!r} ({label}) did not start within spawn_timeout="
+                    f"{self._spawn_timeout:g} s: its process, the import of its class, its "
+                    "constructor or on_start() hung; it was killed" + stderr_tail_text(actor)
+                ) from None
+            if isinstance(exc, (ActorDiedError, TransportError)):
+                raise SpawnError(f"actor {name!r} ({label}) failed to start: {exc}") from exc
+            raise
+        return actor.identity, kinds, cls_key
+
+    async def _boot(
+        self,
+        actor: ActorProcess,
+        built: BuiltEnv | None,
+        imports: Sequence[str],
+    ) -> None:
+        """Start ``actor``'s process and wait for its hello."""
+        self._check_open()
+        self._processes.actors[actor.identity] = actor
+        self._node.peer_names[actor.identity] = actor.name
+        secret = os.urandom(32)
+        self._hub.expect(actor.identity, secret, actor.on_hello)
+        try:
+            await self._start_process(actor, secret, built, imports)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await self._processes.stop(actor, grace=0)
+            raise
+        await self._await_hello(actor)
+
+    async def _await_hello(self, actor: ActorProcess) -> None:
+        try:
+            with anyio.fail_after(self._spawn_timeout):
+                await actor.ready.wait()
+            if actor.exited.is_set():
+                raise actor.gone_error()
+            if not actor.trusted:
+                raise SpawnError(
+                    f"actor {actor.name!r} speaks another wire version; is atoll the same "
+                    "version in its environment?"
+                )
+        except BaseException as exc:
+            with anyio.CancelScope(shield=True):
+                await self._processes.stop(actor, grace=0)
+            if isinstance(exc, TimeoutError):
+                raise SpawnError(
+                    f"actor process {actor.name!r} did not connect within spawn_timeout="
+                    f"{self._spawn_timeout:g} s; it was killed" + stderr_tail_text(actor)
+                ) from None
+            if isinstance(exc, (ActorDiedError, TransportError)):
+                raise SpawnError(f"actor {actor.name!r} failed to start: {exc}") from exc
+            raise
+
+    async def _write_code_table(self) -> str:
+        """The compiled code of atoll's modules for actor processes (see
+        ``_boot``): from the user's cache, written there on first use; in this
+        host's private directory if the cache can't be written."""
+        async with self._code_table_lock:
+            if self._code_table is None:
+                try:
+                    path = await anyio.to_thread.run_sync(
+                        cached_table, _PACKAGE_DIR, user_cache_dir("code")
+                    )
+                except OSError:
+                    path = os.path.join(self._hub.dir, "code")
+                    try:
+                        await anyio.to_thread.run_sync(write_table, path, _PACKAGE_DIR)
+                    except OSError:
+                        path = ""  # atoll's sources aren't files here: actors import as usual
+                self._code_table = path
+        return self._code_table
+
+    def _overlay(self) -> str:
+        """A directory holding only atoll (a link to this process's copy): what
+        an isolated actor process gets of the host's packages."""
+        overlay = os.path.join(self._hub.dir, "lib")
+        if not os.path.isdir(overlay):
+            os.mkdir(overlay)
+            os.symlink(_PACKAGE_DIR, os.path.join(overlay, "atoll"))
+        return overlay
+
+    async def _start_process(
+        self,
+        actor: ActorProcess,
+        secret: bytes,
+        built: BuiltEnv | None,
+        imports: Sequence[str],
+    ) -> None:
+        env = dict(os.environ)
+        table = await self._write_code_table()
+        if built is None:
+            argv = [sys.executable, _BOOT_SCRIPT, "", table]
+            env["PYTHONPATH"] = os.pathsep.join(p for p in (_SRC_ROOT, env.get("PYTHONPATH")) if p)
+            sys_path = sys.path
+        else:
+            # -I: no PYTHONPATH, no user site, no current directory; only the
+            # environment's own packages, and atoll through the overlay.
+            argv = [built.python, "-I", _BOOT_SCRIPT, self._overlay(), table]
+            env.pop("VIRTUAL_ENV", None)
+            sys_path = []
+        boot = BootSpec(
+            hub=self._hub.endpoint,
+            identity=actor.identity.decode(),
+            secret=secret,
+            node=int(actor.identity[1:]),
+            name=actor.name,
+            host_pid=os.getpid(),
+            sys_path=sys_path,
+            isolated=built is not None,
+            imports=list(imports),
+            spin_us=self._spin_us,
+            shm_prefix=self._shm_prefix,
+            transfer=self._transfer,
+            stop_timeout=self._stop_timeout,
+            device_lease_timeout=self._device_lease_timeout,
+        )
+        process: Process | None = None
+        # Twice at most: a server found gone on the first try has its
+        # replacement started by the second (this spawn waits for it only if
+        # another spawn started it already; else it starts from scratch).
+        for _ in range(2):
+            server = await self._fork_server(built, argv, env)
+            if server is None:
+                break
+            with anyio.move_on_after(self._spawn_timeout):
+                process = await server.fork()
+            if process is not None or server.alive:
+                break
+        if process is not None:
+            # A fork of the server: it takes on this spawn's environment itself.
+            boot = msgspec.structs.replace(boot, environ=env, cwd=os.getcwd())
+        else:
+            process = await anyio.open_process(
+                argv,
+                stdin=subprocess.PIPE,
+                stdout=None,
+                stderr=subprocess.PIPE,
+                env=env,
+            )
+        actor.process = process
+        assert self.tg is not None and process.stdin is not None
+        self._processes.watch(actor)
+        if actor.stopping or self.closed:
+            # Stopped while it was being started (the host closing under a
+            # warm pool's refill): nobody else will, so end it now.
+            signal_process(process, "kill")
+            raise ActorClosedError(f"actor {actor.name!r} was stopped while it started")
+        # The secret goes through the pipe, never argv. The pipe then stays
+        # open: the child exits when it reads EOF, i.e. when this process dies.
+        try:
+            await process.stdin.send(encode_boot(boot))
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+            pass  # it exited at once: its supervisor says how, and the wait for its hello ends
+
+    async def _fork_server(
+        self, built: BuiltEnv | None, argv: list[str], env: dict[str, str]
+    ) -> ForkServer | None:
+        """The fork server for processes in ``built``, or None where this
+        process must start from scratch: fork servers are off or unsupported
+        here, this one failed to start, ``env`` differs in what only counts at
+        an interpreter's start, or there is none yet. The first spawn for an
+        environment starts its server beside it, for the spawns after; those
+        that come while it starts wait for it."""
+        if not self._use_forks:
+            return None
+        key = _pool_key(built)
+        server = self.fork_servers.get(key)
+        if server is None or not server.alive:
+            if key in self._fork_failed:
+                return None
+            starting = self._fork_starting.get(key)
+            if starting is None:
+                self._fork_starting[key] = anyio.Event()
+                assert self.tg is not None
+                self.tg.start_soon(self._start_fork_server, key, built, argv, env)
+                return None
+            await starting.wait()
+            server = self.fork_servers.get(key)
+            if server is None:
+                return None
+        return server if server.can_fork(env) else None
+
+    async def _start_fork_server(
+        self, key: str | None, built: BuiltEnv | None, argv: list[str], env: dict[str, str]
+    ) -> None:
+        assert self.tg is not None
+        try:
+            with anyio.fail_after(self._spawn_timeout):
+                server = await ForkServer.start(argv, env, self.tg)
+        except (ForkServerError, TimeoutError) as exc:
+            self._fork_failed.add(key)
+            _logger.warning(
+                "atoll: no fork server for %s (%s); its actor processes start from scratch",
+                built.path if built is not None else sys.executable,
+                str(exc) or f"not ready within {self._spawn_timeout} s",
+            )
+        else:
+            if self.closed:  # the host closed meanwhile
+                await server.aclose()
+            else:
+                self.fork_servers[key] = server
+        finally:
+            self._fork_starting.pop(key).set()
+
+    async def _init(
+        self, actor: ActorProcess, payload: bytes, buffers: list[Any]
+    ) -> tuple[dict[str, Kind], str]:
+        """Have ``actor``'s process build the actor; returns its methods and class."""
+        node = self._node
+        call_id = node._next_id()
+        pending = _Pending(actor.identity)
+        node._pending[call_id] = pending
+        self._hub.send(actor.identity, [m.encode(m.Init(call_id, payload)), *buffers])
+        try:
+            await pending.wait()
+        finally:
+            node._pending.pop(call_id, None)
+        if pending.error is not None:
+            raise pending.error
+        assert pending.header is not None
+        if type(pending.header) is m.Error:
+            cause = unpack_error(pending.header.payload)
+            raise SpawnError(f"actor {actor.name!r} failed to start: {cause!r}") from cause
+        kinds, cls_key = Codec().loads(pending.header.payload, [], "actor description")
+        return {k: Kind(v) for k, v in kinds.items()}, cls_key
+
+
+def _pool_key(built: BuiltEnv | None) -> str | None:
+    """Which warm pool serves spawns into ``built`` (None: this interpreter)."""
+    return built.key if built is not None else None
+
+
+class ByValue:
+    """Pickles a class by value (its code travels), for an actor process that
+    cannot import the module the class lives in."""
+
+    def __init__(self, cls: type) -> None:
+        self.cls = cls
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        import cloudpickle
+
+        from ..transport import _by_value
+
+        module = sys.modules[self.cls.__module__]
+        by_value = module.__name__ != "__main__"
+        if by_value:
+            cloudpickle.register_pickle_by_value(module)
+        try:
+            data = _by_value.dumps(self.cls)
+        finally:
+            if by_value:
+                cloudpickle.unregister_pickle_by_value(module)
+        return (pickle.loads, (data,))
+
+
+def installed(cls: type) -> bool:
+    """Whether ``cls`` comes from atoll or an installed package (by reference
+    then), rather than from the application's own files (by value)."""
+    if cls.__module__ == "atoll" or cls.__module__.startswith("atoll."):
+        return True
+    file = getattr(sys.modules.get(cls.__module__), "__file__", None)
+    if file is None:
+        return False
+    real = os.path.realpath(file)
+    return any(real.startswith(d + os.sep) for d in _install_dirs())
+
+
+def _install_dirs() -> set[str]:
+    paths = sysconfig.get_paths()
+    return {os.path.realpath(paths[k]) for k in ("stdlib", "platstdlib", "purelib", "platlib")}
