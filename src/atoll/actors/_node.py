@@ -369,12 +369,16 @@ class Node:
                 self._send_quietly(dest, [m.encode(m.Cancel(call_id))])
             elif type(pending.header) is m.Result:  # it came as we gave up
                 self.codec.discard(pending.header.payload, dest)
+                self._settle(dest, pending.header)
             raise
         if pending.error is not None:
             raise pending.error
         reply = pending.header
         if type(reply) is m.Result:
-            return self._load(reply.payload, pending.frames, f"result of {method}()", dest)
+            try:
+                return self._load(reply.payload, pending.frames, f"result of {method}()", dest)
+            finally:
+                self._settle(dest, reply)
         assert reply is not None
         raise unpack_error(reply.payload)
 
@@ -511,17 +515,25 @@ class Node:
         return job
 
     def _on_reply(self, src: bytes, msg: m.Result | m.Error, frames: list[zmq.Frame]) -> None:
-        if type(msg) is m.Result and msg.unleased:
-            self.plane.unlease(src, msg.unleased)
         pending = self._pending.pop(msg.call_id, None)
+        if type(pending) is _Pending:
+            # Its caller settles the leases given back once it has loaded the
+            # result: a storage of ours may come back in it, and must not be
+            # freed first (the peer's last lease on it rides on this reply).
+            pending.finish(msg, frames[1:])
+            return
+        if type(msg) is m.Result:
+            self._settle(src, msg)
         if pending is None:  # the caller gave up (cancelled) before the reply came
             if type(msg) is m.Result:
                 self.codec.discard(msg.payload, src)
             return
-        if type(pending) is _Pending:
-            pending.finish(msg, frames[1:])
-        elif type(msg) is m.Error:
+        if type(msg) is m.Error:
             pending.fail(unpack_error(msg.payload))
+
+    def _settle(self, src: bytes, reply: m.Result) -> None:
+        if reply.unleased:
+            self.plane.unlease(src, reply.unleased)
 
     def _on_call(self, src: bytes, msg: m.Call, frames: list[zmq.Frame]) -> Job | None:
         export = self._exports.get(msg.target)
