@@ -412,6 +412,28 @@ async def test_build_and_spawn_errors_of_an_extension_name_its_manifest(
             assert "refused to start" in str(spawned.value)
 
 
+async def test_load_extension_checks_the_actor_class_it_is_told(
+    tmp_path: Path, env_cache: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = _extension(
+        tmp_path / "typed_ext", _NO_DEPS.format(name="typed-ext", entry="typed_ext_module:Named")
+    )
+    (folder / "typed_ext_module.py").write_text(
+        "import atoll\n\nclass Named(atoll.Actor):\n    async def hello(self):\n"
+        "        return 'hi'\n"
+    )
+    monkeypatch.syspath_prepend(str(folder))  # what an application typing the ref imports
+    from typed_ext_module import Named  # type: ignore[import-not-found]
+
+    with anyio.fail_after(120):
+        async with open_host(env_cache) as host:
+            ref = await host.load_extension(folder, actor_class=Named)
+            assert await ref.hello() == "hi"
+            with pytest.raises(atoll.ExtensionError, match=r"typed_ext_module.Named, not .*Probe"):
+                await host.load_extension(folder, name="other", actor_class=Probe)
+            assert "other" not in host.registry._entries  # stopped again
+
+
 async def test_lifecycle_hooks_run_in_the_child_and_report_errors(
     tmp_path: Path, env_cache: str, capfd: pytest.CaptureFixture[str]
 ) -> None:
