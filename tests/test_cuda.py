@@ -141,7 +141,7 @@ async def test_cuda_and_cpu_tensors_in_one_message_and_an_actors_own_tensor() ->
 async def test_a_stopping_actor_keeps_its_cuda_memory_valid_until_its_views_are_dropped() -> None:
     async with atoll.open_host(stop_timeout=0.5, device_lease_timeout=60) as host:
         g = await host.spawn(Gpu)
-        record = host._actors[g._id]
+        record = host._processes.actors[g._id]
         with anyio.fail_after(60):
             made = await g.make(1 << 20, 4.0)
             async with anyio.create_task_group() as tg:

@@ -214,7 +214,7 @@ async def test_a_stopping_actor_waits_past_the_grace_for_views_of_its_device_mem
     async with atoll.open_host(stop_timeout=0.5, device_lease_timeout=60) as host:
         owner = await host.spawn(Holder)
         other = await host.spawn(Holder)
-        record = host._actors[owner._id]
+        record = host._processes.actors[owner._id]
         with anyio.fail_after(30):
             mine = await owner.make(12)  # a view held by the host
             await owner.give(other, 8)  # and one by another actor
@@ -240,7 +240,7 @@ async def test_an_actor_whose_device_memory_is_still_viewed_exits_at_its_deadlin
 ) -> None:
     async with atoll.open_host(stop_timeout=0.5, device_lease_timeout=0.5) as host:
         h = await host.spawn(Holder)
-        record = host._actors[h._id]
+        record = host._processes.actors[h._id]
         with anyio.fail_after(30):
             kept = await h.make(12)
             await host.stop(h)
