@@ -8,7 +8,6 @@ host is gone, and we exit at once: no orphans, whatever killed the host.
 
 from __future__ import annotations
 
-import functools
 import importlib
 import logging
 import os
@@ -29,9 +28,8 @@ from ..transport._socket import AsyncSocket, Job
 from . import _runtime
 from ._actor import Actor, method_kinds
 from ._boot_spec import BootSpec, decode_boot
-from ._errors_wire import pack_error
 from ._node import Node
-from ._ref import ACTOR_OID
+from ._ref import ACTOR_OID, BOOT_OID
 from ._registry import class_key
 from ._title import set_actor_title
 
@@ -80,26 +78,19 @@ class _Child:
         if len(frames) < 2:
             self.node.dropped["malformed"] += 1
             return None
-        src = frames[0].bytes
-        if self.actor is None and src == HOST:
-            try:
-                msg = m.decode(frames[1])
-            except m.DecodeError:
-                self.node.dropped["malformed"] += 1
-                return None
-            if type(msg) is m.Init:
-                return functools.partial(self._init, msg, frames[2:])
-        return self.node.on_message(src, frames[1:])
+        return self.node.on_message(frames[0].bytes, frames[1:])
 
-    async def _init(self, msg: m.Init, buffers: list[zmq.Frame]) -> None:
-        reply: m.Result | m.Error
+    async def _build_actor(
+        self, name: str, spec: bytes, paths: list[str], /, *args: Any, **kwargs: Any
+    ) -> tuple[dict[str, int], str]:
+        """Build the actor this process serves: what the host calls at
+        ``BOOT_OID``, once, as an ordinary call; its methods and class."""
+        if self.actor is not None:
+            raise RuntimeError(f"actor process {self.name!r} already serves an actor")
+        self.name = self.node.name = name
+        set_actor_title(name, self.boot.host_pid)
+        sys.path[:0] = paths  # an extension's folder
         try:
-            name, spec, paths, args, kwargs = self.node._load(
-                msg.payload, buffers, "actor arguments", HOST
-            )
-            self.name = self.node.name = name
-            set_actor_title(name, self.boot.host_pid)
-            sys.path[:0] = paths  # an extension's folder
             cls = Codec().loads(spec, [], "actor class")
             if isinstance(cls, str):
                 cls = _entry_point(cls)
@@ -107,19 +98,17 @@ class _Child:
             await actor.on_start()
         except Exception as exc:
             missing = _missing_module(exc) if self.boot.isolated else None
-            if missing is not None:
-                exc = ModuleNotFoundError(
-                    f"No module named {missing!r}: it is not installed in the actor's "
-                    "environment; add it to the environment's dependencies",
-                    name=missing,
-                )
-            reply = m.Error(msg.call_id, pack_error(exc, self.name))
-        else:
-            self.actor = actor
-            self.node.export(actor, self.name, oid=ACTOR_OID, actor=True)
-            kinds = {k: int(v) for k, v in method_kinds(cls).items()}
-            reply = m.Result(msg.call_id, Codec().dumps((kinds, class_key(cls)))[0])
-        self.socket.send([HOST, m.encode(reply)])
+            if missing is None:
+                raise
+            raise ModuleNotFoundError(
+                f"No module named {missing!r}: it is not installed in the actor's "
+                "environment; add it to the environment's dependencies",
+                name=missing,
+            ) from exc
+        self.actor = actor
+        self.node.unexport(BOOT_OID)
+        self.node.export(actor, self.name, oid=ACTOR_OID, actor=True)
+        return {k: int(v) for k, v in method_kinds(cls).items()}, class_key(cls)
 
     def _exit_requested(self, exc: SystemExit, where: str) -> None:
         """A method called ``sys.exit()``: this process exits, as the method
@@ -154,6 +143,7 @@ class _Child:
         async with anyio.create_task_group() as tg:
             self.tg = tg
             self.node.start(tg)
+            self.node.export(self._build_actor, "build", oid=BOOT_OID)
             tg.start_soon(self.socket.serve, self._on_message)
             tg.start_soon(self._watch_host)
             hello = m.Hello(self.boot.secret, os.getpid(), m.WIRE_VERSION)

@@ -12,6 +12,9 @@ A = TypeVar("A")
 ACTOR_OID = 0
 """Object id of the actor inside its own process."""
 
+BOOT_OID = 2
+"""Object id, in a new actor process, of what builds its actor (called once)."""
+
 
 class ActorRef(Generic[A]):
     """A handle on an actor; ``ref.method(...)`` calls it in its process.

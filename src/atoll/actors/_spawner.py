@@ -5,7 +5,7 @@ A spawn takes a process from the environment's warm pool if one waits,
 else a fork of the environment's fork server, else a process started from
 scratch (which starts the fork server for the spawns after it). The process
 reads its boot description, connects to the hub and says hello; the actor
-is then built in it (``Init``), all within ``spawn_timeout``.
+is then built in it by an ordinary call, all within ``spawn_timeout``.
 """
 
 from __future__ import annotations
@@ -26,18 +26,22 @@ import anyio.to_thread
 import msgspec
 from anyio.abc import Process, TaskGroup
 
-from .._errors import ActorClosedError, ActorDiedError, AtollError, SpawnError, TransportError
-from ..transport import _messages as m
-from ..transport._codec import Codec, prepare_args
+from .._errors import (
+    ActorClosedError,
+    ActorDiedError,
+    AtollError,
+    SerializationError,
+    SpawnError,
+    TransportError,
+)
 from ..transport._hub import Hub
 from ..venvs import BuiltEnv, Env, build
 from ..venvs._env import user_cache_dir
 from ._actor import Kind
 from ._boot_spec import BootSpec, encode_boot
 from ._code_table import cached_table, write_table
-from ._errors_wire import unpack_error
 from ._forks import ForkServer, ForkServerError, supported
-from ._node import Node, _Pending
+from ._node import Node
 from ._options import HostOptions
 from ._processes import (
     ActorProcess,
@@ -46,6 +50,7 @@ from ._processes import (
     signal_process,
     stderr_tail_text,
 )
+from ._ref import BOOT_OID
 
 _logger = logging.getLogger(__name__)
 
@@ -191,17 +196,12 @@ class Spawner:
             self._node.peer_names[actor.identity] = name
             fresh = False
         try:
-            payload, buffers = self._node.codec.dumps(
-                (name, spec, paths, *prepare_args(args, kwargs, self._node.mark)),
-                f"arguments of {label}()",
-                actor.identity,
-            )
             with anyio.fail_after(self._spawn_timeout):
                 if fresh:
                     await self._boot(actor, built, ())
                 else:
                     await self._await_hello(actor)
-                kinds, cls_key = await self._init(actor, payload, buffers)
+                kinds, cls_key = await self._build(actor, spec, paths, args, kwargs, label)
         except BaseException as exc:
             with anyio.CancelScope(shield=True):
                 await self._processes.stop(actor, grace=0)
@@ -412,26 +412,25 @@ class Spawner:
         finally:
             self._fork_starting.pop(key).set()
 
-    async def _init(
-        self, actor: ActorProcess, payload: bytes, buffers: list[Any]
+    async def _build(
+        self,
+        actor: ActorProcess,
+        spec: bytes,
+        paths: list[str],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        label: str,
     ) -> tuple[dict[str, Kind], str]:
-        """Have ``actor``'s process build the actor; returns its methods and class."""
-        node = self._node
-        call_id = node._next_id()
-        pending = _Pending(actor.identity)
-        node._pending[call_id] = pending
-        self._hub.send(actor.identity, [m.encode(m.Init(call_id, payload)), *buffers])
+        """Have ``actor``'s process build the actor, by an ordinary call to
+        what it serves at ``BOOT_OID``; its methods and class."""
         try:
-            await pending.wait()
-        finally:
-            node._pending.pop(call_id, None)
-        if pending.error is not None:
-            raise pending.error
-        assert pending.header is not None
-        if type(pending.header) is m.Error:
-            cause = unpack_error(pending.header.payload)
-            raise SpawnError(f"actor {actor.name!r} failed to start: {cause!r}") from cause
-        kinds, cls_key = Codec().loads(pending.header.payload, [], "actor description")
+            kinds, cls_key = await self._node.call(
+                actor.identity, BOOT_OID, label, (actor.name, spec, paths, *args), kwargs
+            )
+        except (ActorDiedError, SerializationError, TransportError):
+            raise
+        except Exception as exc:
+            raise SpawnError(f"actor {actor.name!r} failed to start: {exc!r}") from exc
         return {k: Kind(v) for k, v in kinds.items()}, cls_key
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import msgspec
 
-WIRE_VERSION = 3
+WIRE_VERSION = 4
 
 
 class _Msg(msgspec.Struct, tag=True, frozen=True, array_like=True, gc=False):
@@ -25,13 +25,6 @@ class Hello(_Msg, frozen=True):
     secret: bytes
     pid: int
     version: int
-
-
-class Init(_Msg, frozen=True):
-    """Host to child: build the actor (class, arguments) and report back."""
-
-    call_id: int
-    payload: bytes
 
 
 class Call(_Msg, frozen=True):
@@ -114,7 +107,6 @@ class Bye(_Msg, frozen=True):
 
 Message = (
     Hello
-    | Init
     | Call
     | Result
     | Error
