@@ -147,3 +147,26 @@ async def test_a_loop_of_quick_calls_lets_other_tasks_run_and_can_be_cancelled(
         assert scope.cancelled_caught
         assert calls > 10 and ticks >= calls // 2
         assert await counter.get() in (calls, calls + 1)  # the last one may have run
+
+
+class Scoped(atoll.Actor):
+    async def scoped(self) -> str:
+        # Scopes entered before the method first suspends nest in the call's own.
+        with anyio.fail_after(5):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(anyio.sleep, 0.001)
+        return "done"
+
+    async def forever(self) -> None:
+        await anyio.sleep_forever()  # trio enters a scope before it suspends
+
+
+async def test_a_method_may_enter_cancel_scopes_before_it_first_suspends() -> None:
+    async with atoll.open_host() as host:
+        scoped = await host.spawn(Scoped)
+        with anyio.fail_after(20):
+            assert await scoped.scoped() == "done"
+            with anyio.move_on_after(0.2) as gave_up:
+                await scoped.forever()
+            assert gave_up.cancelled_caught
+            assert await scoped.scoped() == "done"  # the actor is fine after the cancel

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import anyio
 import pytest
 
@@ -142,3 +144,35 @@ async def test_a_quick_call_in_a_cancelled_scope_is_cancelled() -> None:
                     raise AssertionError("a cancelled caller went on")
                 assert scope.cancelled_caught
             assert await counter.get() % 100 == 3
+
+
+class Blocker(atoll.Actor):
+    def __init__(self) -> None:
+        self.log: list[str] = []
+
+    def hold(self, started: Any, seconds: float) -> None:
+        import time
+
+        started()  # blocks this thread until the caller has heard
+        time.sleep(seconds)  # the method's own work: a thread cannot be interrupted
+        self.log.append("hold returned")
+
+    async def seen(self) -> list[str]:
+        return self.log
+
+
+async def test_a_sync_method_whose_caller_gave_up_keeps_its_turn_until_it_returns() -> None:
+    async with atoll.open_host() as host:
+        blocker = await host.spawn(Blocker)
+        started = anyio.Event()
+
+        async def on_started() -> None:
+            started.set()
+
+        with anyio.fail_after(20):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(blocker.hold, on_started, 0.5)
+                await started.wait()
+                tg.cancel_scope.cancel()  # the caller gives up; the method runs on
+            # The next call waits for the turn, which ends when hold() returns.
+            assert await blocker.seen() == ["hold returned"]

@@ -36,7 +36,7 @@ from .._errors import (
 from ..tensors import Plane
 from ..transport import _messages as m
 from ..transport._codec import Codec
-from ..transport._socket import Job, PeerUnreachableError, Resumed, event_maker
+from ..transport._socket import Job, PeerUnreachableError, call_scope_maker, event_maker
 from ._actor import Kind, kind_of
 from ._errors_wire import pack_error, unpack_error
 from ._turns import TurnGate
@@ -165,7 +165,7 @@ class Node:
         self._next_id = itertools.count((node_no << 40) + 1).__next__
         self._next_oid = itertools.count(16).__next__  # below 16: well-known objects
         self._pending: dict[int, _Pending | _StreamIn] = {}
-        self._running: dict[tuple[bytes, int], anyio.CancelScope] = {}
+        self._running: dict[tuple[bytes, int], Any] = {}  # the calls' cancel scopes
         self._streams_out: dict[tuple[bytes, int], _StreamOut] = {}
         self._exports: dict[int, _Export] = {}
         self._retired: dict[int, str] = {}  # names of unexported services, for errors
@@ -184,6 +184,7 @@ class Node:
         self._token: anyio.lowlevel.EventLoopToken | None = None
         self._loop_thread = 0
         self._new_event: Callable[[], Any] = anyio.Event
+        self._new_scope: Callable[[], Any] = call_scope_maker()
         self.peer_names: dict[bytes, str] = {}
         self.dropped: Counter[str] = Counter()
         self.on_bye: Callable[[bytes, m.Bye], None] | None = None
@@ -203,6 +204,7 @@ class Node:
         self._token = anyio.lowlevel.current_token()
         self._loop_thread = threading.get_ident()
         self._new_event = event_maker()
+        self._new_scope = call_scope_maker()
         tg.start_soon(self.plane.serve)
 
     def _transmit(self, dest: bytes, frames: Sequence[Any]) -> None:
@@ -577,24 +579,19 @@ class Node:
         # Workers run one call after another: reset what this one set.
         token = current_call.set((msg.call_id, msg.chain))
         try:
-            # The first step runs by hand: most calls end there, and a call that
-            # never suspends cannot be cancelled, so it needs no cancel scope
-            # (entering and leaving one costs 6-9 us on this kind of machine).
-            invoke = self._invoke(src, export, msg, frames)
-            try:
-                first = invoke.send(None)
-            except StopIteration as returned:
-                result = returned.value
-            else:
-                key = (src, msg.call_id)
-                with anyio.CancelScope() as scope:
-                    self._running[key] = scope
-                    try:
-                        result = await Resumed(invoke, first)
-                    finally:
-                        del self._running[key]
-                if scope.cancelled_caught:
-                    return  # the caller gave up: nobody wants an answer
+            # The call's cancel scope is entered before the method's first
+            # step: a method that enters a scope of its own before it first
+            # suspends (fail_after, a task group, trio.sleep) nests it inside
+            # ours, as the event loop requires.
+            key = (src, msg.call_id)
+            with self._new_scope() as scope:
+                self._running[key] = scope
+                try:
+                    result = await self._invoke(src, export, msg, frames)
+                finally:
+                    del self._running[key]
+            if scope.cancelled_caught:
+                return  # the caller gave up: nobody wants an answer
         except (Exception, KeyboardInterrupt) as exc:
             # A KeyboardInterrupt here was raised by the method itself (actor
             # processes ignore SIGINT): the call fails with it, reported as
@@ -647,9 +644,6 @@ class Node:
         it keeps its turn until it returns, and its result is dropped. Only
         :meth:`finish_threads`, when this process closes, stops waiting for it.
         """
-        # Suspend once first: the call's own cancel scope is entered only once
-        # the call suspends (see _serve_call), and ours must nest inside it.
-        await anyio.lowlevel.checkpoint()
         with anyio.CancelScope(shield=True) as guard:
             caller = self.peer_names.get(src, src.decode(errors="replace"))
             self._threads[guard] = f"{export.name} (called by {caller!r})"

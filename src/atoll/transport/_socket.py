@@ -181,6 +181,24 @@ def event_maker() -> Callable[[], Any]:
     return anyio.Event
 
 
+def call_scope_maker() -> Callable[[], Any]:
+    """The cheapest cancel scope of the running event loop, for the scope
+    every served call runs in: trio's own CancelScope on trio (anyio's wraps
+    it, at a cost per call), anyio's on asyncio (asyncio has no scope of its
+    own that anyio's shields hold back). What it makes is a context manager
+    with ``cancel()`` and ``cancelled_caught``."""
+    if "trio" in sys.modules:
+        import trio
+
+        try:
+            trio.lowlevel.current_task()
+        except RuntimeError:
+            pass
+        else:
+            return trio.CancelScope
+    return anyio.CancelScope
+
+
 def _start(job: Job) -> Resumed[None] | None:
     """Run ``job`` up to its first suspension: None if it finished."""
     coro = job()
