@@ -113,14 +113,14 @@ async def test_a_reply_read_while_sending_still_stops_a_cancelled_caller() -> No
     # (a busy machine): the reply is read before the call ever waits.
     async with atoll.open_host() as host:
         counter = await host.spawn(Counter)
-        send, socket, pending = host.node._transmit, host._hub.socket, host.node._pending
+        send, socket, pending = host._node._transmit, host._hub.socket, host._node._pending
 
         def send_and_read_the_reply(dest: bytes, frames: list[object]) -> None:
             send(dest, frames)
             while pending and socket._poll(5.0):
                 socket._catch_up()
 
-        host.node._transmit = send_and_read_the_reply  # type: ignore[method-assign]
+        host._node._transmit = send_and_read_the_reply  # type: ignore[method-assign]
         with anyio.fail_after(10):
             assert await counter.add(1) == 1
             with anyio.CancelScope() as scope:

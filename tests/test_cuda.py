@@ -97,7 +97,7 @@ async def test_the_receiver_waits_for_the_senders_stream() -> None:
 async def test_leases_on_cuda_memory_end_with_the_receivers_views_or_its_death() -> None:
     t = torch.ones(1 << 16, device="cuda")
     async with atoll.open_host() as host:
-        plane = host.node.plane
+        plane = host._node.plane
         g = await host.spawn(Gpu)
         with anyio.fail_after(30):
             await g.keep(t)

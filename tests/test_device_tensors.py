@@ -75,7 +75,7 @@ class Holder(atoll.Actor):
 
 
 def _plane(host: atoll.Host) -> Any:
-    return host.node.plane
+    return host._node.plane
 
 
 @pytest.mark.anyio

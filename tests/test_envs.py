@@ -431,7 +431,7 @@ async def test_load_extension_checks_the_actor_class_it_is_told(
             assert await ref.hello() == "hi"
             with pytest.raises(atoll.ExtensionError, match=r"typed_ext_module.Named, not .*Probe"):
                 await host.load_extension(folder, name="other", actor_class=Probe)
-            assert "other" not in host.registry._entries  # stopped again
+            assert "other" not in host._registry._entries  # stopped again
 
 
 async def test_lifecycle_hooks_run_in_the_child_and_report_errors(

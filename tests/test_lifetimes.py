@@ -390,8 +390,8 @@ async def test_dead_actors_leave_bounded_bookkeeping(monkeypatch: pytest.MonkeyP
                     await host.stop(echo)
             gc.collect()
             assert host._processes.actors == {}
-            assert len(host.node._gone) <= 8 and len(host.node.peer_names) <= 8
-            assert len(host.registry._entries) <= 8 + 1  # tombstones, and the registry
+            assert len(host._node._gone) <= 8 and len(host._node.peer_names) <= 8
+            assert len(host._registry._entries) <= 8 + 1  # tombstones, and the registry
             assert _descriptors() <= fds + 2
             with pytest.raises(atoll.ActorDiedError):
                 await echo.echo(1)  # the latest dead one still says how it died

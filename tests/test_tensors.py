@@ -80,7 +80,7 @@ async def test_tensors_and_plain_arguments_keep_their_places_and_types() -> None
 
 async def test_tensors_beside_scalars_travel_without_pickle() -> None:
     async with atoll.open_host() as host:
-        codec, mark = host.node.codec, host.node.mark
+        codec, mark = host._node.codec, host._node.mark
         t = atoll.share(torch.ones(1 << 16))
         lifted, _ = codec.dumps_call((t, 1, "x"), {"k": t[2:]}, mark, "arguments", b"peer")
         nested, _ = codec.dumps_call(([t],), {}, mark, "arguments", b"peer")
@@ -90,7 +90,7 @@ async def test_tensors_beside_scalars_travel_without_pickle() -> None:
 
 async def test_a_tensor_alone_or_beside_scalars_travels_as_flat_fields() -> None:
     async with atoll.open_host() as host:
-        codec, mark = host.node.codec, host.node.mark
+        codec, mark = host._node.codec, host._node.mark
         t = atoll.share(torch.ones(1 << 16))
         call, _ = codec.dumps_call((1, t, "x"), {}, mark, "arguments", b"peer")
         value, _ = codec.dumps_value(t.view(256, 256), mark, "result", b"peer")
@@ -126,9 +126,9 @@ async def test_a_tensor_alone_arrives_in_every_layout_and_dtype() -> None:
             assert (again.dtype, again.stride()) == (t.dtype, t.stride())
             assert torch.equal(again, t)
         del t, back, again
-        host.node.plane.drain()  # what came back is gone: the mirror lets go of it...
+        host._node.plane.drain()  # what came back is gone: the mirror lets go of it...
         await mirror.one(None)  # ...before this reply, which says so
-        assert host.node.plane.stats()["leases"] == 0
+        assert host._node.plane.stats()["leases"] == 0
 
 
 async def test_an_object_passed_twice_arrives_as_one_object() -> None:
@@ -202,13 +202,13 @@ async def test_a_shared_tensor_is_not_copied_and_writes_are_shared() -> None:
     async with atoll.open_host() as host:
         holder = await host.spawn(Holder)
         t = atoll.share(torch.zeros(1 << 20))
-        before = host.node.plane.stats()["segment_bytes"]
+        before = host._node.plane.stats()["segment_bytes"]
         await holder.fill(t[10:20], 5.0)
         assert float(t[10]) == 5.0 and float(t[9]) == 0.0
         a = atoll.share(np.zeros(1 << 20))
         await holder.fill(a, 2.0)
         assert a[123] == 2.0
-        assert host.node.plane.stats()["segment_bytes"] == before + segment_size(8 * MIB)
+        assert host._node.plane.stats()["segment_bytes"] == before + segment_size(8 * MIB)
 
 
 async def test_views_of_one_storage_in_several_dtypes_arrive_sharing_it() -> None:
@@ -380,7 +380,7 @@ def test_a_payload_never_read_gives_its_leases_back(shape: str) -> None:
 async def test_a_call_given_up_while_it_waits_its_turn_gives_its_leases_back() -> None:
     async with atoll.open_host() as host:
         holder = await host.spawn(Holder)
-        plane = host.node.plane
+        plane = host._node.plane
         parked, queued = anyio.CancelScope(), anyio.CancelScope()
 
         async def park() -> None:
@@ -425,7 +425,7 @@ async def test_a_fresh_tensor_is_copied_into_a_reused_segment() -> None:
         t = torch.ones(1 << 20)
         for _ in range(5):
             assert await holder.first(t) == 1.0
-        stats = host.node.plane.stats()
+        stats = host._node.plane.stats()
         assert stats["segments"] == 1 and stats["leases"] == 0
         await holder.fill(t, 5.0)  # writes into the copy, not into the caller's own
         assert float(t.max()) == 1.0
@@ -450,7 +450,7 @@ async def test_a_received_tensor_forwarded_to_a_third_process_is_the_same_memory
         assert float(t.min()) == 7.0
         # Every lease along the way is given back.
         assert (await a.plane_stats())["leases"] == 0
-        assert host.node.plane.stats()["leases"] == 0
+        assert host._node.plane.stats()["leases"] == 0
 
 
 async def test_a_tensor_made_by_an_actor_outlives_the_actor() -> None:
@@ -463,10 +463,10 @@ async def test_a_tensor_made_by_an_actor_outlives_the_actor() -> None:
         # Its segment is unlinked with it; the mapping here stays valid.
         assert not _segments_of(_shm.owner_prefix(host._shm_prefix, pid))
         assert float(t.sum()) == 3.0 * (1 << 20)
-        assert host.node.plane.stats()["mappings"] == 1
+        assert host._node.plane.stats()["mappings"] == 1
         del t  # the last view: now nothing of it is mapped here either
-        host.node.plane.drain()
-        assert host.node.plane.stats()["mappings"] == 0
+        host._node.plane.drain()
+        assert host._node.plane.stats()["mappings"] == 0
 
 
 async def test_an_actor_that_mapped_our_memory_and_exited_unlinks_nothing() -> None:
@@ -495,7 +495,7 @@ async def test_big_buffers_come_back_through_shared_memory() -> None:
         back = await echo.echo([data, bytearray(data), memoryview(data)])
         assert [type(x) for x in back] == [bytes, bytearray, memoryview]
         assert all(bytes(x) == data for x in back)
-        assert host.node.plane.stats()["segments"] >= 1
+        assert host._node.plane.stats()["segments"] >= 1
 
 
 # -- leases --------------------------------------------------------------------
@@ -506,7 +506,7 @@ async def test_a_shared_tensor_dropped_here_frees_its_segment() -> None:
     # hold the segment; dropping the last one puts it back in the free pool.
     async with atoll.open_host() as host:
         echo = await host.spawn(Echo)
-        plane = host.node.plane
+        plane = host._node.plane
         t = atoll.share(torch.ones(MIB // 4))
         back = await echo.echo(t)
         assert back.data_ptr() == t.data_ptr()
@@ -528,7 +528,7 @@ def _keep(holder: Any, key: Any, fill: float, alone: bool) -> Any:
 async def test_memory_is_reused_only_after_its_lease_is_released(alone: bool) -> None:
     async with atoll.open_host() as host:
         holder = await host.spawn(Holder)
-        plane = host.node.plane
+        plane = host._node.plane
         await _keep(holder, "a", 1.0, alone)
         assert plane.stats()["leases"] == 1
         await _keep(holder, "b", 2.0, alone)
@@ -546,11 +546,11 @@ async def test_leases_of_a_dead_actor_are_released() -> None:
     async with atoll.open_host() as host:
         holder = await host.spawn(Holder, name="victim")
         await holder.keep("a", (torch.ones(1 << 20), 1.0))
-        assert host.node.plane.stats()["leases"] == 1
+        assert host._node.plane.stats()["leases"] == 1
         os.kill(pid_of(host, "victim"), signal.SIGKILL)
         with anyio.fail_after(10), pytest.raises(atoll.ActorDiedError):
             await holder.damaged()
-        stats = host.node.plane.stats()
+        stats = host._node.plane.stats()
         assert stats["leases"] == 0 and stats["free_bytes"] == stats["segment_bytes"]
 
 
@@ -572,7 +572,7 @@ async def test_lease_stress_random_order_keeps_memory_bounded_and_values_intact(
 
     rng = random.Random(7)
     async with atoll.open_host() as host:
-        plane = host.node.plane
+        plane = host._node.plane
         plane._pool_bytes = 16 * MIB
         holders = [await host.spawn(Holder) for _ in range(2)]
         live: dict[int, tuple[Any, int]] = {}
@@ -610,7 +610,7 @@ async def test_inline_transfer_uses_no_shared_memory() -> None:
         echo = await host.spawn(Echo)
         t = torch.arange(1 << 20)
         assert torch.equal(await echo.echo(t), t)
-        assert host.node.plane.stats()["segments"] == 0
+        assert host._node.plane.stats()["segments"] == 0
         assert not _segments_of(host._shm_prefix)
 
 
@@ -655,7 +655,7 @@ async def test_a_full_dev_shm_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) 
 
 async def test_the_plane_of_the_current_process() -> None:
     async with atoll.open_host() as host:
-        assert current_plane("x") is host.node.plane
+        assert current_plane("x") is host._node.plane
 
 
 # -- clean-up after crashes --------------------------------------------------

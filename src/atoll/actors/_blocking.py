@@ -160,7 +160,7 @@ class _Closer:
                 return
             self.done = True
         _open_closers.discard(self)
-        if self._host.node._loop_thread == threading.get_ident():
+        if self._host._node._loop_thread == threading.get_ident():
             # Collected on its own event loop's thread, which cannot wait for
             # itself: close from a thread of its own.
             threading.Thread(target=self._close, name="atoll host close").start()

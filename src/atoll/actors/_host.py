@@ -67,14 +67,14 @@ class Host:
         self._hub = Hub(self._ctx)
         transfer = check_transfer(options.transfer)
         plane = Plane(_shm.owner_prefix(self._shm_prefix, os.getpid()), transfer=transfer)
-        self.node = Node(HOST, 0, "host", self._transmit, plane)
+        self._node = Node(HOST, 0, "host", self._transmit, plane)
         self._hub.socket.spin = options.spin_us * 1e-6
-        self.node.poll_for = self._hub.socket.poll_for
-        self.registry = Registry(self.node)
-        self.node.export(RegistryService(self.registry), "registry", oid=REGISTRY_OID, actor=True)
-        self._processes = Processes(self._hub, self.node, self.registry, self._shm_prefix)
-        self.node.on_bye = self._processes.on_bye
-        self._spawner = Spawner(options, self._hub, self.node, self._processes, self._shm_prefix)
+        self._node.poll_for = self._hub.socket.poll_for
+        self._registry = Registry(self._node)
+        self._node.export(RegistryService(self._registry), "registry", oid=REGISTRY_OID, actor=True)
+        self._processes = Processes(self._hub, self._node, self._registry, self._shm_prefix)
+        self._node.on_bye = self._processes.on_bye
+        self._spawner = Spawner(options, self._hub, self._node, self._processes, self._shm_prefix)
         self._names = itertools.count(1)
         self._tg: TaskGroup | None = None
         self._closed = False
@@ -92,7 +92,7 @@ class Host:
         # buffers as the wire would, so caller and service never share memory.
         socket = self._hub.socket
         copied: list[Any] = [frames[0], *(bytes(b) for b in frames[1:])]
-        job = self.node.on_message(HOST, copied)
+        job = self._node.on_message(HOST, copied)
         if job is not None:
             socket.submit(job)
 
@@ -104,11 +104,11 @@ class Host:
         the name is taken.
         """
         self._check_open()
-        self.registry.check_free(name)
-        oid = self.node.export(service, name, actor=True)
+        self._registry.check_free(name)
+        oid = self._node.export(service, name, actor=True)
         kinds = method_kinds(type(service))
-        self.registry.add(name, HOST, oid, kinds, class_key(type(service)))
-        return ActorRef(self.node, HOST, name, kinds, oid)
+        self._registry.add(name, HOST, oid, kinds, class_key(type(service)))
+        return ActorRef(self._node, HOST, name, kinds, oid)
 
     @contextmanager
     def registered(self, name: str, service: Any) -> Iterator[Any]:
@@ -121,14 +121,14 @@ class Host:
 
     def unregister(self, name: str) -> None:
         """Forget the service registered as ``name``; later calls to it fail."""
-        entry = self.registry.remove(name)
+        entry = self._registry.remove(name)
         if entry is not None and entry.identity == HOST:
-            self.node.unexport(entry.oid)
+            self._node.unexport(entry.oid)
 
     async def lookup(self, target: str | type[A]) -> Any:
         """Like :func:`atoll.lookup`, for this host."""
         await anyio.lowlevel.checkpoint()
-        return self.registry.find(_runtime._key(target))
+        return self._registry.find(_runtime._key(target))
 
     def subscribe(self, topic: str, callback: Callable[[Any], Any] | None = None) -> Subscription:
         """Receive the events actors publish on ``topic`` with :func:`atoll.publish`.
@@ -136,7 +136,7 @@ class Host:
         Iterate the returned subscription, or pass ``callback`` (sync or async)
         to have it called with each event. Close it to stop.
         """
-        subscription = self.registry.subscribe(topic)
+        subscription = self._registry.subscribe(topic)
         if callback is not None:
             assert self._tg is not None
             self._tg.start_soon(_deliver, subscription, callback)
@@ -145,7 +145,7 @@ class Host:
     @property
     def dropped(self) -> dict[str, int]:
         """Messages dropped so far, by reason (unknown peer, malformed, ...)."""
-        return dict(self._hub.dropped + self.node.dropped)
+        return dict(self._hub.dropped + self._node.dropped)
 
     @property
     def endpoint(self) -> str:
@@ -182,7 +182,7 @@ class Host:
         if not (isinstance(cls, type) and issubclass(cls, Actor)):
             raise TypeError(f"spawn() needs a subclass of atoll.Actor, got {cls!r}")
         name = name or f"{cls.__name__}-{next(self._names)}"
-        self.registry.check_free(name)
+        self._registry.check_free(name)
         built = await self._spawner.built(env)
         spec, _ = Codec().dumps(
             ByValue(cls) if built is not None and not installed(cls) else cls,
@@ -233,7 +233,7 @@ class Host:
         self._check_open()
         extension = read_extension(path)
         name = name or extension.name
-        self.registry.check_free(name)
+        self._registry.check_free(name)
         where = f"extension {extension.name!r} ({extension.manifest})"
         try:
             built = await self._spawner.built(extension.env)
@@ -249,7 +249,7 @@ class Host:
                 raise ExtensionError(f"{extension.manifest}: {exc.__cause__}") from None
             raise SpawnError(f"{where}: {exc}") from exc.__cause__
         ref = self._registered(name, launched)
-        loaded = self.registry.class_of(name)
+        loaded = self._registry.class_of(name)
         if actor_class is not None and loaded != class_key(actor_class):
             await self.stop(ref)
             raise ExtensionError(
@@ -289,15 +289,15 @@ class Host:
     def _registered(self, name: str, launched: Launched) -> Any:
         """Register a spawned actor under ``name``; its ref."""
         identity, kinds, cls_key = launched
-        self.registry.add(name, identity, ACTOR_OID, kinds, cls_key)
-        return ActorRef(self.node, identity, name, kinds)
+        self._registry.add(name, identity, ACTOR_OID, kinds, cls_key)
+        return ActorRef(self._node, identity, name, kinds)
 
     async def stop(self, ref: Any) -> None:
         """Stop one actor: gracefully, then terminate, then kill, each with a deadline.
 
         Calls to it that are in flight fail with :class:`ActorClosedError`.
         """
-        if not isinstance(ref, ActorRef) or ref._node is not self.node:
+        if not isinstance(ref, ActorRef) or ref._node is not self._node:
             raise TypeError(f"stop() takes a ref spawned by this host, got {ref!r}")
         actor = self._processes.actors.get(ref._id)
         if actor is not None:
@@ -330,7 +330,7 @@ class Host:
             pass
 
     def _on_message(self, src: bytes, frames: list[zmq.Frame]) -> Job | None:
-        return self.node.on_message(src, frames)
+        return self._node.on_message(src, frames)
 
     # -- the host's lifetime ------------------------------------------
 
@@ -361,7 +361,7 @@ class Host:
         try:
             async with anyio.create_task_group() as tg:
                 self._tg = self._processes.tg = self._spawner.tg = tg
-                self.node.start(tg)
+                self._node.start(tg)
                 tg.start_soon(self._hub.serve, self._on_message, self._unroutable)
                 self._ready.set()
                 try:
@@ -414,15 +414,15 @@ class Host:
 
     async def _shutdown(self) -> None:
         self._closed = self._spawner.closed = True
-        self.registry.close_subscriptions()
+        self._registry.close_subscriptions()
         with anyio.CancelScope(shield=True):
             await self._processes.stop_all(self._stop_timeout)
             await self._spawner.close_fork_servers()
-            self.node.close(
+            self._node.close(
                 lambda: ActorClosedError("the host was closed while this call was in flight"),
                 later=host_closed_error,
             )
-            await self.node.finish_threads(self._stop_timeout)
+            await self._node.finish_threads(self._stop_timeout)
 
     def _remove_files(self) -> None:
         """What a SIGTERM must not leave behind: the private directory, the segments."""
@@ -432,7 +432,7 @@ class Host:
     def _close_transport(self) -> None:
         self._hub.close()
         self._ctx.term()
-        self.node.plane.close()
+        self._node.plane.close()
         _shm.sweep(self._shm_prefix)
 
 

@@ -15,7 +15,6 @@ from typing import Any
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from .._errors import ActorDiedError
 from ._actor import Kind
 from ._node import ExcFactory, Node
 from ._ref import ActorRef
@@ -192,7 +191,6 @@ class Registry:
 
 __all__ = [
     "REGISTRY_OID",
-    "ActorDiedError",
     "Registry",
     "RegistryService",
     "Subscription",

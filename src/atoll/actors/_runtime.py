@@ -18,8 +18,8 @@ class Host(Protocol):
     """What these functions use of a host (``_host.Host``, which this module
     does not import: actor processes import this one, never the host's side)."""
 
-    registry: Registry
-    node: Node
+    _registry: Registry
+    _node: Node
     _closed: bool
     _context_token: Any
 
@@ -62,7 +62,7 @@ def host_here() -> Host | None:
     if host is not None and not host._closed:
         return host
     thread = threading.get_ident()
-    here = [h for h in _open_hosts if h.node._loop_thread == thread]
+    here = [h for h in _open_hosts if h._node._loop_thread == thread]
     return here[0] if len(here) == 1 else None
 
 
@@ -88,7 +88,7 @@ async def lookup(target: str | type[Any]) -> Any:
     key = _key(target)
     host = host_here()
     if host is not None:
-        return host.registry.find(key)
+        return host._registry.find(key)
     if child_node is not None:
         return await child_node.call(HOST, REGISTRY_OID, "lookup", (key,), {})
     raise RuntimeError("atoll.lookup() works inside open_host() or in an actor process")
@@ -102,7 +102,7 @@ def publish(topic: str, value: Any) -> None:
     """
     host = host_here()
     if host is not None:
-        host.registry.publish_now(topic, value)
+        host._registry.publish_now(topic, value)
         return
     node = child_node
     if node is None:
@@ -121,7 +121,7 @@ def current_plane(what: str) -> Plane:
     """The tensor plane of the host in context, or of this actor process."""
     host = host_here()
     if host is not None:
-        return host.node.plane
+        return host._node.plane
     if child_node is not None:
         return child_node.plane
     raise RuntimeError(f"atoll.{what}() works inside open_host() or in an actor process")
