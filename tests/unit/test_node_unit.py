@@ -11,7 +11,7 @@ import pytest
 from harness import wire
 
 import atoll
-from atoll.actors._node import STREAM_WINDOW
+from atoll.actors._node import STREAM_WINDOW, _Pending
 from atoll.transport import _messages as m
 
 pytestmark = pytest.mark.anyio
@@ -62,10 +62,17 @@ class Service(atoll.Actor):
             yield self.produced
 
 
+def _caller_and_service(w: Any) -> tuple[Any, Any, Service]:
+    """Two nodes: ``a`` calls, ``b`` serves a Service as its actor."""
+    a, b = w.node("a"), w.node("b")
+    service = Service()
+    b.export(service, "svc", oid=ACTOR, actor=True)
+    return a, b, service
+
+
 async def test_a_call_returns_its_result_and_leaves_no_record() -> None:
     async with wire() as w:
-        a, b = w.node("a"), w.node("b")
-        b.export(Service(), "svc", oid=ACTOR, actor=True)
+        a, b, _ = _caller_and_service(w)
         with anyio.fail_after(5):
             assert await a.call(b.identity, ACTOR, "double", (21,), {}) == 42
         assert a._pending == {} and b._running == {}
@@ -73,16 +80,14 @@ async def test_a_call_returns_its_result_and_leaves_no_record() -> None:
 
 async def test_a_method_may_enter_cancel_scopes_before_it_first_suspends() -> None:
     async with wire() as w:
-        a, b = w.node("a"), w.node("b")
-        b.export(Service(), "svc", oid=ACTOR, actor=True)
+        a, b, _ = _caller_and_service(w)
         with anyio.fail_after(5):
             assert await a.call(b.identity, ACTOR, "scoped", (), {}) == "done"
 
 
 async def test_a_remote_exception_keeps_its_type_and_traceback() -> None:
     async with wire() as w:
-        a, b = w.node("a"), w.node("b")
-        b.export(Service(), "svc", oid=ACTOR, actor=True)
+        a, b, _ = _caller_and_service(w)
         with anyio.fail_after(5), pytest.raises(KeyError, match="missing") as caught:
             await a.call(b.identity, ACTOR, "fail", (), {})
         assert isinstance(caught.value.__cause__, atoll.RemoteTraceback)
@@ -93,9 +98,7 @@ async def test_a_callback_along_the_chain_reenters_while_others_wait_their_turn(
     """a calls b; b calls back into a (re-entrant: it runs at once); a call
     of another chain to b waits until b's turn ends."""
     async with wire() as w:
-        a, b = w.node("a"), w.node("b")
-        service = Service()
-        b.export(service, "svc", oid=ACTOR, actor=True)
+        a, b, service = _caller_and_service(w)
         back_in = anyio.Event()
         release = anyio.Event()
 
@@ -126,9 +129,7 @@ async def test_a_callback_along_the_chain_reenters_while_others_wait_their_turn(
 
 async def test_a_cancelled_caller_cancels_the_call_in_its_callee() -> None:
     async with wire() as w:
-        a, b = w.node("a"), w.node("b")
-        service = Service()
-        b.export(service, "svc", oid=ACTOR, actor=True)
+        a, b, service = _caller_and_service(w)
         with anyio.fail_after(5):
             async with anyio.create_task_group() as tg:
 
@@ -146,9 +147,7 @@ async def test_a_cancelled_caller_cancels_the_call_in_its_callee() -> None:
 
 async def test_a_call_given_up_while_queued_never_runs() -> None:
     async with wire() as w:
-        a, b = w.node("a"), w.node("b")
-        service = Service()
-        b.export(service, "svc", oid=ACTOR, actor=True)
+        a, b, service = _caller_and_service(w)
         with anyio.fail_after(5):
             async with anyio.create_task_group() as tg:
                 tg.start_soon(a.call, b.identity, ACTOR, "park", (), {})
@@ -163,9 +162,7 @@ async def test_a_call_given_up_while_queued_never_runs() -> None:
 
 async def test_a_peer_gone_fails_what_waits_on_it() -> None:
     async with wire() as w:
-        a, b = w.node("a"), w.node("b")
-        service = Service()
-        b.export(service, "svc", oid=ACTOR, actor=True)
+        a, b, service = _caller_and_service(w)
         with anyio.fail_after(5):
             async with anyio.create_task_group() as tg:
                 failed: list[BaseException] = []
@@ -187,9 +184,7 @@ async def test_a_peer_gone_fails_what_waits_on_it() -> None:
 
 async def test_a_stream_runs_at_most_its_window_ahead_of_its_consumer() -> None:
     async with wire() as w:
-        a, b = w.node("a"), w.node("b")
-        service = Service()
-        b.export(service, "svc", oid=ACTOR, actor=True)
+        a, b, _ = _caller_and_service(w)
         with anyio.fail_after(5):
             stream = a.stream(b.identity, ACTOR, "count", (), {})
             assert await stream.__anext__() == 1
@@ -211,8 +206,7 @@ def _items_sent(w: Any) -> int:
 
 async def test_a_callback_is_released_by_its_owner_once_no_proxy_is_left() -> None:
     async with wire() as w:
-        a, b = w.node("a"), w.node("b")
-        b.export(Service(), "svc", oid=ACTOR, actor=True)
+        a, b, _ = _caller_and_service(w)
 
         async def shout(word: str) -> str:
             return word.upper()
@@ -224,3 +218,23 @@ async def test_a_callback_is_released_by_its_owner_once_no_proxy_is_left() -> No
             assert await a.call(b.identity, ACTOR, "double", (1,), {}) == 2
             await anyio.wait_all_tasks_blocked()
         assert len(a._exports) == exported - 1
+
+
+async def test_leases_given_back_wait_until_the_result_before_them_is_read() -> None:
+    """A result may carry a storage of ours back (a device tensor returned to
+    its owner); the peer's Unlease right behind it must not free it before
+    the caller has loaded the result."""
+    async with wire() as w:
+        a, b = w.node("a"), w.node("b")
+        let_go: list[tuple[int, ...]] = []
+        a.plane.unlease = lambda src, leases: let_go.append(tuple(leases))  # type: ignore[method-assign]
+        pending = _Pending(b.identity)
+        a._pending[7] = pending
+        a.on_message(b.identity, [m.encode(m.Result(7, a.codec.dumps(None)[0], (4,)))])
+        a.on_message(b.identity, [m.encode(m.Unlease((5,)))])
+        assert let_go == []  # the result is not read yet
+        assert pending.header is not None
+        a._settle(b.identity, pending.header)  # what the caller does once it has loaded it
+        assert sorted(lease for group in let_go for lease in group) == [4, 5]
+        a.on_message(b.identity, [m.encode(m.Unlease((6,)))])
+        assert let_go[-1] == (6,)  # nothing unread: at once

@@ -179,6 +179,11 @@ class Node:
         self.abandoned_threads = 0
         """Sync calls :meth:`finish_threads` stopped waiting for."""
         self._gone: dict[bytes, ExcFactory] = {}
+        # Results and stream items from a peer not loaded yet, and the leases
+        # that peer gave back meanwhile: a storage of ours may come back in
+        # them, and must not be let go of before they are read.
+        self._unread: dict[bytes, int] = {}
+        self._held_back: dict[bytes, list[int]] = {}
         self._closed: ExcFactory | None = None
         self._tg: TaskGroup | None = None
         self._token: anyio.lowlevel.EventLoopToken | None = None
@@ -248,6 +253,10 @@ class Node:
         with it until it has."""
         gone = self._gone
         gone[peer] = make_exc
+        self._unread.pop(peer, None)
+        given_back = self._held_back.pop(peer, None)
+        if given_back:
+            self.plane.unlease(peer, given_back)
         while len(gone) > _GONE_KEPT:
             # The oldest: a call through a ref that old gets the hub's "no such actor".
             oldest = next(iter(gone))
@@ -480,6 +489,7 @@ class Node:
         elif kind is m.StreamItem:
             stream = self._pending.get(msg.call_id)  # type: ignore[union-attr]
             if type(stream) is _StreamIn:
+                self._unread_one(src)
                 stream.items.append((msg, frames[1:]))  # type: ignore[arg-type]
                 stream.wake()
             else:  # its consumer gave up
@@ -504,7 +514,7 @@ class Node:
         elif kind is m.Release:
             self._release(msg.oid, msg.count)  # type: ignore[union-attr]
         elif kind is m.Unlease:
-            self.plane.unlease(src, msg.leases)  # type: ignore[union-attr]
+            self._unlease(src, msg.leases)  # type: ignore[union-attr]
         elif kind is m.Died:
             exc = unpack_error(msg.payload)  # type: ignore[union-attr]
             self.peer_gone(msg.actor, lambda: _fresh(exc))  # type: ignore[union-attr]
@@ -521,11 +531,14 @@ class Node:
         if type(pending) is _Pending:
             # Its caller settles the leases given back once it has loaded the
             # result: a storage of ours may come back in it, and must not be
-            # freed first (the peer's last lease on it rides on this reply).
+            # freed first (the peer's last lease on it rides on this reply,
+            # or on an Unlease right behind it).
+            if type(msg) is m.Result:
+                self._unread_one(src)
             pending.finish(msg, frames[1:])
             return
-        if type(msg) is m.Result:
-            self._settle(src, msg)
+        if type(msg) is m.Result and msg.unleased:
+            self._unlease(src, msg.unleased)
         if pending is None:  # the caller gave up (cancelled) before the reply came
             if type(msg) is m.Result:
                 self.codec.discard(msg.payload, src)
@@ -533,9 +546,32 @@ class Node:
         if type(msg) is m.Error:
             pending.fail(unpack_error(msg.payload))
 
+    def _unlease(self, src: bytes, leases: Sequence[int]) -> None:
+        if self._unread.get(src):
+            self._held_back.setdefault(src, []).extend(leases)
+        else:
+            self.plane.unlease(src, leases)
+
+    def _unread_one(self, src: bytes) -> None:
+        self._unread[src] = self._unread.get(src, 0) + 1
+
+    def _read_one(self, src: bytes) -> None:
+        """A result or stream item from ``src`` was loaded (or dropped): the
+        leases it gave back meanwhile go once nothing of it is left unread."""
+        left = self._unread.get(src, 0) - 1
+        if left > 0:
+            self._unread[src] = left
+            return
+        self._unread.pop(src, None)
+        held = self._held_back.pop(src, None)
+        if held:
+            self.plane.unlease(src, held)
+
     def _settle(self, src: bytes, reply: m.Result) -> None:
+        """After loading ``reply`` (or dropping it): the leases it gave back."""
         if reply.unleased:
-            self.plane.unlease(src, reply.unleased)
+            self._unlease(src, reply.unleased)
+        self._read_one(src)
 
     def _on_call(self, src: bytes, msg: m.Call, frames: list[zmq.Frame]) -> Job | None:
         export = self._exports.get(msg.target)
@@ -899,7 +935,12 @@ class RemoteStream:
                 self._dest, [m.encode(m.Credit(self._call_id, state.consumed))]
             )
             state.consumed = 0
-        return self._node._load(item.payload, frames, f"item of {self._request[1]}()", self._dest)
+        try:
+            return self._node._load(
+                item.payload, frames, f"item of {self._request[1]}()", self._dest
+            )
+        finally:
+            self._node._read_one(self._dest)
 
     def _abort(self) -> None:
         state = self._state
@@ -915,6 +956,7 @@ class RemoteStream:
         while state.items:
             item, _ = state.items.popleft()
             self._node.codec.discard(item.payload, self._dest)
+            self._node._read_one(self._dest)
 
     async def aclose(self) -> None:
         """Stop the stream; the producer's generator is closed in its process."""
