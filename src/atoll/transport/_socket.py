@@ -169,16 +169,24 @@ def event_maker() -> Callable[[], Any]:
             return functools.partial(_FutureEvent, asyncio.get_running_loop())
         except RuntimeError:
             pass  # not asyncio's loop
-    if "trio" in sys.modules:
+    if _running_trio():
         import trio
 
-        try:
-            trio.lowlevel.current_task()
-        except RuntimeError:
-            pass
-        else:
-            return trio.Event
+        return trio.Event
     return anyio.Event
+
+
+def _running_trio() -> bool:
+    """Whether this thread runs trio's event loop (without importing trio)."""
+    if "trio" not in sys.modules:
+        return False
+    import trio
+
+    try:
+        trio.lowlevel.current_task()
+    except RuntimeError:
+        return False
+    return True
 
 
 def call_scope_maker() -> Callable[[], Any]:
@@ -187,15 +195,10 @@ def call_scope_maker() -> Callable[[], Any]:
     it, at a cost per call), anyio's on asyncio (asyncio has no scope of its
     own that anyio's shields hold back). What it makes is a context manager
     with ``cancel()`` and ``cancelled_caught``."""
-    if "trio" in sys.modules:
+    if _running_trio():
         import trio
 
-        try:
-            trio.lowlevel.current_task()
-        except RuntimeError:
-            pass
-        else:
-            return trio.CancelScope
+        return trio.CancelScope
     return anyio.CancelScope
 
 
