@@ -182,7 +182,7 @@ class Node:
         # Results and stream items from a peer not loaded yet, and the leases
         # that peer gave back meanwhile: a storage of ours may come back in
         # them, and must not be let go of before they are read.
-        self._unread: dict[bytes, int] = {}
+        self._unread = 0
         self._held_back: dict[bytes, list[int]] = {}
         self._closed: ExcFactory | None = None
         self._tg: TaskGroup | None = None
@@ -253,7 +253,6 @@ class Node:
         with it until it has."""
         gone = self._gone
         gone[peer] = make_exc
-        self._unread.pop(peer, None)
         given_back = self._held_back.pop(peer, None)
         if given_back:
             self.plane.unlease(peer, given_back)
@@ -489,7 +488,7 @@ class Node:
         elif kind is m.StreamItem:
             stream = self._pending.get(msg.call_id)  # type: ignore[union-attr]
             if type(stream) is _StreamIn:
-                self._unread_one(src)
+                self._unread += 1
                 stream.items.append((msg, frames[1:]))  # type: ignore[arg-type]
                 stream.wake()
             else:  # its consumer gave up
@@ -534,7 +533,7 @@ class Node:
             # freed first (the peer's last lease on it rides on this reply,
             # or on an Unlease right behind it).
             if type(msg) is m.Result:
-                self._unread_one(src)
+                self._unread += 1
             pending.finish(msg, frames[1:])
             return
         if type(msg) is m.Result and msg.unleased:
@@ -547,31 +546,26 @@ class Node:
             pending.fail(unpack_error(msg.payload))
 
     def _unlease(self, src: bytes, leases: Sequence[int]) -> None:
-        if self._unread.get(src):
+        if self._unread:
             self._held_back.setdefault(src, []).extend(leases)
         else:
             self.plane.unlease(src, leases)
 
-    def _unread_one(self, src: bytes) -> None:
-        self._unread[src] = self._unread.get(src, 0) + 1
-
-    def _read_one(self, src: bytes) -> None:
-        """A result or stream item from ``src`` was loaded (or dropped): the
-        leases it gave back meanwhile go once nothing of it is left unread."""
-        left = self._unread.get(src, 0) - 1
-        if left > 0:
-            self._unread[src] = left
-            return
-        self._unread.pop(src, None)
-        held = self._held_back.pop(src, None)
-        if held:
-            self.plane.unlease(src, held)
+    def _read_one(self) -> None:
+        """A result or stream item was loaded (or dropped): leases given back
+        meanwhile go once nothing received is left unread. (One count for all
+        peers: an integer on the per-call path, not a table.)"""
+        self._unread -= 1
+        if not self._unread and self._held_back:
+            held, self._held_back = self._held_back, {}
+            for src, leases in held.items():
+                self.plane.unlease(src, leases)
 
     def _settle(self, src: bytes, reply: m.Result) -> None:
         """After loading ``reply`` (or dropping it): the leases it gave back."""
         if reply.unleased:
             self._unlease(src, reply.unleased)
-        self._read_one(src)
+        self._read_one()
 
     def _on_call(self, src: bytes, msg: m.Call, frames: list[zmq.Frame]) -> Job | None:
         export = self._exports.get(msg.target)
@@ -940,7 +934,7 @@ class RemoteStream:
                 item.payload, frames, f"item of {self._request[1]}()", self._dest
             )
         finally:
-            self._node._read_one(self._dest)
+            self._node._read_one()
 
     def _abort(self) -> None:
         state = self._state
@@ -956,7 +950,7 @@ class RemoteStream:
         while state.items:
             item, _ = state.items.popleft()
             self._node.codec.discard(item.payload, self._dest)
-            self._node._read_one(self._dest)
+            self._node._read_one()
 
     async def aclose(self) -> None:
         """Stop the stream; the producer's generator is closed in its process."""
