@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 
 import atoll
 
@@ -107,6 +108,23 @@ class Sleeper(atoll.Actor):
 
     async def stats(self) -> tuple[int, int]:
         return self.started, self.cancelled
+
+    async def park_and_swallow(self, on_started: Callable[[], Awaitable[None]]) -> str:
+        """Park until cancelled, then return anyway (a method that ignores
+        its cancellation)."""
+        self.started += 1
+        try:
+            await on_started()
+            await anyio.sleep_forever()
+        except anyio.get_cancelled_exc_class():
+            self.cancelled += 1
+        return "swallowed"
+
+    async def nap(self, n: int) -> int:
+        """Suspend a few times (each a chance to be cancelled), then answer."""
+        for _ in range(3):
+            await anyio.lowlevel.checkpoint()
+        return n
 
 
 class Ping(atoll.Actor):

@@ -108,6 +108,65 @@ async def test_call_cancelled_while_waiting_for_its_turn_never_runs() -> None:
         assert cancelled_count == 1
 
 
+async def test_calls_after_one_that_swallowed_its_cancellation_are_not_cancelled() -> None:
+    # Calls run in their worker's cancel scope: a cancelled one must not be
+    # reused, even when the method ignored the cancellation and returned.
+    async with atoll.open_host() as host:
+        sleeper = await host.spawn(Sleeper)
+        for round_ in range(1, 4):
+            started, on_started = await _started_event()
+            with anyio.fail_after(10):
+                with anyio.CancelScope() as scope:
+                    async with anyio.create_task_group() as tg:
+                        tg.start_soon(sleeper.park_and_swallow, on_started)
+                        await started.wait()
+                        scope.cancel()
+                while (await sleeper.stats())[1] != round_:
+                    await anyio.wait_all_tasks_blocked()
+                one_by_one = [await sleeper.nap(i) for i in range(10)]
+                together: list[int] = []
+
+                async def nap(i: int, together: list[int] = together) -> None:
+                    together.append(await sleeper.nap(i))
+
+                async with anyio.create_task_group() as tg:
+                    for i in range(10):
+                        tg.start_soon(nap, i)
+            assert one_by_one == list(range(10))
+            assert sorted(together) == list(range(10))
+        assert await sleeper.stats() == (3, 3)
+
+
+@pytest.mark.parametrize("method", ["park", "park_and_swallow"])
+async def test_a_call_queued_behind_a_cancelled_one_runs_and_answers(method: str) -> None:
+    # The queued call must not run in the cancelled call's scope, even when
+    # the method ignored its cancellation and returned.
+    async with atoll.open_host() as host:
+        sleeper = await host.spawn(Sleeper)
+        started, on_started = await _started_event()
+        parked = anyio.CancelScope()
+        answers: list[int] = []
+
+        async def park() -> None:
+            with parked:
+                await getattr(sleeper, method)(on_started)  # holds the actor's turn
+
+        async def nap() -> None:
+            answers.append(await sleeper.nap(7))
+
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(park)
+                await started.wait()
+                tg.start_soon(nap)
+                # Sends are synchronous: once every task here waits, the nap
+                # is on its way, ahead of the cancellation sent next.
+                await anyio.wait_all_tasks_blocked()
+                parked.cancel()
+        assert answers == [7]
+        assert await sleeper.stats() == (1, 1)
+
+
 async def test_a_reply_read_while_sending_still_stops_a_cancelled_caller() -> None:
     # The host's thread held up inside the send for as long as the reply takes
     # (a busy machine): the reply is read before the call ever waits.

@@ -15,6 +15,7 @@ from anyio.streams.memory import MemoryObjectSendStream
 
 from atoll.actors._node import Node
 from atoll.tensors import Plane, _shm
+from atoll.transport._socket import run_job
 
 
 class Wire:
@@ -53,7 +54,7 @@ class Wire:
             async for src, frames in inbox:
                 job = node.on_message(src, frames)
                 if job is not None:
-                    self._tg.start_soon(job)
+                    self._tg.start_soon(run_job, job)
 
     def close(self) -> None:
         for inbox in self._inboxes.values():

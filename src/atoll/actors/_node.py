@@ -36,7 +36,7 @@ from .._errors import (
 from ..tensors import Plane
 from ..transport import _messages as m
 from ..transport._codec import Codec
-from ..transport._socket import Job, PeerUnreachableError, call_scope_maker, event_maker
+from ..transport._socket import Job, PeerUnreachableError, event_maker, job_scope, run_job
 from ._actor import Kind, kind_of
 from ._errors_wire import pack_error, unpack_error
 from ._turns import TurnGate
@@ -189,7 +189,6 @@ class Node:
         self._token: anyio.lowlevel.EventLoopToken | None = None
         self._loop_thread = 0
         self._new_event: Callable[[], Any] = anyio.Event
-        self._new_scope: Callable[[], Any] = call_scope_maker()
         self.peer_names: dict[bytes, str] = {}
         self.dropped: Counter[str] = Counter()
         self.on_bye: Callable[[bytes, m.Bye], None] | None = None
@@ -209,7 +208,6 @@ class Node:
         self._token = anyio.lowlevel.current_token()
         self._loop_thread = threading.get_ident()
         self._new_event = event_maker()
-        self._new_scope = call_scope_maker()
         tg.start_soon(self.plane.serve)
 
     def _transmit(self, dest: bytes, frames: Sequence[Any]) -> None:
@@ -588,40 +586,53 @@ class Node:
         """Serve a call whose turn is taken, then the queued calls that the
         end of each turn lets in, one after another in this task."""
         gate = export.gate
+        # The job's scope, entered before the method's first step by whoever
+        # runs jobs: a method that enters a scope of its own before it first
+        # suspends (fail_after, a task group, trio.sleep) nests it inside
+        # this one, as the event loop requires.
+        scope = job_scope.get()
+        if gate is None:
+            await self._serve_call(src, msg, frames, export, scope)
+            return
         while True:
             try:
-                await self._serve_call(src, msg, frames, export)
-            finally:
-                if gate is not None:
-                    gate.leave(msg.chain)
-            if gate is None:
-                return
-            ready = gate.next_ready()
+                await self._serve_call(src, msg, frames, export, scope)
+            except BaseException:
+                self._next_turn(gate, msg.chain, export, here=False)
+                raise
+            ready = self._next_turn(gate, msg.chain, export, here=not scope.cancel_called)
             if ready is None:
                 return
             src, msg, frames = ready
 
+    def _next_turn(self, gate: TurnGate, chain: int, export: _Export, *, here: bool) -> Any:
+        """End a call's turn. The queued call that this lets in, if any, is
+        returned to be served next in this job; unless not ``here`` (its
+        scope was cancelled, or it failed): then it gets a task of its own."""
+        gate.leave(chain)
+        ready = gate.next_ready()
+        if ready is None or here:
+            return ready
+        assert self._tg is not None
+        self._tg.start_soon(run_job, functools.partial(self._serve_turns, *ready, export))
+        return None
+
     async def _serve_call(
-        self, src: bytes, msg: m.Call, frames: list[zmq.Frame], export: _Export
+        self, src: bytes, msg: m.Call, frames: list[zmq.Frame], export: _Export, scope: Any
     ) -> None:
         plane = self.plane
         plane.serving += 1
         # Workers run one call after another: reset what this one set.
         token = current_call.set((msg.call_id, msg.chain))
         try:
-            # The call's cancel scope is entered before the method's first
-            # step: a method that enters a scope of its own before it first
-            # suspends (fail_after, a task group, trio.sleep) nests it inside
-            # ours, as the event loop requires.
+            # Cancelling the scope cancels the call; the Cancelled exception
+            # goes past this method (no reply: nobody wants one) to the scope.
             key = (src, msg.call_id)
-            with self._new_scope() as scope:
-                self._running[key] = scope
-                try:
-                    result = await self._invoke(src, export, msg, frames)
-                finally:
-                    del self._running[key]
-            if scope.cancelled_caught:
-                return  # the caller gave up: nobody wants an answer
+            self._running[key] = scope
+            try:
+                result = await self._invoke(src, export, msg, frames)
+            finally:
+                del self._running[key]
         except (Exception, KeyboardInterrupt) as exc:
             # A KeyboardInterrupt here was raised by the method itself (actor
             # processes ignore SIGINT): the call fails with it, reported as
