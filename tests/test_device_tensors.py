@@ -343,7 +343,7 @@ def test_peers_cuda_events_are_opened_once_and_the_least_recently_used_let_go() 
 def test_a_device_token_in_a_message_never_read_is_settled_by_its_sender() -> None:
     sender, receiver = _plane_mod.Plane(_shm.host_prefix()), _plane_mod.Plane(_shm.host_prefix())
     back: list[Any] = []
-    receiver.send = lambda dest, frames: back.append(m.decode(frames[0]))
+    receiver.connect(b"receiver", lambda dest, frames: back.append(m.decode(frames[0])))
     try:
         payload, _ = Codec({}, sender).dumps_value(
             (torch.empty(8, device="meta"), 1), lambda x: x, "value", b"receiver"

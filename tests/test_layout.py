@@ -102,3 +102,27 @@ def _strongly_connected(graph: dict[str, set[str]]) -> list[list[str]]:
         if node not in index:
             visit(node)
     return found
+
+
+MODULE_LINES = 530
+"""The most lines a module may have: about 500, one job's worth."""
+_BIGGER = {
+    # One concept: the socket's rules (one reader on an edge-triggered
+    # descriptor, synchronous catch-up by senders, workers taking turns)
+    # hold only together, as its docstring says.
+    "atoll.transport._socket": 560,
+}
+"""Modules allowed more."""
+
+
+def test_each_module_is_one_jobs_size_and_says_what_it_is() -> None:
+    too_big, silent = [], []
+    for name, path in _modules().items():
+        text = path.read_text()
+        lines = text.count("\n")
+        if lines > _BIGGER.get(name, MODULE_LINES):
+            too_big.append(f"{name}: {lines} lines")
+        if not ast.get_docstring(ast.parse(text)):
+            silent.append(name)
+    assert too_big == []
+    assert silent == []

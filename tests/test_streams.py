@@ -6,7 +6,7 @@ import anyio
 import pytest
 
 import atoll
-from atoll.actors._node import STREAM_WINDOW
+from atoll.actors._calling import STREAM_WINDOW
 from helpers import Streamer
 
 pytestmark = pytest.mark.anyio

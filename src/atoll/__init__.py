@@ -43,7 +43,7 @@ if TYPE_CHECKING:
     from .actors._runtime import lookup as lookup
     from .actors._runtime import publish as publish
     from .actors._runtime import share as share
-    from .tensors._plane import copy_on_send as copy_on_send
+    from .tensors._sending import copy_on_send as copy_on_send
     from .tensors._shm import SharedMemoryError as SharedMemoryError
     from .venvs._env import Env as Env
 
@@ -61,7 +61,7 @@ _LAZY = {
     "SharedMemoryError": "atoll.tensors._shm",
     "Subscription": "atoll.actors._registry",
     "blocking_host": "atoll.actors._blocking",
-    "copy_on_send": "atoll.tensors._plane",
+    "copy_on_send": "atoll.tensors._sending",
     "lookup": "atoll.actors._runtime",
     "open_host": "atoll.actors._host",
     "publish": "atoll.actors._runtime",

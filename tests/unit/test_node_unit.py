@@ -11,7 +11,8 @@ import pytest
 from harness import wire
 
 import atoll
-from atoll.actors._node import STREAM_WINDOW, _Pending
+from atoll.actors._calling import STREAM_WINDOW
+from atoll.actors._node_state import Pending
 from atoll.transport import _messages as m
 
 pytestmark = pytest.mark.anyio
@@ -228,7 +229,7 @@ async def test_leases_given_back_wait_until_the_result_before_them_is_read() -> 
         a, b = w.node("a"), w.node("b")
         let_go: list[tuple[int, ...]] = []
         a.plane.unlease = lambda src, leases: let_go.append(tuple(leases))  # type: ignore[method-assign]
-        pending = _Pending(b.identity)
+        pending = Pending(b.identity)
         a._pending[7] = pending
         a.on_message(b.identity, [m.encode(m.Result(7, a.codec.dumps(None)[0], (4,)))])
         a.on_message(b.identity, [m.encode(m.Unlease((5,)))])

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar, cast
 
 from ._actor import Kind
-from ._node import Node, _loading
+from ._node import Node
+from ._node_state import loading
 
 A = TypeVar("A")
 
@@ -109,6 +110,6 @@ class _Method:
 
 
 def _rebuild_ref(actor_id: bytes, name: str, kinds: dict[str, int], oid: int = 0) -> ActorRef[Any]:
-    node = _loading.get()
+    node = cast(Node, loading.get())
     node.peer_names.setdefault(actor_id, name)
     return ActorRef(node, actor_id, name, {k: Kind(v) for k, v in kinds.items()}, oid)

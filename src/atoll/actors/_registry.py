@@ -16,7 +16,8 @@ import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from ._actor import Kind
-from ._node import ExcFactory, Node
+from ._node import Node
+from ._node_state import ExcFactory
 from ._ref import ActorRef
 
 REGISTRY_OID = 1

@@ -7,8 +7,8 @@ This package knows nothing about actors: the runtime gives each process one
 """
 
 from ._plane import TRANSFERS as TRANSFERS
-from ._plane import CopyOnSend as CopyOnSend
 from ._plane import Plane as Plane
 from ._plane import check_transfer as check_transfer
-from ._plane import copy_on_send as copy_on_send
+from ._sending import CopyOnSend as CopyOnSend
+from ._sending import copy_on_send as copy_on_send
 from ._shm import SharedMemoryError as SharedMemoryError

@@ -17,8 +17,6 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol, TypeVar
 
-import msgspec
-
 from .._errors import AtollError, SerializationError
 
 OOB_THRESHOLD = 8192
@@ -34,10 +32,6 @@ Handler = Callable[[Any, Any], Any]
 """What the pickler runs for an object of one type: ``handler(obj, pickler)``
 returns a ``__reduce__`` tuple, or ``NotImplemented`` for pickle's own way."""
 
-OneLifter = Callable[[Any, bytes], tuple[Any, ...] | None]
-"""``lifter(value, dest)``: ``value``'s fields, or None for the general way."""
-
-
 _LEARNT_TYPES = 4096
 """How many types' handlers a codec remembers (it starts over past that)."""
 
@@ -46,73 +40,51 @@ _HEADED = 0
 starts with the PROTO opcode, 0x80), followed by the head's length (4 bytes)."""
 _PICKLED = 0x80
 """First byte of a pickle stream (the PROTO opcode)."""
-_LIFTED = range(0x91, 0x9F)
-"""First bytes of a payload made without pickle (see :meth:`Codec._lift`):
-it is msgpack, a short array whose first item is its shape."""
-
-# Shapes of a lifted value: the value itself is the sidecar's; a tuple or list
-# of plain values and the sidecar's; arguments (a tuple of such values, and a
-# dict of them by name). Then the shapes with one value of the sidecar's, in
-# flat fields: that value, and positional arguments.
-_WHOLE, _TUPLE, _LIST, _CALL, _ONE, _ONE_ARG = range(6)
-
-_LIFT_ITEMS = 64
-"""Longer tuples, lists and dicts are left to the pickler."""
-
-_lift_encode = msgspec.msgpack.Encoder().encode
-_lift_decode = msgspec.msgpack.Decoder().decode
+SIDECAR_ENCODED = range(0x91, 0x9F)
+"""First bytes of a payload the sidecar encoded itself (see
+:meth:`Sidecar.encode`): msgpack's short arrays."""
 
 
 class Sidecar(Protocol):
-    """Carries some values beside the pickle stream (the tensor plane).
+    """Carries some values beside the pickle stream (the tensor plane), or
+    instead of it.
 
-    ``handler`` names, once per type, what reduces its objects (or None); a
-    handler may keep what it needs in ``pickler.batch``. ``seal`` turns a
-    batch into a head and extra frames (sent after the pickle's own) once the
-    pickle is complete. A stream with such a head is unpickled between
-    ``begin_load`` (which says how many of the last frames are the
-    sidecar's) and ``end_load``. Values that ``lifter`` reduces may skip the
-    pickle: their rebuilders are named by index in ``rebuilders``, the head
-    (``seal(..., encoded=False)``) travels inside the message, and ``land``
-    rebuilds them. A value that ``one_lifter`` describes alone needs even
-    less: ``land_one`` rebuilds it from its fields.
+    While pickling, ``reducer`` names once per type what reduces its objects
+    (or None); a reducer may keep what it needs in ``pickler.batch``.
+    ``seal`` turns a batch into a head and extra frames (sent after the
+    pickle's own) once the pickle is complete. A stream with such a head is
+    unpickled between ``begin_load`` (which says how many of the last frames
+    are the sidecar's) and ``end_load``.
+
+    Before any of that, the codec offers the sidecar the whole value
+    (``encode``, ``encode_args``): a value of plain items and the sidecar's
+    own, the sidecar may encode by itself, faster, into a payload that
+    starts with one of :data:`SIDECAR_ENCODED`; ``decode`` reads it.
     """
 
-    def handler(self, t: type) -> Handler | None: ...
+    def reducer(self, t: type) -> Handler | None: ...
 
-    def lifter(self, t: type) -> Handler | None:
-        """What reduces a value of type ``t`` to one of :attr:`rebuilders` and
-        arguments that msgpack carries, or None: see :meth:`Codec._lift`."""
-        ...
-
-    @property
-    def rebuilders(self) -> Sequence[Callable[..., Any]]: ...
-
-    def one_lifter(self, t: type) -> OneLifter | None:
-        """What describes a value of type ``t``, the only one of a message
-        that the sidecar carries, as flat fields (leasing what it must to
-        the destination it is given), or None: see :meth:`Codec._lift_one`."""
-        ...
-
-    def land_one(self, src: bytes, fields: Sequence[Any]) -> Any: ...
-
-    def land(
-        self, src: bytes, own: Any, entries: Any, frames: Sequence[Any], slots: Sequence[Any]
-    ) -> list[Any]: ...
-
-    def seal(self, batch: Any, dest: bytes, *, encoded: bool = True) -> tuple[Any, list[Any]]: ...
+    def seal(self, batch: Any, dest: bytes) -> tuple[bytes, list[Any]]: ...
 
     def begin_load(self, src: bytes, head: bytes, frames: Sequence[Any]) -> tuple[Any, int]: ...
 
     def end_load(self, state: Any) -> None: ...
 
-    def discard(self, src: bytes, head: Any) -> None:
-        """Give back what a message that will not be read leases: its
-        ``head`` (as :meth:`begin_load` takes it, or the entries of a lifted
-        message)."""
+    def discard(self, src: bytes, head: bytes) -> None:
+        """Give back what a pickled message that will not be read leases."""
         ...
 
-    def discard_one(self, src: bytes, fields: Sequence[Any]) -> None: ...
+    def encode(self, value: Any, dest: bytes) -> tuple[bytes, list[Any]] | None: ...
+
+    def encode_args(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any], dest: bytes
+    ) -> tuple[bytes, list[Any]] | None: ...
+
+    def decode(self, data: bytes, frames: Sequence[Any], src: bytes) -> Any: ...
+
+    def discard_encoded(self, data: bytes, src: bytes) -> None:
+        """Give back what a payload of the sidecar's that will not be read leases."""
+        ...
 
 
 _V = TypeVar("_V")
@@ -135,92 +107,6 @@ def _unpicklable(what: str, exc: Exception) -> SerializationError:
         f"cannot pickle the {what}: {exc}. Send picklable values, or wrap "
         "the object in an actor and pass its ref instead."
     )
-
-
-_UNFIT: Any = object()
-"""An item only the pickler can take (see :meth:`Codec._lift`)."""
-
-
-def _utf8(text: str) -> bool:
-    """Whether msgpack can carry ``text`` (no lone surrogates)."""
-    if text.isascii():
-        return True
-    try:
-        text.encode()
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def _carried(v: Any) -> bool:
-    """Whether msgpack carries ``v``, a scalar or short ``bytes``, exactly:
-    not ints past 64 bits, strings with lone surrogates, or complex."""
-    t = type(v)
-    if t is int:
-        return bool(-(1 << 63) <= v < 1 << 64)
-    if t is str:
-        return _utf8(v)
-    if t is bytes:
-        return len(v) < OOB_THRESHOLD
-    return t is float or t is bool or v is None
-
-
-class _Walk:
-    """Goes through the items of a value for :meth:`Codec._lift`: notes a
-    slot per value the sidecar reduces, and whether all the rest is plain.
-    It stands in for the pickler the sidecar's handlers expect (``batch``)."""
-
-    __slots__ = ("batch", "containers", "plain", "seen", "slots")
-
-    def __init__(self) -> None:
-        self.batch: Any = None
-        self.slots: list[Any] = []
-        self.seen: dict[int, int] = {}
-        self.containers = False  # plain tuples, lists or dicts met
-        self.plain = True  # nothing but scalars, short bytes and such containers
-
-    def items(self, codec: Codec, items: Sequence[Any]) -> list[Any] | None:
-        if len(items) > _LIFT_ITEMS:
-            return None
-        out = []
-        for i, v in enumerate(items):
-            v = self.one(codec, v, i)
-            if v is _UNFIT:
-                return None
-            out.append(v)
-        return out
-
-    def one(self, codec: Codec, v: Any, at: Any) -> Any:
-        """``v`` if msgpack carries it as it is; None, its slot noted, if the
-        sidecar reduces it; else ``_UNFIT``."""
-        t = type(v)
-        if t in _SCALARS or t is bytes:
-            return v if _carried(v) else _UNFIT
-        if t is tuple or t is list or t is dict:
-            if not _plain(v):
-                return _UNFIT
-            self.containers = True
-            return v
-        first = self.seen.get(id(v))
-        if first is not None:  # the same object again: the same object arrives
-            self.slots.append((at, -1, first))
-            return None
-        try:
-            lifter = codec._lifters[t]
-        except KeyError:
-            lifter = codec._learn_lifter(t)
-        if lifter is None:
-            return _UNFIT
-        reduced = lifter(v, self)
-        if reduced is NotImplemented:
-            return _UNFIT
-        code = codec._codes.get(reduced[0])
-        if code is None:
-            return _UNFIT
-        self.plain = False
-        self.seen[id(v)] = len(self.slots)
-        self.slots.append((at, code, reduced[1]))
-        return None
 
 
 def _rebuild_bytes(buf: Any) -> bytes:
@@ -297,22 +183,22 @@ def prepare_args(
     )
 
 
-_SCALARS = frozenset({type(None), bool, int, float, complex, str})
+SCALARS = frozenset({type(None), bool, int, float, complex, str})
 _PLAIN_ITEMS = 16
 """Containers up to this long are checked for the plain fast path."""
 
 
-def _plain(x: Any, depth: int = 3) -> bool:
+def is_plain(x: Any, depth: int = 3) -> bool:
     """True for small values that plain C pickle handles alone: scalars, short
     ``bytes`` and short tuples, lists and dicts of such. No hook would change
     how they are pickled, so :meth:`Codec.dumps` skips the hooks."""
     t = type(x)
-    if t in _SCALARS:
+    if t in SCALARS:
         return True
     if t is bytes:
         return len(x) < OOB_THRESHOLD
     if t is dict:
-        if depth == 0 or len(x) > _PLAIN_ITEMS or not _SCALARS.issuperset(map(type, x)):
+        if depth == 0 or len(x) > _PLAIN_ITEMS or not SCALARS.issuperset(map(type, x)):
             return False
         values = x.values()
     elif t is tuple or t is list:
@@ -322,7 +208,7 @@ def _plain(x: Any, depth: int = 3) -> bool:
     else:
         return False
     for v in values:  # noqa: SIM110 (a loop is cheaper than all() and a generator)
-        if not _plain(v, depth - 1):
+        if not is_plain(v, depth - 1):
             return False
     return True
 
@@ -432,11 +318,6 @@ class Codec:
 
         self._pickler_cls = _Pickler
         self._cloud_pickler_cls: type[pickle.Pickler] | None = None
-        self._lifters: dict[type, Handler | None] = {}
-        self._one_lifters: dict[type, OneLifter | None] = {}
-        self._codes: dict[Any, int] = (
-            {fn: i for i, fn in enumerate(sidecar.rebuilders)} if sidecar is not None else {}
-        )
 
     def _learn(self, t: type, *, cloud: bool) -> Handler | None:
         found: list[Handler] = []
@@ -444,7 +325,7 @@ class Codec:
         if reducer is not None:
             found.append(_call_reducer(reducer))
         if self._sidecar is not None:
-            handler = self._sidecar.handler(t)
+            handler = self._sidecar.reducer(t)
             if handler is not None:
                 found.append(handler)
         if t is memoryview:
@@ -483,7 +364,7 @@ class Codec:
 
     def dumps(self, obj: Any, what: str = "value", dest: bytes = b"") -> tuple[bytes, list[Any]]:
         """Pickle ``obj`` for ``dest``; return the payload and the frames that follow it."""
-        if _plain(obj):
+        if is_plain(obj):
             return pickle.dumps(obj, 5), []
         buffers: list[Any] = []
 
@@ -516,187 +397,55 @@ class Codec:
             return f.getvalue(), buffers
         assert self._sidecar is not None
         head, frames = self._sidecar.seal(batch, dest)
-        assert type(head) is bytes
         return b"".join(
             (bytes((_HEADED,)), len(head).to_bytes(4, "little"), head, f.getbuffer())
         ), buffers + frames
-
-    def _learn_lifter(self, t: type) -> Handler | None:
-        assert self._sidecar is not None
-        return _remember(self._lifters, t, self._sidecar.lifter(t))
 
     def dumps_call(
         self, args: tuple[Any, ...], kwargs: dict[str, Any], mark: Marker, what: str, dest: bytes
     ) -> tuple[bytes, list[Any]]:
         """:meth:`dumps` of ``prepare_args(args, kwargs, mark)``, faster
-        where the arguments are scalars, short byte strings and the
-        sidecar's values (see :meth:`_lift`)."""
+        where the arguments are scalars and short byte strings, or the
+        sidecar encodes them itself."""
         for v in args:
             t = type(v)
-            if not (t in _SCALARS or (t is bytes and len(v) < OOB_THRESHOLD)):
+            if not (t in SCALARS or (t is bytes and len(v) < OOB_THRESHOLD)):
                 break
         else:
             if not kwargs:
                 return pickle.dumps((args, kwargs), 5), []
         if self._sidecar is not None:
-            if not kwargs:
-                done = self._lift_one(args, True, dest)
-                if done is not None:
-                    return done
-            walk = _Walk()
-            items = walk.items(self, args)
-            if items is not None and len(kwargs) <= _LIFT_ITEMS:
-                named: dict[str, Any] | None = {}
-                for k, v in kwargs.items():
-                    v = named[k] = walk.one(self, v, k)  # type: ignore[index]
-                    if v is _UNFIT or not _utf8(k):
-                        named = None
-                        break
-                if named is not None:
-                    done = self._lift(walk, _CALL, items, named, (args, kwargs), dest)
-                    if done is not None:
-                        return done
+            done = self._sidecar.encode_args(args, kwargs, dest)
+            if done is not None:
+                return done
         return self.dumps(prepare_args(args, kwargs, mark), what, dest)
 
     def dumps_value(
         self, value: Any, mark: Marker, what: str, dest: bytes
     ) -> tuple[bytes, list[Any]]:
-        """:meth:`dumps` of ``prepare(value, mark)``, faster where the value,
-        or the items of a tuple or list value, are scalars, short byte
-        strings and the sidecar's values (see :meth:`_lift`)."""
+        """:meth:`dumps` of ``prepare(value, mark)``, faster where the value
+        is a scalar or a short byte string, or the sidecar encodes it itself."""
         t = type(value)
-        if t in _SCALARS or (t is bytes and len(value) < OOB_THRESHOLD):
+        if t in SCALARS or (t is bytes and len(value) < OOB_THRESHOLD):
             return pickle.dumps(value, 5), []
         if self._sidecar is not None:
-            done = self._lift_one(value, False, dest)
+            done = self._sidecar.encode(value, dest)
             if done is not None:
                 return done
-            walk = _Walk()
-            if t is tuple or t is list:
-                items = walk.items(self, value)
-                if items is not None:
-                    shape = _TUPLE if t is tuple else _LIST
-                    done = self._lift(walk, shape, items, None, value, dest)
-                    if done is not None:
-                        return done
-            elif walk.one(self, value, None) is not _UNFIT:
-                done = self._lift(walk, _WHOLE, None, None, value, dest)
-                if done is not None:
-                    return done
         return self.dumps(prepare(value, mark), what, dest)
-
-    def _lift_one(self, obj: Any, args: bool, dest: bytes) -> tuple[bytes, list[Any]] | None:
-        """``obj`` (or, for ``args``, the positional arguments ``obj``, all
-        scalars but one) as msgpack: the shape, the plain arguments, and the
-        one value's fields from the sidecar's :meth:`~Sidecar.one_lifter`.
-        None where that does not describe the value, or msgpack cannot
-        carry the other arguments exactly.
-
-        A tensor alone, or a tensor and a few scalars, is what most
-        messages that carry any hold; this costs a third of :meth:`_lift`."""
-        at = -1  # for args: where the one value that is not a scalar is
-        if args:
-            for i, v in enumerate(obj):
-                if not _carried(v):
-                    if at >= 0:
-                        return None  # a second one
-                    at = i
-        value = obj[at] if args else obj
-        t = type(value)
-        try:
-            lifter = self._one_lifters[t]
-        except KeyError:
-            lifter = self._learn_one_lifter(t)
-        if lifter is None:
-            return None
-        fields = lifter(value, dest)  # may lease: nothing may fail after it
-        if fields is None:
-            return None
-        if not args:
-            return _lift_encode((_ONE, *fields)), []
-        items = list(obj)
-        items[at] = None
-        return _lift_encode((_ONE_ARG, at, items, *fields)), []
-
-    def _learn_one_lifter(self, t: type) -> OneLifter | None:
-        assert self._sidecar is not None
-        return _remember(self._one_lifters, t, self._sidecar.one_lifter(t))
-
-    def _lift(
-        self, walk: _Walk, shape: int, first: Any, second: Any, obj: Any, dest: bytes
-    ) -> tuple[bytes, list[Any]] | None:
-        """``obj`` without pickle once :class:`_Walk` went through it, or
-        None where it needs the pickler after all.
-
-        The messages that carry tensors are most often tensors as arguments
-        with a few plain ones, or a tensor (or a tuple of them) as a result.
-        Such a value travels as msgpack: its shape, its plain items (for
-        arguments, positional then named), the sidecar's head (how many
-        frames are its, and its entries), and a slot per tensor (where it
-        goes, its rebuilder, that rebuilder's arguments). Pickling and
-        unpickling the same costs several times more (pickle's machinery,
-        and the rebuilders' lookup by name). A value of
-        plain items and containers of them only is pickled at once.
-        """
-        if walk.plain:
-            return pickle.dumps(obj, 5), []
-        if walk.containers:
-            return None  # msgpack would make their tuples lists: the pickler takes them
-        batch = walk.batch
-        own: Any = 0
-        entries: Any = []
-        frames: list[Any] = []
-        if batch is not None:  # else only values rebuilt from their description (empty ones)
-            assert self._sidecar is not None
-            (own, entries), frames = self._sidecar.seal(batch, dest, encoded=False)
-        payload = _lift_encode((shape, first, second, own, entries, walk.slots))
-        assert payload[0] in _LIFTED
-        return payload, frames
-
-    def _land(self, data: bytes, buffers: Sequence[Any], src: bytes) -> Any:
-        """The value :meth:`_lift` or :meth:`_lift_one` sent."""
-        fields = _lift_decode(data)
-        shape = fields[0]
-        assert self._sidecar is not None
-        if shape >= _ONE:
-            if buffers:
-                raise SerializationError("frames beside a value that has none")
-            if shape == _ONE:
-                return self._sidecar.land_one(src, fields[1:])
-            at, items = fields[1], fields[2]
-            items[at] = self._sidecar.land_one(src, fields[3:])
-            return tuple(items), {}
-        shape, first, second, own, entries, slots = fields
-        made = self._sidecar.land(src, own, entries, buffers, slots)
-        if shape == _WHOLE:
-            return made[0]
-        if shape == _CALL:
-            for (at, _, _), value in zip(slots, made, strict=True):
-                if type(at) is str:
-                    second[at] = value
-                else:
-                    first[at] = value
-            return tuple(first), second
-        for (at, _, _), value in zip(slots, made, strict=True):
-            first[at] = value
-        return tuple(first) if shape == _TUPLE else first
 
     def discard(self, data: bytes, src: bytes) -> None:
         """Give back what a payload from ``src`` that will not be read leases
         (its call was dropped, or its caller gave up on it)."""
         sidecar = self._sidecar
-        if sidecar is None or not data or (data[0] != _HEADED and data[0] not in _LIFTED):
+        if sidecar is None or not data:
             return
         try:
             if data[0] == _HEADED:
                 size = int.from_bytes(data[1:5], "little")
                 sidecar.discard(src, bytes(data[5 : 5 + size]))
-                return
-            fields = _lift_decode(data)
-            if fields[0] >= _ONE:
-                sidecar.discard_one(src, fields[1:] if fields[0] == _ONE else fields[3:])
-            else:
-                sidecar.discard(src, fields[4])
+            elif data[0] in SIDECAR_ENCODED:
+                sidecar.discard_encoded(data, src)
         except Exception:
             pass  # not a payload atoll made: it leases nothing
 
@@ -708,14 +457,14 @@ class Codec:
             first = data[0]
             if first == _PICKLED:
                 return pickle.loads(data, buffers=buffers)
-            if first != _HEADED and first not in _LIFTED:
+            if first != _HEADED and first not in SIDECAR_ENCODED:
                 raise SerializationError(
                     f"cannot read the {what}: not a payload atoll makes (first byte {first:#04x})"
                 )
             if self._sidecar is None:
                 raise SerializationError(f"the {what} holds tensors, and nothing here reads them")
-            if first in _LIFTED:
-                return self._land(data, buffers, src)
+            if first != _HEADED:
+                return self._sidecar.decode(data, buffers, src)
             size = int.from_bytes(data[1:5], "little")
             view = memoryview(data)
             state, own = self._sidecar.begin_load(src, bytes(view[5 : 5 + size]), buffers)

@@ -34,6 +34,9 @@ and enters a fresh one before its next job. Entering a scope once per worker
 instead of once per job keeps its cost (several microseconds) off the
 per-call path.
 
+These rules hold only together, which is why this module is bigger than
+the others.
+
 Why a pool rather than one owner task that spawns a task per message:
 measured on a 2-core machine, a task per incoming call added about 70 us to a
 round trip of about 60 us. Here the reader runs the work it receives itself,

@@ -1,6 +1,6 @@
-"""What the plane knows of numpy arrays, torch tensors and byte buffers.
+"""Array adapters: what the plane knows of numpy arrays and torch tensors.
 
-For each kind: whether a value is handled, where its bytes lie (``lo``/``hi``
+For each of the two: whether a value is handled, where its bytes lie (``lo``/``hi``
 absolute addresses, ``key`` naming the allocation it is a view of, so views
 of one allocation travel as one region), and how to rebuild it over a buffer.
 numpy and torch are only imported by the side that meets one of their values.
@@ -130,9 +130,25 @@ _torch_dtypes: dict[str, tuple[Any, int]] = {}
 
 def _torch_dtype(name: str) -> tuple[Any, int]:
     """``torch.<name>`` and its item size, learnt (callers look in ``_torch_dtypes`` first)."""
-    dt = getattr(_torch(), name)
+    torch = _torch()
+    dt = getattr(torch, name, None) if type(name) is str else None
+    if not isinstance(dt, torch.dtype):
+        raise SerializationError(f"a tensor arrived with dtype {name!r}: not a torch dtype")
     found = _torch_dtypes[name] = (dt, dt.itemsize)
     return found
+
+
+def tensor_span(shape: Sequence[int], stride: Sequence[int]) -> int:
+    """How many items from a tensor's first item to its last (its bytes are
+    ``(span + 1) * itemsize``), or -1 for a tensor with no items."""
+    if len(shape) == 1:
+        return (shape[0] - 1) * stride[0] if shape[0] else -1
+    span = 0
+    for n, step in zip(shape, stride, strict=True):
+        if not n:
+            return -1
+        span += (n - 1) * step
+    return span
 
 
 def tensor_over(buffer: Any, dtype: str, shape: Any, stride: Any) -> Any:

@@ -1,0 +1,130 @@
+"""Callbacks: callables sent to a peer by reference, and their proxies.
+
+A function or bound method in a message is exported (once) and travels as
+its owner and object id; the receiver gets a :class:`RemoteCallable` that
+calls it back. Lifetimes are weighted reference counts: each export hands out
+a weight, a proxy forwarded to a third process splits its own (no message to
+the owner), and a proxy that dies sends its weight back; the owner lets the
+callable go when all of it has come back.
+"""
+
+from __future__ import annotations
+
+import types
+from typing import Any, cast
+
+from .._errors import AtollError
+from ..transport import _messages as m
+from ._actor import Kind
+from ._node_state import NodeState, loading
+
+_EXPORT_WEIGHT = 1 << 20
+"""Reference weight handed out with each export."""
+
+
+class Callbacks(NodeState):
+    """Exports callables met in messages, and lets them go."""
+
+    def mark(self, value: Any) -> Any:
+        """Mark a callable sent as an argument or result: it becomes a callback."""
+        t = type(value)
+        if (
+            t is types.FunctionType
+            or t is types.MethodType
+            or (t is types.BuiltinMethodType and not isinstance(value.__self__, types.ModuleType))
+        ):
+            return _Callback(value)
+        return value
+
+    def _reduce_callback(self, callback: _Callback) -> Any:
+        return self._export_callable(callback.fn)
+
+    def _export_callable(self, fn: Any) -> tuple[Any, ...]:
+        try:
+            key: Any = fn
+            oid = self._export_keys.get(key)
+        except TypeError:  # a bound method of an unhashable object
+            key = ("id", id(fn))
+            oid = self._export_keys.get(key)
+        if oid is None:
+            oid = self.export(fn, getattr(fn, "__qualname__", repr(fn)))
+            self._export_keys[key] = oid
+        export = self._exports[oid]
+        export.weight += _EXPORT_WEIGHT
+        return (_rebuild_callable, (self.identity, oid, _EXPORT_WEIGHT, export.name, export.kind))
+
+    def _release(self, oid: int, weight: int) -> None:
+        export = self._exports.get(oid)
+        if export is None or export.kinds is not None:
+            return
+        export.weight -= weight
+        if export.weight <= 0:
+            del self._exports[oid]
+            for key, value in list(self._export_keys.items()):
+                if value == oid:
+                    del self._export_keys[key]
+
+
+class _Callback:
+    """A callable marked to be sent by reference to its owner."""
+
+    __slots__ = ("fn",)
+
+    def __init__(self, fn: Any) -> None:
+        self.fn = fn
+
+
+class RemoteCallable:
+    """A callable that lives in another process; calling it runs it there.
+
+    On the event loop's thread a call returns an awaitable; on any other thread
+    (inside a sync actor method, say) it blocks and returns the result.
+    """
+
+    __slots__ = ("__weakref__", "_kind", "_name", "_node", "_oid", "_owner", "_weight")
+
+    # ``node`` is a Node: its calling part, above this module, calls back.
+    def __init__(
+        self, node: Any, owner: bytes, oid: int, weight: int, name: str, kind: Kind
+    ) -> None:
+        self._node = node
+        self._owner = owner
+        self._oid = oid
+        self._weight = weight
+        self._name = name
+        self._kind = kind
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self._kind is Kind.STREAM:
+            return self._node.stream(self._owner, self._oid, "__call__", args, kwargs)
+        return self._node.invoke(self._owner, self._oid, "__call__", args, kwargs)
+
+    def __repr__(self) -> str:
+        owner = self._node.peer_names.get(self._owner, self._owner.decode(errors="replace"))
+        return f"<remote callable {self._name} in {owner!r}>"
+
+    def _forward(self) -> tuple[Any, ...]:
+        give = self._weight // 2
+        self._weight -= give
+        return (_rebuild_callable, (self._owner, self._oid, give, self._name, self._kind))
+
+    def __del__(self) -> None:
+        if self._weight:
+            self._node.defer(self._owner, [m.encode(m.Release(self._oid, self._weight))])
+
+
+def _rebuild_callable(owner: bytes, oid: int, weight: int, name: str, kind: Kind) -> Any:
+    node = cast(Callbacks, loading.get())
+    if owner == node.identity:
+        export = node._exports.get(oid)
+        if export is None:
+            raise AtollError(f"callback {name} was sent back to {node.name!r}, which released it")
+        node._release(oid, weight)
+        return export.obj
+    proxy = node._proxies.get((owner, oid))
+    if proxy is None:
+        proxy = RemoteCallable(node, owner, oid, weight, name, kind)
+        node._proxies[(owner, oid)] = proxy
+    else:
+        proxy._weight += weight
+    return proxy
