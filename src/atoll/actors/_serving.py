@@ -78,15 +78,26 @@ class Serving(Callbacks):
     def _next_turn(self, gate: TurnGate, chain: int, export: Export, *, here: bool) -> Any:
         """End a call's turn. The queued call that this lets in, if any, is
         returned to be served next in this job; unless not ``here`` (its
-        scope was cancelled, or it failed): then it gets a task of its own."""
+        scope was cancelled, or it failed): then a task of its own serves
+        the queue (see :meth:`_serve_next`)."""
         gate.leave(chain)
-        ready = gate.next_ready()
-        if ready is None or here:
-            return ready
-        assert self._tg is not None
-        src, msg, frames = ready
-        self._tg.start_soon(run_job, functools.partial(self._serve_turns, src, msg, frames, export))
+        if here:
+            return gate.next_ready()
+        if gate.queue:
+            assert self._tg is not None
+            self._tg.start_soon(run_job, functools.partial(self._serve_next, export))
         return None
+
+    async def _serve_next(self, export: Export) -> None:
+        """Serve the queued calls that a cancelled or failed call let in. It
+        takes the next one only now, in its own task: until then the call
+        stays queued, and a cancellation that comes meanwhile drops it from
+        the queue rather than finding it neither queued nor running."""
+        assert export.gate is not None
+        ready = export.gate.next_ready()
+        if ready is not None:
+            src, msg, frames = ready
+            await self._serve_turns(src, msg, frames, export)
 
     async def _serve_call(
         self, src: bytes, msg: m.Call, frames: list[zmq.Frame], export: Export, scope: Any
