@@ -15,6 +15,7 @@ from typing import Any, cast
 
 from .._errors import AtollError
 from ..transport import _messages as m
+from ..transport._codec import Reducer
 from ._actor import Kind
 from ._node_state import NodeState, loading
 
@@ -24,6 +25,9 @@ _EXPORT_WEIGHT = 1 << 20
 
 class Callbacks(NodeState):
     """Exports callables met in messages, and lets them go."""
+
+    def _reducers(self) -> dict[type, Reducer]:
+        return {_Callback: self._reduce_callback, RemoteCallable: RemoteCallable._forward}
 
     def mark(self, value: Any) -> Any:
         """Mark a callable sent as an argument or result: it becomes a callback."""

@@ -11,21 +11,18 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import anyio
 import anyio.lowlevel
 from anyio.abc import TaskGroup
 
-from ..tensors import Plane
 from ..transport import _messages as m
-from ..transport._codec import Codec
 from ..transport._socket import Job, event_maker
-from ._callbacks import RemoteCallable, _Callback
 from ._calling import Calling
 from ._errors_wire import unpack_error
-from ._node_state import ExcFactory, StreamIn
+from ._node_state import ExcFactory, Handle, StreamIn
 
 _log = logging.getLogger(__name__)
 
@@ -36,20 +33,8 @@ _GONE_KEPT = 256
 class Node(Calling):
     """Calls out, serves calls in, for one process."""
 
-    def __init__(
-        self,
-        identity: bytes,
-        node_no: int,
-        name: str,
-        transmit: Callable[[bytes, Sequence[Any]], None],
-        plane: Plane,
-    ) -> None:
-        super().__init__(identity, node_no, name, transmit, plane)
-        self.codec = Codec(
-            {_Callback: self._reduce_callback, RemoteCallable: RemoteCallable._forward}, plane
-        )
-        # What handles each message: a call is returned as a job.
-        handlers: dict[type, Callable[[bytes, Any, list[Any]], Job | None]] = {
+    def _message_handlers(self) -> dict[type, Handle]:
+        return {
             m.Result: self._on_reply,
             m.Error: self._on_reply,
             m.Call: self._on_call,
@@ -62,7 +47,6 @@ class Node(Calling):
             m.Died: self._on_died,
             m.Bye: self._on_bye,
         }
-        self._handlers = handlers
 
     def start(self, tg: TaskGroup) -> None:
         """Serve incoming calls as tasks of ``tg``, on the current event loop."""

@@ -25,8 +25,8 @@ from anyio.abc import TaskGroup
 from .._errors import ActorDiedError, TransportError
 from ..tensors import Plane
 from ..transport import _messages as m
-from ..transport._codec import Codec
-from ..transport._socket import PeerUnreachableError
+from ..transport._codec import Codec, Reducer
+from ..transport._socket import Job, PeerUnreachableError
 from ._actor import Kind, kind_of
 from ._turns import TurnGate
 
@@ -122,11 +122,13 @@ class Export:
         self.weight = 0
 
 
+Handle = Callable[[bytes, Any, list[Any]], "Job | None"]
+"""What handles one type of message: ``handle(src, msg, frames)``; for a
+call, it returns a job."""
+
+
 class NodeState:
     """The state of one process's node, and the plumbing its parts share."""
-
-    codec: Codec
-    """Set by :class:`~._node.Node` (its reducers are the callbacks')."""
 
     def __init__(
         self,
@@ -175,6 +177,16 @@ class NodeState:
         """Set by an actor process: a method called ``sys.exit()``."""
         self.poll_for: Callable[[Callable[[], bool]], Awaitable[None]] | None = None
         """Set by the transport: read the socket a while, for a reply expected soon."""
+        self.codec = Codec(self._reducers(), plane)
+        self._handlers = self._message_handlers()
+
+    def _reducers(self) -> dict[type, Reducer]:
+        """How the parts' own objects travel (by type), for the codec."""
+        return {}
+
+    def _message_handlers(self) -> dict[type, Handle]:
+        """What handles each type of message (the node's, see ``_node``)."""
+        return {}
 
     def _transmit(self, dest: bytes, frames: Sequence[Any]) -> None:
         # Leases given back go out first: the peer may reuse that memory as

@@ -66,18 +66,12 @@ class Alone(msgspec.Struct, array_like=True, tag=1):
     stride: int | list[int]
 
 
-class AloneInArgs(msgspec.Struct, array_like=True, tag=2):
+class AloneInArgs(Alone, tag=2):
     """Positional arguments: scalars, and one CPU tensor in shared memory."""
 
     at: int
     items: list[Any]
-    segment: str
-    offset: int
-    size: int
-    lease: int
-    dtype: str
-    shape: int | list[int]
-    stride: int | list[int]
+    """The arguments, the tensor's place left None."""
 
 
 _encode = msgspec.msgpack.Encoder().encode
@@ -256,7 +250,9 @@ class Lifting:
             return None
         items = list(args)
         items[at] = None
-        return _encode(AloneInArgs(at, items, *fields)), []
+        segment, offset, size, lease, dtype, shape, stride = fields
+        alone = AloneInArgs(segment, offset, size, lease, dtype, shape, stride, at, items)
+        return _encode(alone), []
 
     def _finish(
         self, walk: _Walk, shape: int, first: Any, second: Any, obj: Any, dest: bytes
