@@ -101,7 +101,7 @@ def _floor_worker() -> None:
     echo = multiprocessing.Process(target=_echo, args=(endpoint, ready), daemon=True)
     echo.start()
     ready.wait()
-    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
     sock.connect(endpoint)
     for _ in range(200):
         sock.send(b"x")

@@ -152,7 +152,7 @@ async def _crossover(sizes: list[int], calls: int) -> list[tuple[int, float, flo
     out = []
     for transfer in ("inline", "shared_memory"):
         async with atoll.open_host(transfer=transfer) as host:
-            host._node.plane.threshold = 0  # every size through the plane's choice
+            host._node.plane.sender.threshold = 0  # every size through the plane's choice
             ref = await host.spawn(Reader)
             for i, nbytes in enumerate(sizes):
                 a = np.ones(nbytes // 8)

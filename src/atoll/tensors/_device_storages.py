@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import threading
 import weakref
-from collections.abc import Callable
 from typing import Any
 
 from .._errors import SerializationError
@@ -148,6 +147,3 @@ class DeviceStorages:
 
     def opened(self) -> int:
         return len(self._opened_from)
-
-
-OpenDevice = Callable[[bytes, OnDevice | BackOnDevice], Any]
