@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -470,3 +471,92 @@ class Sleepy(atoll.Actor):
 
     async def pid(self) -> int:
         return os.getpid()
+
+
+class Bomb:
+    """Unpickling it creates the file at ``marker``: proof that it ran."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (open, (self.marker, "w"))
+
+
+class BombError(Exception):
+    """An exception whose unpickling creates the file at ``marker``."""
+
+    def __init__(self, marker: str) -> None:
+        super().__init__(marker)
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (open, (self.marker, "w"))
+
+
+def _pickle_anyway(pickle: bool = True) -> None:
+    """Make this (untrusted) actor process send pickles, as a hostile one
+    could by writing its own frames (or, not ``pickle``, stop it)."""
+    from atoll.actors import _runtime
+
+    assert _runtime.child_node is not None
+    _runtime.child_node.codec.plain_only = not pickle
+
+
+@atoll.wire_type
+@dataclasses.dataclass
+class Point3:
+    x: float
+    y: float
+    z: float
+
+
+class Hostile(atoll.Actor):
+    """An untrusted extension that tries to make its host unpickle a bomb."""
+
+    async def bomb_result(self, marker: str) -> Any:
+        _pickle_anyway()
+        return Bomb(marker)
+
+    async def bomb_error(self, marker: str) -> None:
+        _pickle_anyway()
+        raise BombError(marker)
+
+    async def bomb_stream(self, marker: str) -> AsyncIterator[Any]:
+        _pickle_anyway()
+        yield Bomb(marker)
+
+    async def bomb_event(self, marker: str, topic: str) -> None:
+        _pickle_anyway()
+        atoll.publish(topic, Bomb(marker))
+
+    async def bomb_callback(self, marker: str, callback: Callable[[Any], Awaitable[Any]]) -> Any:
+        _pickle_anyway()
+        return await callback(Bomb(marker))
+
+    async def bomb_peer(self, marker: str, peer: Any) -> Any:
+        _pickle_anyway()
+        return await peer.echo(Bomb(marker))
+
+    async def publish(self, topic: str, value: Any) -> None:
+        _pickle_anyway(False)
+        atoll.publish(topic, value)
+
+    async def unregistered(self) -> Any:
+        return object()
+
+    async def echo(self, value: Any) -> Any:
+        _pickle_anyway(False)  # this answer, and what follows, plain again
+        return value
+
+    async def double(self, t: Any) -> Any:
+        return t * 2
+
+    async def point(self, p: Point3) -> Point3:
+        return Point3(p.x + 1, p.y + 1, p.z + 1)
+
+    async def ask(self, peer: Any, value: Any) -> Any:
+        return await peer.echo(value)
+
+    async def fail(self) -> None:
+        raise ValueError("plain", 7)

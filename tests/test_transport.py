@@ -229,7 +229,7 @@ async def test_peer_with_wrong_secret_is_not_trusted() -> None:
         impostor.send_multipart([b"@", m.encode(m.Hello(b"wrong secret", 1, m.WIRE_VERSION))])
         impostor.send_multipart([b"a1", m.encode(m.Call(1, 0, 1, 0, "add", b""))])
         with anyio.fail_after(10):
-            while host.dropped.get("untrusted", 0) < 2:
+            while host.dropped.get("unproved", 0) < 2:
                 assert await counter.add(1) > 0
         assert not hub.is_routable(b"a7")
         hub.forget(b"a7")

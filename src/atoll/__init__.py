@@ -45,6 +45,8 @@ if TYPE_CHECKING:
     from .actors._runtime import share as share
     from .tensors._sending import copy_on_send as copy_on_send
     from .tensors._shm import SharedMemoryError as SharedMemoryError
+    from .transport._plain import PlainLimits as PlainLimits
+    from .transport._plain import wire_type as wire_type
     from .venvs._env import Env as Env
 
 # The rest is imported on first use. An actor process imports this package
@@ -58,6 +60,7 @@ _LAZY = {
     "Host": "atoll.actors._host",
     "HostOpener": "atoll.actors._host",
     "HostOptions": "atoll.actors._options",
+    "PlainLimits": "atoll.transport._plain",
     "SharedMemoryError": "atoll.tensors._shm",
     "Subscription": "atoll.actors._registry",
     "blocking_host": "atoll.actors._blocking",
@@ -67,6 +70,7 @@ _LAZY = {
     "publish": "atoll.actors._runtime",
     "share": "atoll.actors._runtime",
     "start_host": "atoll.actors._host",
+    "wire_type": "atoll.transport._plain",
 }
 
 
@@ -100,6 +104,7 @@ __all__ = [
     "Host",
     "HostOpener",
     "HostOptions",
+    "PlainLimits",
     "ProtocolError",
     "RemoteError",
     "RemoteTraceback",
@@ -115,4 +120,5 @@ __all__ = [
     "publish",
     "share",
     "start_host",
+    "wire_type",
 ]

@@ -33,6 +33,8 @@ class BootSpec(msgspec.Struct, frozen=True, kw_only=True):
     transfer: str
     stop_timeout: float
     device_lease_timeout: float
+    trusted: bool = True
+    """Not: everything it sends goes on the plain wire (``transport._plain``)."""
     environ: dict[str, str] | None = None
     """For a fork: the environment variables a fresh start would have had."""
     cwd: str | None = None

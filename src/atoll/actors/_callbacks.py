@@ -13,11 +13,14 @@ from __future__ import annotations
 import types
 from typing import Any, cast
 
-from .._errors import AtollError
+from .._errors import AtollError, ProtocolError
 from ..transport import _messages as m
 from ..transport._codec import Reducer
+from ..transport._plain import plain_rebuilder
 from ._actor import Kind
 from ._node_state import NodeState, loading
+
+_KINDS = frozenset(int(kind) for kind in Kind)
 
 _EXPORT_WEIGHT = 1 << 20
 """Reference weight handed out with each export."""
@@ -55,7 +58,10 @@ class Callbacks(NodeState):
             self._export_keys[key] = oid
         export = self._exports[oid]
         export.weight += _EXPORT_WEIGHT
-        return (_rebuild_callable, (self.identity, oid, _EXPORT_WEIGHT, export.name, export.kind))
+        return (
+            _rebuild_callable,
+            (self.identity, oid, _EXPORT_WEIGHT, export.name, int(export.kind)),
+        )
 
     def _release(self, oid: int, weight: int) -> None:
         export = self._exports.get(oid)
@@ -110,14 +116,24 @@ class RemoteCallable:
     def _forward(self) -> tuple[Any, ...]:
         give = self._weight // 2
         self._weight -= give
-        return (_rebuild_callable, (self._owner, self._oid, give, self._name, self._kind))
+        return (_rebuild_callable, (self._owner, self._oid, give, self._name, int(self._kind)))
 
     def __del__(self) -> None:
         if self._weight:
             self._node.defer(self._owner, [m.encode(m.Release(self._oid, self._weight))])
 
 
-def _rebuild_callable(owner: bytes, oid: int, weight: int, name: str, kind: Kind) -> Any:
+@plain_rebuilder
+def _rebuild_callable(owner: bytes, oid: int, weight: int, name: str, kind: int) -> Any:
+    if not (
+        type(owner) is bytes
+        and type(oid) is int
+        and type(weight) is int
+        and weight > 0
+        and type(name) is str
+        and kind in _KINDS
+    ):
+        raise ProtocolError(f"malformed callback: {(owner, oid, weight, name, kind)!r}")
     node = cast(Callbacks, loading.get())
     if owner == node.identity:
         export = node._exports.get(oid)
@@ -127,7 +143,7 @@ def _rebuild_callable(owner: bytes, oid: int, weight: int, name: str, kind: Kind
         return export.obj
     proxy = node._proxies.get((owner, oid))
     if proxy is None:
-        proxy = RemoteCallable(node, owner, oid, weight, name, kind)
+        proxy = RemoteCallable(node, owner, oid, weight, name, Kind(kind))
         node._proxies[(owner, oid)] = proxy
     else:
         proxy._weight += weight

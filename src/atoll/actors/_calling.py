@@ -107,7 +107,7 @@ class Calling(Serving):
             finally:
                 self._settle(dest, reply)
         assert reply is not None
-        raise unpack_error(reply.payload)
+        raise unpack_error(reply.payload, dest)
 
     def _encode_call(
         self,
@@ -176,7 +176,7 @@ class Calling(Serving):
                 self.codec.discard(msg.payload, src)
             return
         if type(msg) is m.Error:
-            pending.fail(unpack_error(msg.payload))
+            pending.fail(unpack_error(msg.payload, src))
 
 
 class RemoteStream:

@@ -61,7 +61,14 @@ class _Child:
         self.on_stop_timeout = 0.8 * boot.stop_timeout
         self.device_lease_timeout: float = boot.device_lease_timeout
         plane = Plane(_shm.owner_prefix(self.shm_prefix, os.getpid()), transfer=boot.transfer)
-        self.node = Node(boot.identity.encode(), boot.node, self.name, self._transmit, plane)
+        self.node = Node(
+            boot.identity.encode(),
+            boot.node,
+            self.name,
+            self._transmit,
+            plane,
+            untrusted=not boot.trusted,
+        )
         self.socket.spin = self.socket.linger = boot.spin_us * 1e-6
         self.node.poll_for = self.socket.poll_for
         _runtime.child_node = self.node

@@ -60,6 +60,7 @@ CHILD_MODULES = (
     "atoll.transport._codec",
     "atoll.transport._hub",
     "atoll.transport._messages",
+    "atoll.transport._plain",
     "atoll.transport._socket",
 )
 

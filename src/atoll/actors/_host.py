@@ -69,6 +69,7 @@ class Host:
         plane = Plane(_shm.owner_prefix(self._shm_prefix, os.getpid()), transfer=transfer)
         self._node = Node(HOST, 0, "host", self._transmit, plane)
         self._hub.socket.spin = options.spin_us * 1e-6
+        self._node.codec.plain.limits = options.plain_limits
         self._node.poll_for = self._hub.socket.poll_for
         self._registry = Registry(self._node)
         self._node.export(RegistryService(self._registry), "registry", oid=REGISTRY_OID, actor=True)
@@ -159,6 +160,7 @@ class Host:
         *args: Any,
         name: str | None = None,
         env: Env | None = None,
+        trusted: bool = True,
         **kwargs: Any,
     ) -> A:
         """Start ``cls(*args, **kwargs)`` in a new process and return its ref.
@@ -170,6 +172,13 @@ class Host:
         dependencies, atoll, and nothing else of the host's: the class then
         travels by value unless it comes from an installed package, and the
         modules it imports must be installed in the environment.
+
+        With ``trusted=False`` nothing the actor sends is ever unpickled, in
+        this process or any other: its results, errors, stream items, events
+        and calls travel on the plain wire (plain values, arrays and tensors,
+        refs and callbacks it was handed, and types registered with
+        :func:`atoll.wire_type`). What it sends that the plain wire cannot
+        carry fails in the actor, naming the type.
 
         Raises :class:`SpawnError` if the class cannot be imported there or its
         constructor (or ``on_start``) raises, :class:`EnvBuildError` if the
@@ -188,7 +197,9 @@ class Host:
             ByValue(cls) if built is not None and not installed(cls) else cls,
             f"actor class {cls.__qualname__}",
         )
-        launched = await self._spawner.launch(spec, cls.__qualname__, args, kwargs, name, built, [])
+        launched = await self._spawner.launch(
+            spec, cls.__qualname__, args, kwargs, name, built, [], trusted=trusted
+        )
         ref: A = self._registered(name, launched)
         return ref  # typed as the actor class: see atoll.mypy
 
@@ -200,11 +211,18 @@ class Host:
         *args: Any,
         name: str | None = None,
         actor_class: type[A],
+        trusted: bool = True,
         **kwargs: Any,
     ) -> A: ...
     @overload
     async def load_extension(
-        self, path: str | os.PathLike[str], /, *args: Any, name: str | None = None, **kwargs: Any
+        self,
+        path: str | os.PathLike[str],
+        /,
+        *args: Any,
+        name: str | None = None,
+        trusted: bool = True,
+        **kwargs: Any,
     ) -> ActorRef[Any]: ...
     async def load_extension(
         self,
@@ -213,6 +231,7 @@ class Host:
         *args: Any,
         name: str | None = None,
         actor_class: type[A] | None = None,
+        trusted: bool = True,
         **kwargs: Any,
     ) -> Any:
         """Load the extension folder at ``path`` and return a ref to its actor.
@@ -229,6 +248,10 @@ class Host:
         too), types the ref for type checkers; an entry point that names
         another class is an :class:`ExtensionError`. Without it the ref is
         an ``ActorRef[Any]``.
+
+        ``trusted=False``, or ``trusted = false`` under ``[tool.atoll]`` in
+        the manifest, runs it untrusted, as :meth:`spawn` says; either one
+        is enough.
         """
         self._check_open()
         extension = read_extension(path)
@@ -242,7 +265,14 @@ class Host:
         spec, _ = Codec().dumps(extension.entry_point)
         try:
             launched = await self._spawner.launch(
-                spec, extension.entry_point, args, kwargs, name, built, extension.paths
+                spec,
+                extension.entry_point,
+                args,
+                kwargs,
+                name,
+                built,
+                extension.paths,
+                trusted=trusted and extension.trusted,
             )
         except SpawnError as exc:
             if isinstance(exc.__cause__, ExtensionError):

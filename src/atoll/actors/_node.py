@@ -173,7 +173,7 @@ class Node(Calling):
         self._unlease(src, msg.leases)
 
     def _on_died(self, src: bytes, msg: m.Died, frames: list[Any]) -> None:
-        exc = unpack_error(msg.payload)
+        exc = unpack_error(msg.payload, src)
         self.peer_gone(msg.actor, lambda: _fresh(exc))
 
     def _on_bye(self, src: bytes, msg: m.Bye, frames: list[Any]) -> None:

@@ -137,6 +137,8 @@ class NodeState:
         name: str,
         transmit: Callable[[bytes, Sequence[Any]], None],
         plane: Plane,
+        *,
+        untrusted: bool = False,
     ) -> None:
         self.identity = identity
         self.name = name
@@ -177,7 +179,7 @@ class NodeState:
         """Set by an actor process: a method called ``sys.exit()``."""
         self.poll_for: Callable[[Callable[[], bool]], Awaitable[None]] | None = None
         """Set by the transport: read the socket a while, for a reply expected soon."""
-        self.codec = Codec(self._reducers(), plane)
+        self.codec = Codec(self._reducers(), plane, plain_only=untrusted)
         self._handlers = self._message_handlers()
 
     def _reducers(self) -> dict[type, Reducer]:

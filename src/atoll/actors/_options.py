@@ -9,6 +9,7 @@ from collections.abc import Callable
 from typing import ParamSpec, TypeVar
 
 from ..tensors import check_transfer
+from ..transport._plain import PlainLimits
 from ..venvs import Progress
 
 P = ParamSpec("P")
@@ -76,6 +77,11 @@ class HostOptions:
     still held then are no longer valid memory, and each holder logs a
     warning."""
 
+    plain_limits: PlainLimits = dataclasses.field(default_factory=PlainLimits)
+    """Bounds on reading one plain payload, what untrusted actors send (see
+    ``spawn(trusted=False)``): its bytes, nesting depth and items. Past them
+    the payload is a :class:`~atoll.ProtocolError` for its call alone."""
+
     def __post_init__(self) -> None:
         if not self.spin_us >= 0:
             raise ValueError(f"spin_us must be 0 (no polling) or more, got {self.spin_us!r}")
@@ -88,6 +94,8 @@ class HostOptions:
                 f"spawn_timeout must be a number of seconds above 0, got {self.spawn_timeout!r}"
             )
         check_transfer(self.transfer)
+        if not isinstance(self.plain_limits, PlainLimits):
+            raise TypeError(f"plain_limits takes an atoll.PlainLimits, got {self.plain_limits!r}")
 
 
 def keywords_of(

@@ -48,7 +48,7 @@ class ActorProcess:
         # (asyncio.run cancels every task left when main() returns).
         self.watch_ended = anyio.Event()
         self.stderr_done = anyio.Event()
-        self.trusted = False
+        self.compatible = False
         self.stopping = False
         self.holding = anyio.Event()  # it waits for peers' views of its device memory
         self.hold_until = 0.0  # until then (anyio.current_time())
@@ -56,7 +56,7 @@ class ActorProcess:
         self.stderr_tail: deque[str] = deque(maxlen=_STDERR_TAIL_LINES)
 
     def on_hello(self, hello: m.Hello) -> None:
-        self.trusted = hello.version == m.WIRE_VERSION
+        self.compatible = hello.version == m.WIRE_VERSION
         self.ready.set()
 
     def gone_error(self) -> Exception:
@@ -142,7 +142,7 @@ class Processes:
         self._node.peer_gone(actor.identity, make_exc)
         died = m.encode(m.Died(actor.identity, pack_error(error, actor.name)))
         for other in self.actors.values():
-            if other is not actor and other.trusted and not other.exited.is_set():
+            if other is not actor and other.compatible and not other.exited.is_set():
                 try:
                     self._hub.send(other.identity, [died])
                 except TransportError:
@@ -162,7 +162,7 @@ class Processes:
                 # exits (it may be waiting for views of its device memory).
                 self._node.peer_gone(actor.identity, actor.gone_error, exited=False)
                 process = actor.process
-                if actor.trusted and grace > 0:
+                if actor.compatible and grace > 0:
                     try:
                         self._hub.send(actor.identity, [m.encode(m.Bye())])
                     except TransportError:

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 from typing import Any, Generic, TypeVar, cast
 
+from .._errors import ProtocolError
+from ..transport._plain import plain_rebuilder
 from ._actor import Kind
 from ._node import Node
 from ._node_state import loading
+
+_KINDS = frozenset(int(kind) for kind in Kind)
 
 A = TypeVar("A")
 
@@ -109,7 +113,16 @@ class _Method:
         return self._node.invoke(self._ref._id, self._ref._oid, self._name, args, kwargs)
 
 
+@plain_rebuilder
 def _rebuild_ref(actor_id: bytes, name: str, kinds: dict[str, int], oid: int = 0) -> ActorRef[Any]:
+    if not (
+        type(actor_id) is bytes
+        and type(name) is str
+        and type(kinds) is dict
+        and all(type(k) is str and v in _KINDS for k, v in kinds.items())
+        and type(oid) is int
+    ):
+        raise ProtocolError(f"malformed ref: {(actor_id, name, kinds, oid)!r}")
     node = cast(Node, loading.get())
     node.peer_names.setdefault(actor_id, name)
     return ActorRef(node, actor_id, name, {k: Kind(v) for k, v in kinds.items()}, oid)

@@ -41,7 +41,7 @@ class Serving(Callbacks):
             what = self._retired.get(msg.target, f"object #{msg.target}")
             exc = ActorClosedError(f"{what!r} in {self.name!r} was stopped or unregistered")
             self.codec.discard(msg.payload, src)
-            self._send_quietly(src, [m.encode(m.Error(msg.call_id, pack_error(exc, self.name)))])
+            self._send_error(src, msg.call_id, exc, self.name)
             return None
         gate = export.gate
         if gate is not None and not gate.try_enter(msg.chain):
@@ -119,7 +119,7 @@ class Serving(Callbacks):
             # A KeyboardInterrupt here was raised by the method itself (actor
             # processes ignore SIGINT): the call fails with it, reported as
             # what it was (a RemoteError: never re-raised as a Ctrl-C here).
-            self._send_quietly(src, [m.encode(m.Error(msg.call_id, pack_error(exc, export.name)))])
+            self._send_error(src, msg.call_id, exc, export.name)
         except SystemExit as exc:
             if self.on_exit is None:
                 raise
@@ -205,11 +205,15 @@ class Serving(Callbacks):
             for guard in list(self._threads):
                 guard.cancel()
 
+    def _send_error(self, dest: bytes, call_id: int, exc: BaseException, name: str) -> None:
+        payload = pack_error(exc, name, plain=self.codec.plain_only)
+        self._send_quietly(dest, [m.encode(m.Error(call_id, payload))])
+
     def _reply(self, dest: bytes, call_id: int, result: Any, name: str) -> None:
         try:
             payload, buffers = self.codec.dumps_value(result, self.mark, "result", dest)
         except SerializationError as exc:
-            self._send_quietly(dest, [m.encode(m.Error(call_id, pack_error(exc, name)))])
+            self._send_error(dest, call_id, exc, name)
             return
         # Leases given back ride on the reply: settled before it is delivered.
         unleased = self.plane.drain(keep_for=dest)

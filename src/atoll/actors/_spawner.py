@@ -35,6 +35,7 @@ from .._errors import (
     TransportError,
 )
 from ..transport._hub import Hub
+from ..transport._plain import UNTRUSTED
 from ..venvs import BuiltEnv, Env, build
 from ..venvs._env import user_cache_dir
 from ._actor import Kind
@@ -172,8 +173,9 @@ class Spawner:
             self._envs[env] = built
         return built
 
-    def _new_identity(self) -> bytes:
-        return b"a%d" % next(self._numbers)
+    def _new_identity(self, trusted: bool = True) -> bytes:
+        """A fresh identity; an untrusted actor's says so (see ``_plain``)."""
+        return (b"a" if trusted else UNTRUSTED) + b"%d" % next(self._numbers)
 
     async def launch(
         self,
@@ -184,12 +186,15 @@ class Spawner:
         name: str,
         built: BuiltEnv | None,
         paths: list[str],
+        *,
+        trusted: bool = True,
     ) -> Launched:
         """Start ``spec`` (a class, or an entry point's name) as actor ``name``
-        in a process for ``built``: its identity, methods and class."""
-        actor = self._take_warm(built)
+        in a process for ``built``: its identity, methods and class. An
+        untrusted actor gets a process of its own (warm ones are trusted)."""
+        actor = self._take_warm(built) if trusted else None
         if actor is None:
-            actor = ActorProcess(self._new_identity(), name)
+            actor = ActorProcess(self._new_identity(trusted), name)
             fresh = True
         else:
             actor.name = name
@@ -244,7 +249,7 @@ class Spawner:
                 await actor.ready.wait()
             if actor.exited.is_set():
                 raise actor.gone_error()
-            if not actor.trusted:
+            if not actor.compatible:
                 raise SpawnError(
                     f"actor {actor.name!r} speaks another wire version; is atoll the same "
                     "version in its environment?"
@@ -311,6 +316,7 @@ class Spawner:
         boot = BootSpec(
             hub=self._hub.endpoint,
             identity=actor.identity.decode(),
+            trusted=not actor.identity.startswith(UNTRUSTED),
             secret=secret,
             node=int(actor.identity[1:]),
             name=actor.name,

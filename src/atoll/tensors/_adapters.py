@@ -108,7 +108,7 @@ def rebuild_array(
     base: Any, offset: int, dtype: str, shape: tuple[int, ...], strides: tuple[int, ...], wr: bool
 ) -> Any:
     np = _numpy()
-    a = np.ndarray(shape, np.dtype(dtype), buffer=base, offset=offset, strides=strides)
+    a = np.ndarray(shape, _array_dtype(np, dtype), buffer=base, offset=offset, strides=strides)
     if not wr:
         a.flags.writeable = False
     return a
@@ -116,7 +116,19 @@ def rebuild_array(
 
 def empty_array(dtype: str, shape: tuple[int, ...], strides: tuple[int, ...]) -> Any:
     np = _numpy()
-    return np.ndarray(shape, np.dtype(dtype), buffer=b"", strides=strides)
+    return np.ndarray(shape, _array_dtype(np, dtype), buffer=b"", strides=strides)
+
+
+def _array_dtype(np: Any, name: str) -> Any:
+    """The numpy dtype ``name``, if its items are plain bytes: an array of
+    Python objects over received memory would read pointers from it."""
+    try:
+        dtype = np.dtype(name)
+    except TypeError as exc:
+        raise SerializationError(f"an array arrived with dtype {name!r}: {exc}") from None
+    if dtype.kind not in _NUMPY_KINDS or dtype.hasobject:
+        raise SerializationError(f"an array arrived with dtype {name!r}, which is not plain bytes")
+    return dtype
 
 
 def storage_of(base: Any) -> Any:
@@ -230,7 +242,10 @@ def empty_tensor(
     device: str = "cpu",
 ) -> Any:
     torch = _torch()
-    t = torch.empty_strided(shape, stride, dtype=getattr(torch, dtype), device=device)
+    if 0 not in shape:
+        raise SerializationError(f"an empty tensor arrived with items: shape {shape!r}")
+    dt = (_torch_dtypes.get(dtype) or _torch_dtype(dtype))[0]
+    t = torch.empty_strided(shape, stride, dtype=dt, device=device)
     return _finish_tensor(torch, t, requires_grad, parameter)
 
 

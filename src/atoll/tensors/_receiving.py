@@ -16,6 +16,7 @@ from contextvars import ContextVar
 from typing import Any
 
 from .._errors import SerializationError
+from ..transport._plain import plain_rebuilder
 from . import _adapters
 from ._arena import Arena
 from ._descriptors import (
@@ -129,21 +130,28 @@ def _empty_array_in(incoming: Incoming, *meta: Any) -> Any:
 # through ``_incoming``).
 
 
+@plain_rebuilder
 def rebuild_array(index: int, ptr: int, *meta: Any) -> Any:
     return _array_in(_incoming.get(), index, ptr, *meta)
 
 
+@plain_rebuilder
 def rebuild_tensor(index: int, ptr: int, *meta: Any) -> Any:
     return _tensor_in(_incoming.get(), index, ptr, *meta)
 
 
+@plain_rebuilder
 def rebuild_device_tensor(index: int, *meta: Any) -> Any:
     return _device_tensor_in(_incoming.get(), index, *meta)
 
 
+@plain_rebuilder
 def rebuild_buffer(index: int, ptr: int, nbytes: int, as_type: str) -> Any:
     return _buffer_in(_incoming.get(), index, ptr, nbytes, as_type)
 
+
+for _also in (_adapters.empty_tensor, _adapters.empty_array, _adapters.nested_tensor):
+    plain_rebuilder(_also)
 
 _BOTH_WAYS = (
     (rebuild_tensor, _tensor_in),

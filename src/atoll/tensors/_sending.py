@@ -24,6 +24,7 @@ from collections.abc import Set as AbstractSet
 from typing import Any, TypeVar
 
 from ..transport._codec import Handler, Lifted
+from ..transport._plain import plain_rebuilder
 from . import _adapters, _devices, _shm
 from ._arena import Arena
 from ._descriptors import Entry, Head, InFrame, InHead, Shared
@@ -148,6 +149,7 @@ def _collect_ids(value: Any, ids: set[int], depth: int = 0) -> None:
             _collect_ids(item, ids, depth + 1)
 
 
+@plain_rebuilder
 def _same(value: Any) -> Any:
     return value
 

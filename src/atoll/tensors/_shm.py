@@ -15,8 +15,10 @@ import ctypes
 import errno
 import mmap
 import os
+import re
+import stat
 
-from .._errors import AtollError
+from .._errors import AtollError, SerializationError
 from ..transport._hub import pid_alive
 
 SHM_DIR = "/dev/shm"
@@ -88,11 +90,27 @@ def create(name: str, size: int) -> mmap.mmap:
         os.close(fd)
 
 
+_NAME = re.compile(r"atoll-[A-Za-z0-9_-]+")
+
+
 def attach(name: str) -> mmap.mmap:
-    """Map an existing segment (pages are faulted in lazily, as they are read)."""
-    fd = os.open(os.path.join(SHM_DIR, name), os.O_RDWR | os.O_CLOEXEC)
+    """Map an existing segment (pages are faulted in lazily, as they are read).
+
+    ``name`` comes from a peer: only a plain file of ``/dev/shm`` named as
+    atoll names its segments is opened, never a path elsewhere or a link."""
+    if type(name) is not str or not _NAME.fullmatch(name):
+        raise SerializationError(f"{name!r} is not the name of an atoll shared-memory segment")
     try:
-        return mmap.mmap(fd, os.fstat(fd).st_size, flags=mmap.MAP_SHARED)
+        fd = os.open(os.path.join(SHM_DIR, name), os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise SerializationError(f"cannot open shared memory {name}: {exc}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise SerializationError(f"shared memory {name} is not a plain file")
+        return mmap.mmap(fd, st.st_size, flags=mmap.MAP_SHARED)
     finally:
         os.close(fd)
 

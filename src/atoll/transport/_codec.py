@@ -17,7 +17,8 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol, TypeVar
 
-from .._errors import AtollError, SerializationError
+from .._errors import AtollError, ProtocolError, SerializationError
+from ._plain import FIRST_BYTE, UNTRUSTED, PlainWire
 
 OOB_THRESHOLD = 8192
 """Buffers smaller than this stay inside the pickle stream (a frame costs more)."""
@@ -295,10 +296,18 @@ class Codec:
     handle runtime objects, and ``sidecar`` carries values beside the stream."""
 
     def __init__(
-        self, reducers: dict[type, Reducer] | None = None, sidecar: Sidecar | None = None
+        self,
+        reducers: dict[type, Reducer] | None = None,
+        sidecar: Sidecar | None = None,
+        *,
+        plain_only: bool = False,
     ) -> None:
         self._reducers = dict(reducers or {})
         self._sidecar = sidecar
+        self.plain = PlainWire(self._reducers, sidecar)
+        """Plain payloads (see ``_plain``): what untrusted peers send."""
+        self.plain_only = plain_only
+        """Everything this codec sends is plain (this process is untrusted)."""
         # The pickler asks about every object that is not a plain container or
         # scalar; one lookup by type answers (learnt once per type).
         plain: dict[type, Handler | None] = {}
@@ -407,6 +416,8 @@ class Codec:
         """:meth:`dumps` of ``prepare_args(args, kwargs, mark)``, faster
         where the arguments are scalars and short byte strings, or the
         sidecar encodes them itself."""
+        if self.plain_only:
+            return self.plain.dumps((args, kwargs), mark, what, dest)
         for v in args:
             t = type(v)
             if not (t in SCALARS or (t is bytes and len(v) < OOB_THRESHOLD)):
@@ -425,6 +436,8 @@ class Codec:
     ) -> tuple[bytes, list[Any]]:
         """:meth:`dumps` of ``prepare(value, mark)``, faster where the value
         is a scalar or a short byte string, or the sidecar encodes it itself."""
+        if self.plain_only:
+            return self.plain.dumps(value, mark, what, dest)
         t = type(value)
         if t in SCALARS or (t is bytes and len(value) < OOB_THRESHOLD):
             return pickle.dumps(value, 5), []
@@ -452,9 +465,20 @@ class Codec:
     def loads(
         self, data: bytes, buffers: Sequence[Any], what: str = "value", src: bytes = b""
     ) -> Any:
-        """Unpickle a payload produced by :meth:`dumps`, with the frames after it."""
+        """Read a payload from ``src`` made by :meth:`dumps` (or by the plain
+        wire: then it is read without pickle), with the frames after it.
+        From an untrusted peer, only a plain payload is read."""
         try:
+            if not data:
+                raise ProtocolError(f"the {what} is an empty payload")
             first = data[0]
+            if first == FIRST_BYTE or src[:1] == UNTRUSTED:
+                if first != FIRST_BYTE:
+                    raise ProtocolError(
+                        f"the {what} from an untrusted peer is not a plain payload "
+                        f"(first byte {first:#04x}): refused unread"
+                    )
+                return self.plain.loads(data, buffers, what, src)
             if first == _PICKLED:
                 return pickle.loads(data, buffers=buffers)
             if first != _HEADED and first not in SIDECAR_ENCODED:
@@ -472,7 +496,7 @@ class Codec:
                 return pickle.loads(view[5 + size :], buffers=buffers[: len(buffers) - own])
             finally:
                 self._sidecar.end_load(state)
-        except SerializationError:
+        except (SerializationError, ProtocolError):
             raise
         except Exception as exc:
             raise SerializationError(f"cannot unpickle the {what}: {exc!r}") from exc

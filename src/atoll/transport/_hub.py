@@ -9,7 +9,7 @@ Frames on the wire (the ROUTER adds or strips the identity frame):
   DEALER reads ``[src, header, *buffers]``.
 
 A peer is known only after the host announced it with :meth:`Hub.expect`, and
-trusted only after its first message, a :class:`Hello` carrying the per-spawn
+proved only after its first message, a :class:`Hello` carrying the per-spawn
 secret. Anything else (unknown identities, frames before the Hello, malformed
 messages) is dropped and counted in :attr:`Hub.dropped`.
 """
@@ -72,12 +72,12 @@ def pid_alive(pid: int) -> bool:
 
 
 class _Peer:
-    __slots__ = ("on_hello", "secret", "trusted")
+    __slots__ = ("on_hello", "proved", "secret")
 
     def __init__(self, secret: bytes, on_hello: Callable[[Hello], None]) -> None:
         self.secret = secret
         self.on_hello = on_hello
-        self.trusted = False
+        self.proved = False
 
 
 class Hub:
@@ -103,7 +103,7 @@ class Hub:
         self.socket = AsyncSocket(sock)
         self._peers: dict[bytes, _Peer] = {}
         self.dropped: Counter[str] = Counter()
-        """Dropped messages by reason: ``unknown``, ``untrusted``, ``malformed``."""
+        """Dropped messages by reason: ``unknown``, ``unproved``, ``malformed``."""
 
     @property
     def dir(self) -> str:
@@ -120,7 +120,7 @@ class Hub:
 
     def is_routable(self, identity: bytes) -> bool:
         peer = self._peers.get(identity)
-        return peer is not None and peer.trusted
+        return peer is not None and peer.proved
 
     def send(self, dest: bytes, frames: Sequence[Any]) -> None:
         """Send ``frames`` (header first) from the host to peer ``dest``."""
@@ -145,14 +145,14 @@ class Hub:
             if peer is None:
                 self.dropped["unknown"] += 1
                 return None
-            if not peer.trusted:
+            if not peer.proved:
                 self._admit(src, peer, frames[2])
                 return None
             dest = frames[1].bytes
             if dest == HOST:
                 return deliver(src, frames[2:])
             target = peers.get(dest)
-            if target is None or not target.trusted:
+            if target is None or not target.proved:
                 unroutable(src, dest, frames[2:])
                 return None
             try:
@@ -172,9 +172,9 @@ class Hub:
             self.dropped["malformed"] += 1
             return
         if not isinstance(hello, Hello) or not hmac.compare_digest(hello.secret, peer.secret):
-            self.dropped["untrusted"] += 1
+            self.dropped["unproved"] += 1
             return
-        peer.trusted = True
+        peer.proved = True
         peer.on_hello(hello)
 
     def close(self) -> None:

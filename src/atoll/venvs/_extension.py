@@ -12,6 +12,7 @@
     [tool.atoll]                      # optional
     share-torch = true
     python = "3.11"
+    trusted = false                   # nothing it sends is ever unpickled
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ class Extension:
     env: Env
     entry_point: str
     """``module:Class``, imported in the actor process with the folder on its path."""
+    trusted: bool = True
+    """False: it asks to run untrusted (see ``Host.spawn(trusted=False)``)."""
 
     @property
     def paths(self) -> list[str]:
@@ -86,12 +89,15 @@ def read_extension(path: str | os.PathLike[str]) -> Extension:
             '"module:Class" (for example "blur_node:Blur")'
         )
     tool = _table(_table(data, "tool", manifest), "atoll", manifest)
-    unknown = set(tool) - {"share-torch", "python"}
+    unknown = set(tool) - {"share-torch", "python", "trusted"}
     if unknown:
         raise ExtensionError(
             f"{manifest}: [tool.atoll] has unknown keys {sorted(unknown)}; "
-            "it takes share-torch and python"
+            "it takes share-torch, python and trusted"
         )
+    trusted = tool.get("trusted", True)
+    if not isinstance(trusted, bool):
+        raise ExtensionError(f"{manifest}: [tool.atoll] trusted must be true or false")
     share_torch = tool.get("share-torch", False)
     python = tool.get("python")
     if not isinstance(share_torch, bool) or not (python is None or isinstance(python, str)):
@@ -99,7 +105,7 @@ def read_extension(path: str | os.PathLike[str]) -> Extension:
             f"{manifest}: [tool.atoll] share-torch must be true or false and python a string"
         )
     env = Env(dependencies, python=python, share_torch=share_torch, name=str(name))
-    return Extension(folder, manifest, str(name), env, actor)
+    return Extension(folder, manifest, str(name), env, actor, trusted)
 
 
 def _table(data: dict[str, Any], key: str, manifest: str) -> dict[str, Any]:
