@@ -15,6 +15,7 @@ from helpers import Echo
 # What only a host uses: an actor process that imported them would start slower.
 HOST_SIDE = [
     "atoll.actors._host",
+    "atoll.actors._opener",
     "atoll.actors._spawner",
     "atoll.actors._processes",
     "atoll.actors._blocking",
@@ -44,7 +45,7 @@ def test_importing_atoll_leaves_the_hosts_side_for_later() -> None:
     code = f"import sys, atoll; print([m for m in {HOST_SIDE!r} if m in sys.modules])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
-    assert atoll.open_host.__module__ == "atoll.actors._host"
+    assert atoll.open_host.__module__ == "atoll.actors._opener"
     assert "open_host" in dir(atoll)
     with pytest.raises(AttributeError, match="no attribute 'nonesuch'"):
         atoll.nonesuch  # type: ignore[attr-defined]  # noqa: B018

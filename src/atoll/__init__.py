@@ -34,9 +34,9 @@ if TYPE_CHECKING:
     from .actors._blocking import BlockingHost as BlockingHost
     from .actors._blocking import blocking_host as blocking_host
     from .actors._host import Host as Host
-    from .actors._host import HostOpener as HostOpener
-    from .actors._host import open_host as open_host
-    from .actors._host import start_host as start_host
+    from .actors._opener import HostOpener as HostOpener
+    from .actors._opener import open_host as open_host
+    from .actors._opener import start_host as start_host
     from .actors._options import HostOptions as HostOptions
     from .actors._ref import ActorRef as ActorRef
     from .actors._registry import Subscription as Subscription
@@ -58,7 +58,7 @@ _LAZY = {
     "BlockingHost": "atoll.actors._blocking",
     "Env": "atoll.venvs._env",
     "Host": "atoll.actors._host",
-    "HostOpener": "atoll.actors._host",
+    "HostOpener": "atoll.actors._opener",
     "HostOptions": "atoll.actors._options",
     "PlainLimits": "atoll.transport._plain",
     "SharedMemoryError": "atoll.tensors._shm",
@@ -66,10 +66,10 @@ _LAZY = {
     "blocking_host": "atoll.actors._blocking",
     "copy_on_send": "atoll.tensors._sending",
     "lookup": "atoll.actors._runtime",
-    "open_host": "atoll.actors._host",
+    "open_host": "atoll.actors._opener",
     "publish": "atoll.actors._runtime",
     "share": "atoll.actors._runtime",
-    "start_host": "atoll.actors._host",
+    "start_host": "atoll.actors._opener",
     "wire_type": "atoll.transport._plain",
 }
 

@@ -6,7 +6,7 @@ from ._actor import Actor as Actor
 
 if TYPE_CHECKING:
     from ._host import Host as Host
-    from ._host import open_host as open_host
+    from ._opener import open_host as open_host
     from ._ref import ActorRef as ActorRef
 
 

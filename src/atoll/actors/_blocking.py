@@ -23,7 +23,8 @@ from anyio.from_thread import BlockingPortal, start_blocking_portal
 
 from . import _signals
 from ._actor import Actor
-from ._host import Host, HostOpener
+from ._host import Host
+from ._opener import HostOpener
 from ._options import HostOptions
 from ._processes import host_closed_error
 from ._ref import BlockingRef
