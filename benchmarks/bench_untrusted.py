@@ -13,8 +13,10 @@ machine as it was in that second. Rows:
   16-byte call           ``await ref.take(b"x" * 16)``
   pre-shared tensor      ``await ref.take(t)``, ``t`` 1 MiB and 64 MiB, already
                          in shared memory: what it adds to the 16-byte call
-  spawn to first reply   ``host.spawn`` plus the first call (untrusted actors
-                         never take a warm process)
+  no-op, sandboxed       the same for an actor in a bubblewrap sandbox
+  spawn to first reply   ``host.spawn`` plus the first call: trusted (a fork),
+                         untrusted (a fork too: never a warm process), and
+                         sandboxed (a new interpreter in a new sandbox)
 """
 
 from __future__ import annotations
@@ -109,17 +111,25 @@ async def main(rounds: int, calls: int) -> None:
 
             a, b = await _alternate(trusted_tensor, with_tensor, rounds, calls)
             print(_row(f"pre-shared {label}: trusted, untrusted", a, b), flush=True)
-        spawns: dict[bool, list[float]] = {True: [], False: []}
+        sandboxed = await host.spawn(Subject, sandbox=atoll.Sandbox())
+        a, b = await _alternate(trusted.noop, sandboxed.noop, rounds, calls)
+        print(_row("no-op: trusted, sandboxed", a, b), flush=True)
+        spawns: dict[str, list[float]] = {"trusted": [], "untrusted": [], "sandboxed": []}
+        kinds: dict[str, dict[str, Any]] = {
+            "trusted": {},
+            "untrusted": {"trusted": False},
+            "sandboxed": {"sandbox": atoll.Sandbox()},
+        }
         for i in range(10):
-            for kind in (True, False) if i % 2 else (False, True):
+            for kind in list(kinds)[:: 1 if i % 2 else -1]:
                 start = time.perf_counter()
-                ref = await host.spawn(Subject, trusted=kind)
+                ref = await host.spawn(Subject, **kinds[kind])
                 await ref.noop()
                 spawns[kind].append((time.perf_counter() - start) * 1e3)
                 await host.stop(ref)
         print(
-            f"{'spawn to first reply: trusted, untrusted':<44} "
-            f"{statistics.median(spawns[True]):8.1f}ms {statistics.median(spawns[False]):8.1f}ms"
+            "spawn to first reply: "
+            + ", ".join(f"{kind} {statistics.median(ms):.1f} ms" for kind, ms in spawns.items())
         )
 
 

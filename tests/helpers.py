@@ -560,3 +560,50 @@ class Hostile(atoll.Actor):
 
     async def fail(self) -> None:
         raise ValueError("plain", 7)
+
+
+class Prisoner(atoll.Actor):
+    """A sandboxed extension that tries to reach what it must not."""
+
+    def read(self, path: str) -> str:
+        try:
+            with open(path) as f:
+                return "read: " + f.read()
+        except OSError as exc:
+            return type(exc).__name__
+
+    def write(self, path: str) -> str:
+        try:
+            with open(path, "w") as f:
+                f.write("escaped")
+            return "written"
+        except OSError as exc:
+            return type(exc).__name__
+
+    async def connect(self, port: int) -> str:
+        import socket
+
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=2).close()
+            return "connected"
+        except OSError as exc:
+            return type(exc).__name__
+
+    async def shm(self) -> list[str]:
+        return sorted(os.listdir("/dev/shm"))
+
+    async def signal(self, pid: int) -> str:
+        try:
+            os.kill(pid, signal.SIGTERM)
+            return "signalled"
+        except OSError as exc:
+            return type(exc).__name__
+
+    async def pids(self) -> list[int]:
+        return sorted(int(p) for p in os.listdir("/proc") if p.isdigit())
+
+    async def double(self, t: Any) -> Any:
+        return t * 2
+
+    async def publish(self, topic: str, value: Any) -> None:
+        atoll.publish(topic, value)

@@ -25,6 +25,7 @@ from ._errors import ExtensionError as ExtensionError
 from ._errors import ProtocolError as ProtocolError
 from ._errors import RemoteError as RemoteError
 from ._errors import RemoteTraceback as RemoteTraceback
+from ._errors import SandboxUnavailableError as SandboxUnavailableError
 from ._errors import SerializationError as SerializationError
 from ._errors import SpawnError as SpawnError
 from ._errors import TransportError as TransportError
@@ -43,6 +44,7 @@ if TYPE_CHECKING:
     from .actors._runtime import lookup as lookup
     from .actors._runtime import publish as publish
     from .actors._runtime import share as share
+    from .actors._sandbox import Sandbox as Sandbox
     from .tensors._sending import copy_on_send as copy_on_send
     from .tensors._shm import SharedMemoryError as SharedMemoryError
     from .transport._plain import PlainLimits as PlainLimits
@@ -61,6 +63,7 @@ _LAZY = {
     "HostOpener": "atoll.actors._opener",
     "HostOptions": "atoll.actors._options",
     "PlainLimits": "atoll.transport._plain",
+    "Sandbox": "atoll.actors._sandbox",
     "SharedMemoryError": "atoll.tensors._shm",
     "Subscription": "atoll.actors._registry",
     "blocking_host": "atoll.actors._blocking",
@@ -108,6 +111,8 @@ __all__ = [
     "ProtocolError",
     "RemoteError",
     "RemoteTraceback",
+    "Sandbox",
+    "SandboxUnavailableError",
     "SerializationError",
     "SharedMemoryError",
     "SpawnError",

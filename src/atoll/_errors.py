@@ -18,6 +18,7 @@ __all__ = [
     "ProtocolError",
     "RemoteError",
     "RemoteTraceback",
+    "SandboxUnavailableError",
     "SerializationError",
     "SpawnError",
     "TransportError",
@@ -140,3 +141,8 @@ class ExtensionError(AtollError):
     """An extension folder cannot be loaded: its manifest is missing or wrong,
     or its entry point does not name an :class:`atoll.Actor`. The message
     names the file and what to change."""
+
+
+class SandboxUnavailableError(SpawnError):
+    """An actor asked for a sandbox that cannot be made here; the message
+    says what is missing and how to get it."""

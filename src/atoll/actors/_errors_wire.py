@@ -20,7 +20,7 @@ import msgspec
 from .. import _errors
 from .._errors import ProtocolError, RemoteError, RemoteTraceback
 from ..transport._codec import dumps_main_by_value
-from ..transport._plain import FIRST_BYTE, UNTRUSTED
+from ..transport._plain import FIRST_BYTE, UNTRUSTED_MARKS
 
 _ATOLL_ERRORS = frozenset({"SerializationError", "ProtocolError", "ActorClosedError"})
 """atoll's errors that an untrusted peer's plain error may be rebuilt as."""
@@ -71,7 +71,7 @@ def unpack_error(payload: bytes, src: bytes = b"") -> Exception:
     plain one is read.
     """
     exc: object = None
-    if payload[:1] == bytes((FIRST_BYTE,)) or src[:1] == UNTRUSTED:
+    if payload[:1] == bytes((FIRST_BYTE,)) or src[:1] in UNTRUSTED_MARKS:
         if payload[:1] != bytes((FIRST_BYTE,)):
             return ProtocolError("an error from an untrusted peer is not plain: refused unread")
         try:

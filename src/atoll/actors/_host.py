@@ -39,6 +39,7 @@ from ._options import HostOptions
 from ._processes import KILL_WAIT, TERMINATE_WAIT, Processes, host_closed_error
 from ._ref import ACTOR_OID, ActorRef
 from ._registry import REGISTRY_OID, Registry, RegistryService, Subscription, class_key
+from ._sandbox import Sandbox
 from ._spawner import FORK_SERVER_WAIT, ByValue, Launched, Spawner, installed
 
 A = TypeVar("A", bound=Actor)
@@ -161,6 +162,7 @@ class Host:
         name: str | None = None,
         env: Env | None = None,
         trusted: bool = True,
+        sandbox: Sandbox | None = None,
         **kwargs: Any,
     ) -> A:
         """Start ``cls(*args, **kwargs)`` in a new process and return its ref.
@@ -178,7 +180,9 @@ class Host:
         and calls travel on the plain wire (plain values, arrays and tensors,
         refs and callbacks it was handed, and types registered with
         :func:`atoll.wire_type`). What it sends that the plain wire cannot
-        carry fails in the actor, naming the type.
+        carry fails in the actor, naming the type. ``sandbox`` (an
+        :class:`atoll.Sandbox`) confines its process too, and implies
+        ``trusted=False``.
 
         Raises :class:`SpawnError` if the class cannot be imported there or its
         constructor (or ``on_start``) raises, :class:`EnvBuildError` if the
@@ -198,7 +202,7 @@ class Host:
             f"actor class {cls.__qualname__}",
         )
         launched = await self._spawner.launch(
-            spec, cls.__qualname__, args, kwargs, name, built, [], trusted=trusted
+            spec, cls.__qualname__, args, kwargs, name, built, [], trusted=trusted, sandbox=sandbox
         )
         ref: A = self._registered(name, launched)
         return ref  # typed as the actor class: see atoll.mypy

@@ -30,12 +30,13 @@ from .._errors import (
     ActorClosedError,
     ActorDiedError,
     AtollError,
+    SandboxUnavailableError,
     SerializationError,
     SpawnError,
     TransportError,
 )
 from ..transport._hub import Hub
-from ..transport._plain import UNTRUSTED
+from ..transport._plain import SANDBOXED, UNTRUSTED, UNTRUSTED_MARKS
 from ..venvs import BuiltEnv, Env, build
 from ..venvs._env import user_cache_dir
 from ._actor import Kind
@@ -52,6 +53,7 @@ from ._processes import (
     stderr_tail_text,
 )
 from ._ref import BOOT_OID
+from ._sandbox import Sandbox, bwrap, paths_of, wrap
 
 _logger = logging.getLogger(__name__)
 
@@ -173,9 +175,11 @@ class Spawner:
             self._envs[env] = built
         return built
 
-    def _new_identity(self, trusted: bool = True) -> bytes:
-        """A fresh identity; an untrusted actor's says so (see ``_plain``)."""
-        return (b"a" if trusted else UNTRUSTED) + b"%d" % next(self._numbers)
+    def _new_identity(self, trusted: bool = True, sandboxed: bool = False) -> bytes:
+        """A fresh identity; an untrusted or sandboxed actor's says so (see
+        ``transport._plain``)."""
+        mark = SANDBOXED if sandboxed else b"a" if trusted else UNTRUSTED
+        return mark + b"%d" % next(self._numbers)
 
     async def launch(
         self,
@@ -188,13 +192,24 @@ class Spawner:
         paths: list[str],
         *,
         trusted: bool = True,
+        sandbox: Sandbox | None = None,
     ) -> Launched:
         """Start ``spec`` (a class, or an entry point's name) as actor ``name``
         in a process for ``built``: its identity, methods and class. An
-        untrusted actor gets a process of its own (warm ones are trusted)."""
+        untrusted or sandboxed actor gets a process of its own (warm ones
+        are trusted and unconfined)."""
+        if sandbox is not None:
+            trusted = False
+            try:
+                bwrap()
+            except SandboxUnavailableError as exc:
+                if sandbox.required:
+                    raise
+                _logger.warning("atoll: %s runs untrusted but unconfined: %s", name, exc)
+                sandbox = None
         actor = self._take_warm(built) if trusted else None
         if actor is None:
-            actor = ActorProcess(self._new_identity(trusted), name)
+            actor = ActorProcess(self._new_identity(trusted, sandbox is not None), name)
             fresh = True
         else:
             actor.name = name
@@ -203,7 +218,7 @@ class Spawner:
         try:
             with anyio.fail_after(self._spawn_timeout):
                 if fresh:
-                    await self._boot(actor, built, ())
+                    await self._boot(actor, built, (), (sandbox, paths))
                 else:
                     await self._await_hello(actor)
                 kinds, cls_key = await self._build(actor, spec, paths, args, kwargs, label)
@@ -228,15 +243,17 @@ class Spawner:
         actor: ActorProcess,
         built: BuiltEnv | None,
         imports: Sequence[str],
+        confined: tuple[Sandbox | None, list[str]] = (None, []),
     ) -> None:
-        """Start ``actor``'s process and wait for its hello."""
+        """Start ``actor``'s process and wait for its hello; ``confined``:
+        its sandbox, and the folders its class is imported from."""
         self._check_open()
         self._processes.actors[actor.identity] = actor
         self._node.peer_names[actor.identity] = actor.name
         secret = os.urandom(32)
         self._hub.expect(actor.identity, secret, actor.on_hello)
         try:
-            await self._start_process(actor, secret, built, imports)
+            await self._start_process(actor, secret, built, imports, confined)
         except BaseException:
             with anyio.CancelScope(shield=True):
                 await self._processes.stop(actor, grace=0)
@@ -300,6 +317,7 @@ class Spawner:
         secret: bytes,
         built: BuiltEnv | None,
         imports: Sequence[str],
+        confined: tuple[Sandbox | None, list[str]] = (None, []),
     ) -> None:
         env = dict(os.environ)
         table = await self._write_code_table()
@@ -316,7 +334,7 @@ class Spawner:
         boot = BootSpec(
             hub=self._hub.endpoint,
             identity=actor.identity.decode(),
-            trusted=not actor.identity.startswith(UNTRUSTED),
+            trusted=actor.identity[:1] not in UNTRUSTED_MARKS,
             secret=secret,
             node=int(actor.identity[1:]),
             name=actor.name,
@@ -326,15 +344,27 @@ class Spawner:
             imports=list(imports),
             spin_us=self._spin_us,
             shm_prefix=self._shm_prefix,
-            transfer=self._transfer,
+            # A sandbox sees no shared memory of others: tensors travel inline.
+            transfer="inline" if confined[0] is not None else self._transfer,
             stop_timeout=self._stop_timeout,
             device_lease_timeout=self._device_lease_timeout,
         )
         process: Process | None = None
+        sandbox, folders = confined
+        if sandbox is not None:
+            python = argv[0]
+            readable = [
+                *paths_of(python, [*sys_path, *folders, _SRC_ROOT]),
+                self._hub.dir,
+                os.path.dirname(table),
+            ]
+            if built is not None:
+                readable += [built.path, self._overlay()]
+            argv = wrap(argv, sandbox, read_only=readable)
         # Twice at most: a server found gone on the first try has its
         # replacement started by the second (this spawn waits for it only if
         # another spawn started it already; else it starts from scratch).
-        for _ in range(2):
+        for _ in range(2 if sandbox is None else 0):  # a sandbox starts from scratch
             server = await self._fork_server(built, argv, env)
             if server is None:
                 break

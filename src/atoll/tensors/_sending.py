@@ -24,7 +24,7 @@ from collections.abc import Set as AbstractSet
 from typing import Any, TypeVar
 
 from ..transport._codec import Handler, Lifted
-from ..transport._plain import plain_rebuilder
+from ..transport._plain import SANDBOXED, plain_rebuilder
 from . import _adapters, _devices, _shm
 from ._arena import Arena
 from ._descriptors import Entry, Head, InFrame, InHead, Shared
@@ -327,7 +327,8 @@ class Sender:
         """The head describing ``batch``'s regions, and the frames that carry some."""
         entries: list[Entry] = []
         frames: list[Any] = []
-        inline = self.transfer == "inline"
+        # A sandboxed peer sees no shared memory but its own: copies.
+        inline = self.transfer == "inline" or dest[:1] == SANDBOXED
         threshold = self.threshold
         markers: dict[tuple[str, int], Any] = {}
         for group in batch.groups:
@@ -367,7 +368,7 @@ class Sender:
             # its first byte, so it needs no batch, head or slot; the
             # general path takes the rest (autograd, conjugate and negative
             # views, parameters, small or empty tensors, other layouts).
-            if self.transfer == "inline":
+            if self.transfer == "inline" or dest[:1] == SANDBOXED:
                 return None
             info = infos.get(t.dtype) or dtype_info(t.dtype)
             if info.quantized or info.complex or not t.is_cpu or t.requires_grad or t.is_neg():

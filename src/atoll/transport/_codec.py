@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Protocol, TypeVar
 
 from .._errors import AtollError, ProtocolError, SerializationError
-from ._plain import FIRST_BYTE, UNTRUSTED, PlainWire
+from ._plain import FIRST_BYTE, UNTRUSTED_MARKS, PlainWire
 
 OOB_THRESHOLD = 8192
 """Buffers smaller than this stay inside the pickle stream (a frame costs more)."""
@@ -472,7 +472,7 @@ class Codec:
             if not data:
                 raise ProtocolError(f"the {what} is an empty payload")
             first = data[0]
-            if first == FIRST_BYTE or src[:1] == UNTRUSTED:
+            if first == FIRST_BYTE or src[:1] in UNTRUSTED_MARKS:
                 if first != FIRST_BYTE:
                     raise ProtocolError(
                         f"the {what} from an untrusted peer is not a plain payload "

@@ -46,6 +46,12 @@ FIRST_BYTE = 0x01
 UNTRUSTED = b"u"
 """What the identity of an untrusted peer starts with: a node reads what
 such a peer sends with the plain wire only. (The hub proves identities.)"""
+SANDBOXED = b"s"
+"""What the identity of a sandboxed peer starts with: untrusted too, and its
+tensors travel inside the messages (it sees no shared memory but its own)."""
+UNTRUSTED_MARKS = frozenset({UNTRUSTED, SANDBOXED})
+"""First bytes of the identities whose payloads are read plain only:
+``src[:1] in UNTRUSTED_MARKS``."""
 
 _TUPLE, _SET, _FROZENSET, _COMPLEX, _BIG_INT, _BYTEARRAY, _MEMORYVIEW, _DICT = range(1, 9)
 _REBUILT, _WIRE_TYPE = 9, 10

@@ -1,0 +1,145 @@
+"""Sandboxes: an actor process confined with bubblewrap (Linux namespaces).
+
+A sandboxed process sees a filesystem made for it: the system's programs and
+libraries read-only, the interpreter and the packages its actor imports,
+atoll, what the sandbox lists, a private ``/tmp`` and ``/dev/shm``, and
+nothing else of the host's (no home directory, no other extensions, no
+application files). It has its own network (none, unless ``network=True``),
+process, IPC and host-name namespaces, no capabilities, and dies with its
+host. It reaches the host through the hub's socket only, and it is untrusted:
+what it sends is never unpickled (see ``transport._plain``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import glob
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterable
+
+from .._errors import SandboxUnavailableError
+
+_SYSTEM = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
+"""Read-only system folders (those that exist; most are links into /usr)."""
+_ETC = (
+    "/etc/ld.so.cache",
+    "/etc/ld.so.conf",
+    "/etc/ld.so.conf.d",
+    "/etc/localtime",
+    "/etc/nsswitch.conf",
+    "/etc/ssl/certs",
+    "/etc/alternatives",
+)
+"""What of /etc programs need (the loader's cache, time zone, certificates);
+not /etc itself, which holds the host's secrets."""
+_GPU_DEVICES = ("/dev/nvidia*", "/dev/dri")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Sandbox:
+    """How to confine an actor process: ``host.spawn(..., sandbox=Sandbox())``.
+
+    Everything is denied that is not listed: ``read_only`` and ``writable``
+    are host paths the actor may read (or also write), at the same place.
+    ``network=True`` shares the host's network; ``gpu=True`` passes the GPU
+    device nodes through. Where the sandbox cannot be made (no bubblewrap,
+    user namespaces off, not Linux), spawning fails with
+    :class:`~atoll.SandboxUnavailableError`, unless ``required=False``: then
+    the actor runs unconfined (still untrusted), and a warning says so.
+    """
+
+    read_only: tuple[str, ...] = ()
+    writable: tuple[str, ...] = ()
+    network: bool = False
+    gpu: bool = False
+    required: bool = True
+
+    def __post_init__(self) -> None:
+        for field in ("read_only", "writable"):
+            paths = getattr(self, field)
+            if isinstance(paths, str) or not all(isinstance(p, str) for p in paths):
+                raise TypeError(f"Sandbox({field}=...) takes a tuple of paths, got {paths!r}")
+            object.__setattr__(self, field, tuple(os.path.abspath(p) for p in paths))
+
+
+@functools.cache
+def bwrap() -> str:
+    """The bubblewrap program, checked to work here; else why it does not."""
+    if not sys.platform.startswith("linux"):
+        raise SandboxUnavailableError(
+            f"sandboxes need Linux namespaces; this is {sys.platform}. Run untrusted "
+            "actors with Sandbox(required=False), or in a container or VM"
+        )
+    found = shutil.which("bwrap")
+    if found is None:
+        raise SandboxUnavailableError(
+            "sandboxes need bubblewrap (bwrap), which is not installed: "
+            "apt-get install bubblewrap (Debian, Ubuntu), dnf install bubblewrap (Fedora)"
+        )
+    probe = subprocess.run(
+        [found, "--ro-bind", "/", "/", "--unshare-all", "--die-with-parent", "true"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    if probe.returncode:
+        raise SandboxUnavailableError(
+            f"bubblewrap cannot make a sandbox here: {probe.stderr.strip()}. User namespaces "
+            "may be off: sysctl -w kernel.unprivileged_userns_clone=1 (Debian), or "
+            "user.max_user_namespaces above 0; in a container, allow namespaces (for "
+            "Docker: --security-opt seccomp=unconfined, or run the host as root)"
+        )
+    return found
+
+
+def wrap(
+    argv: list[str],
+    sandbox: Sandbox,
+    *,
+    read_only: Iterable[str],
+) -> list[str]:
+    """``argv`` run in ``sandbox``: the bubblewrap command line. The process
+    may also read ``read_only`` (its interpreter, packages, the hub's
+    socket folder)."""
+    args = [bwrap(), "--die-with-parent", "--new-session", "--unshare-all", "--cap-drop", "ALL"]
+    if sandbox.network:
+        args.append("--share-net")
+    for path in _SYSTEM:
+        if os.path.islink(path):
+            args += ["--symlink", os.readlink(path), path]
+        elif os.path.isdir(path):
+            args += ["--ro-bind", path, path]
+    for path in _ETC:
+        if os.path.exists(path):
+            args += ["--ro-bind", path, path]
+    # Its own /dev/shm: it sees no segment of another process (its tensors
+    # travel inside the messages).
+    args += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", "--tmpfs", "/dev/shm"]
+    if sandbox.gpu:
+        for pattern in _GPU_DEVICES:
+            for device in glob.glob(pattern):
+                args += ["--dev-bind", device, device]
+    seen: set[str] = set()
+    for path in [*read_only, *sandbox.read_only]:
+        if path not in seen and os.path.exists(path):
+            seen.add(path)
+            args += ["--ro-bind", path, path]
+    for path in sandbox.writable:
+        if os.path.exists(path):
+            args += ["--bind", path, path]
+    return [*args, "--chdir", "/tmp", *argv]
+
+
+def paths_of(python: str, sys_path: Iterable[str]) -> list[str]:
+    """What a process must read to run ``python`` with ``sys_path``: the
+    interpreter's installation (through its links) and the path's entries."""
+    found = []
+    real = os.path.realpath(python)
+    prefix = os.path.dirname(os.path.dirname(real))  # .../bin/python -> ...
+    found += [prefix, os.path.dirname(os.path.dirname(os.path.abspath(python)))]
+    found += [os.path.realpath(p) for p in sys_path if p and os.path.exists(p)]
+    return found

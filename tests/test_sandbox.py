@@ -1,0 +1,134 @@
+"""Sandboxed actors (``spawn(sandbox=atoll.Sandbox())``, real bubblewrap):
+they try to read, write, connect, look and signal beyond their sandbox, and
+fail; and they still do their work."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import anyio
+import pytest
+import torch
+
+import atoll
+from atoll.actors import _sandbox
+from helpers import Echo, Prisoner
+
+pytestmark = [
+    pytest.mark.anyio,
+    pytest.mark.skipif(shutil.which("bwrap") is None, reason="needs bubblewrap (bwrap)"),
+]
+
+
+@pytest.fixture
+def secrets(tmp_path: Path) -> Iterator[list[str]]:
+    """A secret in the host's home and one in /tmp."""
+    home = Path.home() / f".atoll-test-secret-{os.getpid()}"
+    home.write_text("home secret")
+    in_tmp = tmp_path / "secret"
+    in_tmp.write_text("tmp secret")
+    try:
+        yield [str(home), str(in_tmp)]
+    finally:
+        home.unlink()
+
+
+async def test_a_sandboxed_actor_cannot_read_the_hosts_files(secrets: list[str]) -> None:
+    async with atoll.open_host() as host:
+        prisoner = await host.spawn(Prisoner, sandbox=atoll.Sandbox())
+        with anyio.fail_after(10):
+            for path in [*secrets, "/etc/shadow", "/etc/hostname"]:
+                assert not (await prisoner.read(path)).startswith("read"), path
+
+
+async def test_a_sandboxed_actor_writes_only_where_it_may(tmp_path: Path) -> None:
+    allowed = tmp_path / "out"
+    allowed.mkdir()
+    async with atoll.open_host() as host:
+        prisoner = await host.spawn(Prisoner, sandbox=atoll.Sandbox(writable=(str(allowed),)))
+        with anyio.fail_after(10):
+            # What it writes elsewhere lands in its own private folders, or nowhere.
+            for path in (tmp_path / "escaped", Path.home() / "escaped", Path("/tmp/private")):
+                await prisoner.write(str(path))
+            assert await prisoner.write(str(allowed / "result")) == "written"
+            assert await prisoner.write("/usr/escaped") != "written"
+    assert not (tmp_path / "escaped").exists()
+    assert not (Path.home() / "escaped").exists()
+    assert not Path("/tmp/private").exists()
+    assert (allowed / "result").read_text() == "escaped"
+
+
+async def test_a_sandbox_reads_what_it_lists(tmp_path: Path) -> None:
+    (tmp_path / "model.txt").write_text("weights")
+    async with atoll.open_host() as host:
+        prisoner = await host.spawn(Prisoner, sandbox=atoll.Sandbox(read_only=(str(tmp_path),)))
+        with anyio.fail_after(10):
+            assert await prisoner.read(str(tmp_path / "model.txt")) == "read: weights"
+            assert await prisoner.write(str(tmp_path / "model.txt")) != "written"
+
+
+async def test_a_sandboxed_actor_has_no_network() -> None:
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+    try:
+        async with atoll.open_host() as host:
+            jailed = await host.spawn(Prisoner, sandbox=atoll.Sandbox())
+            networked = await host.spawn(Prisoner, sandbox=atoll.Sandbox(network=True))
+            with anyio.fail_after(10):
+                assert await jailed.connect(port) != "connected"
+                assert await networked.connect(port) == "connected"
+    finally:
+        server.close()
+
+
+async def test_a_sandboxed_actor_sees_no_other_process_and_no_shared_memory() -> None:
+    async with atoll.open_host() as host:
+        neighbour = await host.spawn(Echo)
+        prisoner = await host.spawn(Prisoner, sandbox=atoll.Sandbox())
+        atoll.share(torch.ones(1 << 16))  # a segment of the host's
+        with anyio.fail_after(10):
+            assert await prisoner.shm() == []
+            pids = await prisoner.pids()
+            assert os.getpid() not in pids and await neighbour.pid() not in pids
+            assert await prisoner.read(f"/proc/{os.getpid()}/environ") != "read"
+            assert await prisoner.signal(os.getpid()) == "ProcessLookupError"
+            assert await neighbour.echo("alive") == "alive"
+
+
+async def test_a_sandboxed_actor_still_does_its_work() -> None:
+    async with atoll.open_host() as host:
+        prisoner = await host.spawn(Prisoner, sandbox=atoll.Sandbox())
+        events = host.subscribe("done")
+        with anyio.fail_after(10):
+            t = torch.arange(1 << 16, dtype=torch.float32)
+            assert torch.equal(await prisoner.double(t), t * 2)
+            await prisoner.publish("done", ("ok", 1))
+            async for event in events:
+                assert event == ("ok", 1)
+                break
+        events.close()
+        assert prisoner._id[:1] == b"s"  # untrusted too: its sends are plain
+
+
+async def test_no_bubblewrap_is_an_error_that_says_how_to_get_it(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    _sandbox.bwrap.cache_clear()
+    try:
+        async with atoll.open_host() as host:
+            with pytest.raises(atoll.SandboxUnavailableError, match="apt-get install bubblewrap"):
+                await host.spawn(Prisoner, sandbox=atoll.Sandbox())
+            with caplog.at_level(logging.WARNING, logger="atoll"):
+                loose = await host.spawn(Prisoner, sandbox=atoll.Sandbox(required=False))
+            assert "unconfined" in caplog.text
+            with anyio.fail_after(10):
+                assert loose._id[:1] == b"u"  # still untrusted
+                assert (await loose.shm()) is not None
+    finally:
+        _sandbox.bwrap.cache_clear()
