@@ -607,3 +607,60 @@ class Prisoner(atoll.Actor):
 
     async def publish(self, topic: str, value: Any) -> None:
         atoll.publish(topic, value)
+
+
+class Greedy(atoll.Actor):
+    """Takes more than it may: memory, processes, files, shared memory."""
+
+    async def eat(self, megabytes: int) -> int:
+        blocks = [bytearray(1 << 20) for _ in range(megabytes)]
+        return len(blocks)
+
+    async def fork_bomb(self, depth: int) -> int:
+        """Fork children that fork in turn (``depth`` deep, two each), each
+        holding on until all have tried; returns how many processes it got."""
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tally:
+            read_end, write_end = os.pipe()
+            made = _bomb(depth, tally, write_end)
+            os.close(write_end)
+            os.read(read_end, 1)  # EOF once every child let go of the pipe
+            os.close(read_end)
+            return made + len(os.listdir(tally))
+
+    async def open_files(self, n: int) -> int:
+        files = []
+        try:
+            for _ in range(n):
+                files.append(open(os.devnull))  # noqa: SIM115, ASYNC230
+        except OSError:
+            pass
+        finally:
+            for f in files:
+                f.close()
+        return len(files)
+
+    async def share(self, megabytes: int) -> int:
+        import torch
+
+        return int(atoll.share(torch.ones(megabytes << 18)).numel())
+
+    async def ping(self) -> str:
+        return "pong"
+
+
+def _bomb(depth: int, tally: str, hold: int) -> int:
+    """Fork up to two children, each doing the same ``depth - 1`` deep."""
+    made = 0
+    for _ in range(2 if depth else 0):
+        try:
+            pid = os.fork()
+        except OSError:
+            break
+        if pid == 0:
+            open(os.path.join(tally, str(os.getpid())), "w").close()
+            _bomb(depth - 1, tally, hold)
+            os._exit(0)
+        made += 1
+    return made

@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from .actors._blocking import BlockingHost as BlockingHost
     from .actors._blocking import blocking_host as blocking_host
     from .actors._host import Host as Host
+    from .actors._limits import Limits as Limits
     from .actors._opener import HostOpener as HostOpener
     from .actors._opener import open_host as open_host
     from .actors._opener import start_host as start_host
@@ -62,6 +63,7 @@ _LAZY = {
     "Host": "atoll.actors._host",
     "HostOpener": "atoll.actors._opener",
     "HostOptions": "atoll.actors._options",
+    "Limits": "atoll.actors._limits",
     "PlainLimits": "atoll.transport._plain",
     "Sandbox": "atoll.actors._sandbox",
     "SharedMemoryError": "atoll.tensors._shm",
@@ -107,6 +109,7 @@ __all__ = [
     "Host",
     "HostOpener",
     "HostOptions",
+    "Limits",
     "PlainLimits",
     "ProtocolError",
     "RemoteError",

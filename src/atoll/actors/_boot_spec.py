@@ -34,6 +34,10 @@ class BootSpec(msgspec.Struct, frozen=True, kw_only=True):
     stop_timeout: float
     device_lease_timeout: float
     trusted: bool = True
+    rlimits: dict[str, int] = {}
+    """Resource limits it sets on itself before its actor's code runs."""
+    shm_limit: int | None = None
+    """Bytes its arena of shared memory may hold."""
     """Not: everything it sends goes on the plain wire (``transport._plain``)."""
     environ: dict[str, str] | None = None
     """For a fork: the environment variables a fresh start would have had."""

@@ -28,6 +28,7 @@ from ..transport._socket import AsyncSocket, Job
 from . import _runtime
 from ._actor import Actor, method_kinds
 from ._boot_spec import BootSpec, decode_boot
+from ._limits import apply_rlimits
 from ._node import Node
 from ._ref import ACTOR_OID, BOOT_OID
 from ._registry import class_key
@@ -60,7 +61,11 @@ class _Child:
         # why it ended before terminating the process.
         self.on_stop_timeout = 0.8 * boot.stop_timeout
         self.device_lease_timeout: float = boot.device_lease_timeout
-        plane = Plane(_shm.owner_prefix(self.shm_prefix, os.getpid()), transfer=boot.transfer)
+        plane = Plane(
+            _shm.owner_prefix(self.shm_prefix, os.getpid()),
+            transfer=boot.transfer,
+            shm_limit=boot.shm_limit,
+        )
         self.node = Node(
             boot.identity.encode(),
             boot.node,
@@ -266,6 +271,7 @@ def main() -> None:
         os.environ.update(boot.environ)
     if boot.cwd is not None:
         os.chdir(boot.cwd)
+    apply_rlimits(boot.rlimits)  # before any of the actor's code runs
     wanted: list[str] = boot.sys_path
     sys.path[:] = wanted + [p for p in sys.path if p not in wanted]
     for module in boot.imports:

@@ -34,6 +34,7 @@ from . import _runtime, _signals
 from ._actor import Actor, method_kinds
 from ._background import start_background
 from ._errors_wire import pack_error
+from ._limits import Limits
 from ._node import Node
 from ._options import HostOptions
 from ._processes import KILL_WAIT, TERMINATE_WAIT, Processes, host_closed_error
@@ -163,6 +164,7 @@ class Host:
         env: Env | None = None,
         trusted: bool = True,
         sandbox: Sandbox | None = None,
+        limits: Limits | None = None,
         **kwargs: Any,
     ) -> A:
         """Start ``cls(*args, **kwargs)`` in a new process and return its ref.
@@ -182,7 +184,8 @@ class Host:
         :func:`atoll.wire_type`). What it sends that the plain wire cannot
         carry fails in the actor, naming the type. ``sandbox`` (an
         :class:`atoll.Sandbox`) confines its process too, and implies
-        ``trusted=False``.
+        ``trusted=False``. ``limits`` (an :class:`atoll.Limits`) bounds
+        its memory, processes, open files, CPU time and shared memory.
 
         Raises :class:`SpawnError` if the class cannot be imported there or its
         constructor (or ``on_start``) raises, :class:`EnvBuildError` if the
@@ -202,7 +205,16 @@ class Host:
             f"actor class {cls.__qualname__}",
         )
         launched = await self._spawner.launch(
-            spec, cls.__qualname__, args, kwargs, name, built, [], trusted=trusted, sandbox=sandbox
+            spec,
+            cls.__qualname__,
+            args,
+            kwargs,
+            name,
+            built,
+            [],
+            trusted=trusted,
+            sandbox=sandbox,
+            limits=limits,
         )
         ref: A = self._registered(name, launched)
         return ref  # typed as the actor class: see atoll.mypy

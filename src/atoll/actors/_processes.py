@@ -24,6 +24,7 @@ from ..tensors import _shm
 from ..transport import _messages as m
 from ..transport._hub import Hub
 from ._errors_wire import pack_error
+from ._limits import Cgroup
 from ._node import Node, _fresh
 from ._registry import Registry
 
@@ -49,6 +50,10 @@ class ActorProcess:
         self.watch_ended = anyio.Event()
         self.stderr_done = anyio.Event()
         self.compatible = False
+        self.cgroup: Cgroup | None = None
+        """Its cgroups, if it has limits (see ``_limits``)."""
+        self.limit_hit = ""
+        """Which of its limits the kernel killed it for, if any."""
         self.stopping = False
         self.holding = anyio.Event()  # it waits for peers' views of its device memory
         self.hold_until = 0.0  # until then (anyio.current_time())
@@ -62,7 +67,9 @@ class ActorProcess:
     def gone_error(self) -> Exception:
         if self.stopping:
             return ActorClosedError(f"actor {self.name!r} was stopped")
-        return ActorDiedError(self.name, self.exitcode, "\n".join(self.stderr_tail))
+        return ActorDiedError(
+            self.name, self.exitcode, "\n".join(self.stderr_tail), detail=self.limit_hit
+        )
 
 
 class Processes:
@@ -104,6 +111,15 @@ class Processes:
                     tg.cancel_scope.cancel()
                 await process.aclose()
             actor.exitcode = code
+            cgroup = actor.cgroup
+            if cgroup is not None:
+                if cgroup.oom_killed():
+                    limit = cgroup.limits.memory_bytes or 0
+                    actor.limit_hit = (
+                        f"it went over its memory limit ({limit / (1 << 20):.0f} MiB, "
+                        "Limits(memory=...)) and the kernel killed it"
+                    )
+                cgroup.remove()
             self.on_exit(actor)
         finally:
             actor.watch_ended.set()

@@ -20,7 +20,7 @@ from typing import Any
 import anyio
 import zmq
 
-from .._errors import ActorClosedError, SerializationError
+from .._errors import ActorClosedError, AtollError
 from ..transport import _messages as m
 from ..transport._socket import Job, job_scope, run_job
 from ._actor import Kind
@@ -212,7 +212,7 @@ class Serving(Callbacks):
     def _reply(self, dest: bytes, call_id: int, result: Any, name: str) -> None:
         try:
             payload, buffers = self.codec.dumps_value(result, self.mark, "result", dest)
-        except SerializationError as exc:
+        except AtollError as exc:  # not sendable, or no shared memory left for it
             self._send_error(dest, call_id, exc, name)
             return
         # Leases given back ride on the reply: settled before it is delivered.

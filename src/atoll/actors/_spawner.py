@@ -10,6 +10,7 @@ is then built in it by an ordinary call, all within ``spawn_timeout``.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import os
@@ -43,6 +44,7 @@ from ._actor import Kind
 from ._boot_spec import BootSpec, encode_boot
 from ._code_table import cached_table, write_table
 from ._forks import ForkServer, ForkServerError, supported
+from ._limits import Cgroup, Limits, rlimits
 from ._node import Node
 from ._options import HostOptions
 from ._processes import (
@@ -54,6 +56,17 @@ from ._processes import (
 )
 from ._ref import BOOT_OID
 from ._sandbox import Sandbox, bwrap, paths_of, wrap
+
+
+@dataclasses.dataclass(frozen=True)
+class Confined:
+    """What confines a new actor process: its sandbox, the folders its class
+    is imported from (which the sandbox must show), its limits."""
+
+    sandbox: Sandbox | None = None
+    folders: list[str] = dataclasses.field(default_factory=list)
+    limits: Limits | None = None
+
 
 _logger = logging.getLogger(__name__)
 
@@ -193,6 +206,7 @@ class Spawner:
         *,
         trusted: bool = True,
         sandbox: Sandbox | None = None,
+        limits: Limits | None = None,
     ) -> Launched:
         """Start ``spec`` (a class, or an entry point's name) as actor ``name``
         in a process for ``built``: its identity, methods and class. An
@@ -207,7 +221,8 @@ class Spawner:
                     raise
                 _logger.warning("atoll: %s runs untrusted but unconfined: %s", name, exc)
                 sandbox = None
-        actor = self._take_warm(built) if trusted else None
+        # Warm processes are trusted, unconfined and unlimited.
+        actor = self._take_warm(built) if trusted and limits is None else None
         if actor is None:
             actor = ActorProcess(self._new_identity(trusted, sandbox is not None), name)
             fresh = True
@@ -218,7 +233,7 @@ class Spawner:
         try:
             with anyio.fail_after(self._spawn_timeout):
                 if fresh:
-                    await self._boot(actor, built, (), (sandbox, paths))
+                    await self._boot(actor, built, (), Confined(sandbox, paths, limits))
                 else:
                     await self._await_hello(actor)
                 kinds, cls_key = await self._build(actor, spec, paths, args, kwargs, label)
@@ -243,10 +258,9 @@ class Spawner:
         actor: ActorProcess,
         built: BuiltEnv | None,
         imports: Sequence[str],
-        confined: tuple[Sandbox | None, list[str]] = (None, []),
+        confined: Confined | None = None,
     ) -> None:
-        """Start ``actor``'s process and wait for its hello; ``confined``:
-        its sandbox, and the folders its class is imported from."""
+        """Start ``actor``'s process and wait for its hello, ``confined`` as it says."""
         self._check_open()
         self._processes.actors[actor.identity] = actor
         self._node.peer_names[actor.identity] = actor.name
@@ -317,9 +331,15 @@ class Spawner:
         secret: bytes,
         built: BuiltEnv | None,
         imports: Sequence[str],
-        confined: tuple[Sandbox | None, list[str]] = (None, []),
+        confined: Confined | None = None,
     ) -> None:
         env = dict(os.environ)
+        confined = confined or Confined()
+        limits = confined.limits
+        cgroup = None
+        if limits is not None:
+            cgroup = Cgroup.make(f"atoll-{os.getpid()}-{actor.identity.decode()}", limits)
+            actor.cgroup = cgroup
         table = await self._write_code_table()
         if built is None:
             argv = [sys.executable, _BOOT_SCRIPT, "", table]
@@ -345,12 +365,14 @@ class Spawner:
             spin_us=self._spin_us,
             shm_prefix=self._shm_prefix,
             # A sandbox sees no shared memory of others: tensors travel inline.
-            transfer="inline" if confined[0] is not None else self._transfer,
+            transfer="inline" if confined.sandbox is not None else self._transfer,
+            rlimits={} if limits is None else rlimits(limits, cgroup),
+            shm_limit=None if limits is None else limits.shared_memory_bytes,
             stop_timeout=self._stop_timeout,
             device_lease_timeout=self._device_lease_timeout,
         )
         process: Process | None = None
-        sandbox, folders = confined
+        sandbox, folders = confined.sandbox, confined.folders
         if sandbox is not None:
             python = argv[0]
             readable = [
@@ -384,6 +406,8 @@ class Spawner:
                 env=env,
             )
         actor.process = process
+        if cgroup is not None:
+            cgroup.join(process.pid)  # before its actor's code runs: it waits for the boot
         assert self.tg is not None and process.stdin is not None
         self._processes.watch(actor)
         if actor.stopping or self.closed:

@@ -123,8 +123,13 @@ class Mapping(Mapped):
 class Arena:
     """This process's segments and mappings, indexed by address."""
 
-    def __init__(self, name_prefix: str, pool_bytes: int = POOL_BYTES) -> None:
+    def __init__(
+        self, name_prefix: str, pool_bytes: int = POOL_BYTES, limit: int | None = None
+    ) -> None:
         self.lock = threading.Lock()
+        self.limit = limit
+        """Bytes its segments may hold together (``Limits(shared_memory=...)``)."""
+        self._held_bytes = 0
         self._prefix = name_prefix
         self.pool_bytes = pool_bytes
         self._names = itertools.count(1)
@@ -172,6 +177,11 @@ class Arena:
         if free:
             self._free_bytes -= size
             return free.pop()
+        if self.limit is not None and self._held_bytes + size > self.limit:
+            raise _shm.SharedMemoryError(
+                f"{size} more bytes of shared memory would pass this actor's limit of "
+                f"{self.limit} (Limits(shared_memory=...)); {self._held_bytes} are in use"
+            )
         while True:
             name = f"{self._prefix}{next(self._names)}"
             try:
@@ -180,6 +190,7 @@ class Arena:
             except FileExistsError:
                 continue
         self._segments[name] = segment
+        self._held_bytes += size
         self._index(segment)
         return segment
 
@@ -202,6 +213,7 @@ class Arena:
 
     def _drop_segment(self, segment: Segment) -> None:
         del self._segments[segment.name]
+        self._held_bytes -= segment.size
         self._unindex(segment)
         _shm.unlink(segment.name)
         segment.close()

@@ -64,9 +64,10 @@ class Plane:
         transfer: str = "shared_memory",
         threshold: int = SHM_THRESHOLD,
         pool_bytes: int = POOL_BYTES,
+        shm_limit: int | None = None,
     ) -> None:
         self.transfer = check_transfer(transfer)
-        self.arena = Arena(name_prefix, pool_bytes)
+        self.arena = Arena(name_prefix, pool_bytes, shm_limit)
         self.views = Views(self.arena)
         self._gone = self.views.gone
         self.leases = Leases(self.arena, self._gone)
