@@ -36,21 +36,18 @@ async def _still_works(hostile: Any) -> None:
     assert await hostile.echo((1, "x")) == (1, "x")
 
 
-async def test_a_pickled_result_is_refused_unread(marker: str) -> None:
+@pytest.mark.parametrize(
+    ("method", "says"),
+    [("bomb_result", "not a plain payload"), ("bomb_error", "error .* is not plain")],
+)
+async def test_a_pickled_result_or_exception_is_refused_unread(
+    marker: str, method: str, says: str
+) -> None:
     async with atoll.open_host() as host:
         hostile = await host.spawn(Hostile, trusted=False)
         with anyio.fail_after(10):
-            with pytest.raises(atoll.ProtocolError, match="not a plain payload"):
-                await hostile.bomb_result(marker)
-            await _still_works(hostile)
-
-
-async def test_a_pickled_exception_is_refused_unread(marker: str) -> None:
-    async with atoll.open_host() as host:
-        hostile = await host.spawn(Hostile, trusted=False)
-        with anyio.fail_after(10):
-            with pytest.raises(atoll.ProtocolError, match="not plain"):
-                await hostile.bomb_error(marker)
+            with pytest.raises(atoll.ProtocolError, match=says):
+                await getattr(hostile, method)(marker)
             await _still_works(hostile)
 
 
