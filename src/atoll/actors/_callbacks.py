@@ -137,7 +137,7 @@ def _rebuild_callable(owner: bytes, oid: int, weight: int, name: str, kind: int)
     node = cast(Callbacks, loading.get())
     if owner == node.identity:
         export = node._exports.get(oid)
-        if export is None:
+        if export is None or export.kinds is not None:  # released, or not a callback at all
             raise AtollError(f"callback {name} was sent back to {node.name!r}, which released it")
         node._release(oid, weight)
         return export.obj
