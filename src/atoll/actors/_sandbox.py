@@ -22,6 +22,7 @@ import sys
 from collections.abc import Iterable
 
 from .._errors import SandboxUnavailableError
+from ._limits import Limits
 
 _SYSTEM = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
 """Read-only system folders (those that exist; most are links into /usr)."""
@@ -143,3 +144,20 @@ def paths_of(python: str, sys_path: Iterable[str]) -> list[str]:
     found += [prefix, os.path.dirname(os.path.dirname(os.path.abspath(python)))]
     found += [os.path.realpath(p) for p in sys_path if p and os.path.exists(p)]
     return found
+
+
+@dataclasses.dataclass(frozen=True)
+class Confined:
+    """What confines a new actor process: its sandbox, the folders its class
+    is imported from (which the sandbox must show), its limits."""
+
+    sandbox: Sandbox | None = None
+    folders: list[str] = dataclasses.field(default_factory=list)
+    limits: Limits | None = None
+
+    def argv(self, argv: list[str], sys_path: Iterable[str], also: Iterable[str]) -> list[str]:
+        """``argv`` in the sandbox, which shows its interpreter, ``sys_path``,
+        the folders and ``also`` read-only."""
+        assert self.sandbox is not None
+        readable = [*paths_of(argv[0], [*sys_path, *self.folders]), *also]
+        return wrap(argv, self.sandbox, read_only=readable)

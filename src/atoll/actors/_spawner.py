@@ -10,7 +10,6 @@ is then built in it by an ordinary call, all within ``spawn_timeout``.
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import logging
 import os
@@ -55,18 +54,7 @@ from ._processes import (
     stderr_tail_text,
 )
 from ._ref import BOOT_OID
-from ._sandbox import Sandbox, bwrap, paths_of, wrap
-
-
-@dataclasses.dataclass(frozen=True)
-class Confined:
-    """What confines a new actor process: its sandbox, the folders its class
-    is imported from (which the sandbox must show), its limits."""
-
-    sandbox: Sandbox | None = None
-    folders: list[str] = dataclasses.field(default_factory=list)
-    limits: Limits | None = None
-
+from ._sandbox import Confined, Sandbox, bwrap
 
 _logger = logging.getLogger(__name__)
 
@@ -372,21 +360,15 @@ class Spawner:
             device_lease_timeout=self._device_lease_timeout,
         )
         process: Process | None = None
-        sandbox, folders = confined.sandbox, confined.folders
-        if sandbox is not None:
-            python = argv[0]
-            readable = [
-                *paths_of(python, [*sys_path, *folders, _SRC_ROOT]),
-                self._hub.dir,
-                os.path.dirname(table),
-            ]
-            if built is not None:
-                readable += [built.path, self._overlay()]
-            argv = wrap(argv, sandbox, read_only=readable)
+        if confined.sandbox is not None:
+            also = [_SRC_ROOT, self._hub.dir, os.path.dirname(table)]
+            argv = confined.argv(
+                argv, sys_path, also + ([built.path, self._overlay()] if built else [])
+            )
         # Twice at most: a server found gone on the first try has its
         # replacement started by the second (this spawn waits for it only if
         # another spawn started it already; else it starts from scratch).
-        for _ in range(2 if sandbox is None else 0):  # a sandbox starts from scratch
+        for _ in range(2 if confined.sandbox is None else 0):  # a sandbox starts from scratch
             server = await self._fork_server(built, argv, env)
             if server is None:
                 break
