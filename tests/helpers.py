@@ -649,6 +649,13 @@ class Greedy(atoll.Actor):
     async def ping(self) -> str:
         return "pong"
 
+    def spin(self, seconds: float) -> None:
+        import time
+
+        end = time.process_time() + seconds
+        while time.process_time() < end:
+            pass
+
 
 def _bomb(depth: int, tally: str, hold: int) -> int:
     """Fork up to two children, each doing the same ``depth - 1`` deep."""

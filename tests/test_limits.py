@@ -76,6 +76,14 @@ async def test_an_actors_cgroups_go_with_it() -> None:
     assert not any(os.path.exists(p) for p in paths)
 
 
+async def test_cpu_time_is_limited() -> None:
+    async with atoll.open_host() as host:
+        spinner = await host.spawn(Greedy, limits=atoll.Limits(cpu_seconds=2))
+        with anyio.fail_after(30):
+            with pytest.raises(atoll.ActorDiedError, match="CPU time"):
+                await spinner.spin(20)
+
+
 def test_limits_are_checked_and_sizes_read() -> None:
     limits = atoll.Limits(memory="1.5G", shared_memory=4096, processes=8)
     assert limits.memory == 3 << 29 and limits.shared_memory == 4096

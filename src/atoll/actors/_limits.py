@@ -30,6 +30,7 @@ import dataclasses
 import logging
 import os
 import re
+import signal
 from typing import Any
 
 _log = logging.getLogger(__name__)
@@ -170,6 +171,22 @@ class Cgroup:
             _rmdir(path)
 
 
+def limit_hit(limits: Limits, cgroup: Cgroup | None, exitcode: int | None) -> str:
+    """Which limit the kernel ended a process for, in words (or ""); its
+    cgroups go."""
+    said = ""
+    if cgroup is not None:
+        if cgroup.oom_killed():
+            said = (
+                f"it went over its memory limit ({(limits.memory_bytes or 0) / (1 << 20):.0f} "
+                "MiB, Limits(memory=...)) and the kernel killed it"
+            )
+        cgroup.remove()
+    if not said and limits.cpu_seconds is not None and exitcode == -signal.SIGXCPU:
+        said = f"it used up its CPU time (Limits(cpu_seconds={limits.cpu_seconds:g}))"
+    return said
+
+
 def _mkdir(parent: str, name: str) -> str:
     path = os.path.join(parent, name)
     os.makedirs(path, exist_ok=True)
@@ -222,4 +239,9 @@ def apply_rlimits(values: dict[str, int]) -> None:
         which = getattr(resource, name)
         _, hard = resource.getrlimit(which)
         soft = value if hard == resource.RLIM_INFINITY else min(value, hard)
-        resource.setrlimit(which, (soft, soft))
+        # CPU: SIGXCPU at the soft limit ends it (and says why); the kernel's
+        # SIGKILL at the hard one only if it ignored that.
+        new_hard = soft + 1 if name == "RLIMIT_CPU" else soft
+        if hard != resource.RLIM_INFINITY:
+            new_hard = min(new_hard, hard)
+        resource.setrlimit(which, (soft, new_hard))

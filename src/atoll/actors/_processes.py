@@ -24,7 +24,7 @@ from ..tensors import _shm
 from ..transport import _messages as m
 from ..transport._hub import Hub
 from ._errors_wire import pack_error
-from ._limits import Cgroup
+from ._limits import Cgroup, Limits, limit_hit
 from ._node import Node, _fresh
 from ._registry import Registry
 
@@ -50,6 +50,7 @@ class ActorProcess:
         self.watch_ended = anyio.Event()
         self.stderr_done = anyio.Event()
         self.compatible = False
+        self.limits: Limits | None = None
         self.cgroup: Cgroup | None = None
         """Its cgroups, if it has limits (see ``_limits``)."""
         self.limit_hit = ""
@@ -111,15 +112,8 @@ class Processes:
                     tg.cancel_scope.cancel()
                 await process.aclose()
             actor.exitcode = code
-            cgroup = actor.cgroup
-            if cgroup is not None:
-                if cgroup.oom_killed():
-                    limit = cgroup.limits.memory_bytes or 0
-                    actor.limit_hit = (
-                        f"it went over its memory limit ({limit / (1 << 20):.0f} MiB, "
-                        "Limits(memory=...)) and the kernel killed it"
-                    )
-                cgroup.remove()
+            if actor.limits is not None:
+                actor.limit_hit = limit_hit(actor.limits, actor.cgroup, code)
             self.on_exit(actor)
         finally:
             actor.watch_ended.set()

@@ -327,7 +327,7 @@ class Spawner:
         cgroup = None
         if limits is not None:
             cgroup = Cgroup.make(f"atoll-{os.getpid()}-{actor.identity.decode()}", limits)
-            actor.cgroup = cgroup
+            actor.cgroup, actor.limits = cgroup, limits
         table = await self._write_code_table()
         if built is None:
             argv = [sys.executable, _BOOT_SCRIPT, "", table]
