@@ -605,6 +605,14 @@ class Prisoner(atoll.Actor):
     async def double(self, t: Any) -> Any:
         return t * 2
 
+    async def echo(self, value: Any) -> Any:
+        return value
+
+    async def make(self, n: int) -> Any:
+        import torch
+
+        return atoll.share(torch.full((n,), 7.0))
+
     async def publish(self, topic: str, value: Any) -> None:
         atoll.publish(topic, value)
 

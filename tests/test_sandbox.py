@@ -103,16 +103,42 @@ async def test_a_sandboxed_actor_sees_no_other_process_and_no_shared_memory() ->
 async def test_a_sandboxed_actor_still_does_its_work() -> None:
     async with atoll.open_host() as host:
         prisoner = await host.spawn(Prisoner, sandbox=atoll.Sandbox())
+        neighbour = await host.spawn(Echo)
         events = host.subscribe("done")
-        with anyio.fail_after(10):
-            t = torch.arange(1 << 16, dtype=torch.float32)
+        with anyio.fail_after(20):
+            t = atoll.share(torch.arange(1 << 16, dtype=torch.float32))
             assert torch.equal(await prisoner.double(t), t * 2)
+            # Zero-copy both ways: the segment is linked into its /dev/shm.
+            assert (await prisoner.echo(t)).data_ptr() == t.data_ptr()
+            made = await prisoner.make(1 << 16)
+            assert float(made[0]) == 7.0
+            # What it made goes on to an unconfined actor (copied for it once).
+            assert torch.equal(await neighbour.echo(made), made)
             await prisoner.publish("done", ("ok", 1))
             async for event in events:
                 assert event == ("ok", 1)
                 break
         events.close()
         assert prisoner._id[:1] == b"s"  # untrusted too: its sends are plain
+
+
+async def test_a_sandbox_sees_only_the_segments_it_was_handed() -> None:
+    async with atoll.open_host() as host:
+        prisoner = await host.spawn(Prisoner, sandbox=atoll.Sandbox())
+        other = await host.spawn(Prisoner, sandbox=atoll.Sandbox())
+        handed = atoll.share(torch.ones(1 << 16))
+        kept = atoll.share(torch.zeros(1 << 16))
+        arena = host._node.plane.arena
+        handed_name, kept_name = (
+            arena.find(t.data_ptr(), t.data_ptr() + 1).name  # type: ignore[union-attr]
+            for t in (handed, kept)
+        )
+        with anyio.fail_after(20):
+            await prisoner.double(handed)
+            await other.double(kept)
+            seen, seen_by_other = await prisoner.shm(), await other.shm()
+        assert handed_name in seen and kept_name not in seen
+        assert kept_name in seen_by_other and handed_name not in seen_by_other
 
 
 async def test_no_bubblewrap_is_an_error_that_says_how_to_get_it(

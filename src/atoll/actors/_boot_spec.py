@@ -34,6 +34,8 @@ class BootSpec(msgspec.Struct, frozen=True, kw_only=True):
     stop_timeout: float
     device_lease_timeout: float
     trusted: bool = True
+    sandboxed: bool = False
+    """It shares memory with its host only (see ``_sandbox``)."""
     rlimits: dict[str, int] = {}
     """Resource limits it sets on itself before its actor's code runs."""
     shm_limit: int | None = None

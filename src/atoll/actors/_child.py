@@ -65,6 +65,7 @@ class _Child:
             _shm.owner_prefix(self.shm_prefix, os.getpid()),
             transfer=boot.transfer,
             shm_limit=boot.shm_limit,
+            share_only_with=HOST if boot.sandboxed else None,
         )
         self.node = Node(
             boot.identity.encode(),

@@ -50,6 +50,8 @@ class ActorProcess:
         self.watch_ended = anyio.Event()
         self.stderr_done = anyio.Event()
         self.compatible = False
+        self.box: str | None = None
+        """Its sandbox's /dev/shm folder, if it is sandboxed."""
         self.limits: Limits | None = None
         self.cgroup: Cgroup | None = None
         """Its cgroups, if it has limits (see ``_limits``)."""
@@ -141,6 +143,10 @@ class Processes:
         if actor.process is not None:
             # Its segments: views of them stay valid where they are mapped.
             prefix = _shm.owner_prefix(self._shm_prefix, actor.process.pid)
+            if actor.box is not None:  # its segments are in its folder, named by it
+                self._node.plane.arena.boxes.pop(actor.identity, None)
+                prefix = f"{self._shm_prefix}{actor.identity.decode()}-"
+                _shm.unlink(os.path.basename(actor.box))
             _shm.sweep(prefix)
             self._node.plane.forget_owner(prefix)
         error = actor.gone_error()

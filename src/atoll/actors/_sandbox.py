@@ -20,9 +20,11 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Iterable
+from typing import Any
 
 from .._errors import SandboxUnavailableError
-from ._limits import Limits
+from ..tensors import _shm
+from ._limits import Cgroup, Limits
 
 _SYSTEM = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
 """Read-only system folders (those that exist; most are links into /usr)."""
@@ -102,10 +104,11 @@ def wrap(
     sandbox: Sandbox,
     *,
     read_only: Iterable[str],
+    shm: str,
 ) -> list[str]:
     """``argv`` run in ``sandbox``: the bubblewrap command line. The process
     may also read ``read_only`` (its interpreter, packages, the hub's
-    socket folder)."""
+    socket folder); ``shm`` is its /dev/shm."""
     args = [bwrap(), "--die-with-parent", "--new-session", "--unshare-all", "--cap-drop", "ALL"]
     if sandbox.network:
         args.append("--share-net")
@@ -117,9 +120,9 @@ def wrap(
     for path in _ETC:
         if os.path.exists(path):
             args += ["--ro-bind", path, path]
-    # Its own /dev/shm: it sees no segment of another process (its tensors
-    # travel inside the messages).
-    args += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", "--tmpfs", "/dev/shm"]
+    # Its own /dev/shm: it sees no segment of another process but those its
+    # host links there for it.
+    args += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", "--bind", shm, "/dev/shm"]
     if sandbox.gpu:
         for pattern in _GPU_DEVICES:
             for device in glob.glob(pattern):
@@ -155,9 +158,26 @@ class Confined:
     folders: list[str] = dataclasses.field(default_factory=list)
     limits: Limits | None = None
 
-    def argv(self, argv: list[str], sys_path: Iterable[str], also: Iterable[str]) -> list[str]:
+    def prepare(
+        self, actor: Any, shm_prefix: str, boxes: dict[bytes, str]
+    ) -> tuple[str | None, Cgroup | None]:
+        """Make what confines ``actor`` (an ``ActorProcess``) before its
+        process starts: its sandbox's /dev/shm folder (what it makes, and
+        links to what it is handed; in ``boxes`` by identity), its cgroups."""
+        name = actor.identity.decode()
+        box = cgroup = None
+        if self.sandbox is not None:
+            box = actor.box = boxes[actor.identity] = _shm.make_box(f"{shm_prefix}box-{name}")
+        if self.limits is not None:
+            cgroup = Cgroup.make(f"atoll-{os.getpid()}-{name}", self.limits)
+            actor.cgroup, actor.limits = cgroup, self.limits
+        return box, cgroup
+
+    def argv(
+        self, argv: list[str], sys_path: Iterable[str], also: Iterable[str], shm: str
+    ) -> list[str]:
         """``argv`` in the sandbox, which shows its interpreter, ``sys_path``,
-        the folders and ``also`` read-only."""
+        the folders and ``also`` read-only, and ``shm`` as its /dev/shm."""
         assert self.sandbox is not None
         readable = [*paths_of(argv[0], [*sys_path, *self.folders]), *also]
-        return wrap(argv, self.sandbox, read_only=readable)
+        return wrap(argv, self.sandbox, read_only=readable, shm=shm)

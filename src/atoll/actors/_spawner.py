@@ -43,7 +43,7 @@ from ._actor import Kind
 from ._boot_spec import BootSpec, encode_boot
 from ._code_table import cached_table, write_table
 from ._forks import ForkServer, ForkServerError, supported
-from ._limits import Cgroup, Limits, rlimits
+from ._limits import Limits, rlimits
 from ._node import Node
 from ._options import HostOptions
 from ._processes import (
@@ -324,10 +324,8 @@ class Spawner:
         env = dict(os.environ)
         confined = confined or Confined()
         limits = confined.limits
-        cgroup = None
-        if limits is not None:
-            cgroup = Cgroup.make(f"atoll-{os.getpid()}-{actor.identity.decode()}", limits)
-            actor.cgroup, actor.limits = cgroup, limits
+        name = actor.identity.decode()
+        box, cgroup = confined.prepare(actor, self._shm_prefix, self._node.plane.arena.boxes)
         table = await self._write_code_table()
         if built is None:
             argv = [sys.executable, _BOOT_SCRIPT, "", table]
@@ -351,9 +349,9 @@ class Spawner:
             isolated=built is not None,
             imports=list(imports),
             spin_us=self._spin_us,
-            shm_prefix=self._shm_prefix,
-            # A sandbox sees no shared memory of others: tensors travel inline.
-            transfer="inline" if confined.sandbox is not None else self._transfer,
+            shm_prefix=self._shm_prefix if box is None else f"{self._shm_prefix}{name}-",
+            transfer=self._transfer,
+            sandboxed=box is not None,
             rlimits={} if limits is None else rlimits(limits, cgroup),
             shm_limit=None if limits is None else limits.shared_memory_bytes,
             stop_timeout=self._stop_timeout,
@@ -362,9 +360,10 @@ class Spawner:
         process: Process | None = None
         if confined.sandbox is not None:
             also = [_SRC_ROOT, self._hub.dir, os.path.dirname(table)]
-            argv = confined.argv(
-                argv, sys_path, also + ([built.path, self._overlay()] if built else [])
-            )
+            if built is not None:
+                also += [built.path, self._overlay()]
+            assert box is not None
+            argv = confined.argv(argv, sys_path, also, box)
         # Twice at most: a server found gone on the first try has its
         # replacement started by the second (this spawn waits for it only if
         # another spawn started it already; else it starts from scratch).

@@ -18,6 +18,7 @@ take it too (:attr:`Arena.lock`).
 from __future__ import annotations
 
 import bisect
+import contextlib
 import ctypes
 import itertools
 import mmap
@@ -79,10 +80,15 @@ def segment_size(nbytes: int) -> int:
 class Mapped:
     """A segment mapped in this process."""
 
-    __slots__ = ("addr", "array", "mm", "mv", "name", "size")
+    __slots__ = ("addr", "array", "boxed", "links", "mm", "mv", "name", "path", "size")
 
-    def __init__(self, name: str, mm: mmap.mmap) -> None:
+    def __init__(self, name: str, mm: mmap.mmap, folder: str | None = None) -> None:
         self.name = name
+        self.path = os.path.join(folder or _shm.SHM_DIR, name)
+        self.boxed = folder is not None
+        """In a sandbox's folder: what is not sandboxed cannot open it."""
+        self.links: list[str] = []
+        """Its links in sandboxes' folders (see :meth:`Arena.hand_to`)."""
         self.mm = mm
         self.mv = memoryview(mm)
         self.size = len(mm)
@@ -90,6 +96,9 @@ class Mapped:
         self.array = ctypes.c_ubyte * self.size  # the type of a ctypes array over all of it
 
     def close(self) -> None:
+        for link in self.links:  # a sandbox no longer gets it, nor keeps it alive
+            with contextlib.suppress(OSError):
+                os.unlink(link)
         self.mv.release()
         try:
             self.mm.close()
@@ -106,7 +115,7 @@ class Segment(Mapped):
     __slots__ = ("holds",)
 
     def __init__(self, name: str, mm: mmap.mmap) -> None:
-        super().__init__(name, mm)
+        super().__init__(name, mm, None)
         self.holds = 0  # leases out + live local views
 
 
@@ -115,8 +124,8 @@ class Mapping(Mapped):
 
     __slots__ = ("live",)
 
-    def __init__(self, name: str, mm: mmap.mmap) -> None:
-        super().__init__(name, mm)
+    def __init__(self, name: str, mm: mmap.mmap, folder: str | None) -> None:
+        super().__init__(name, mm, folder)
         self.live = 0  # views received on it that are alive
 
 
@@ -142,6 +151,8 @@ class Arena:
         self._orphans: set[str] = set()  # name prefixes of owners that are gone
         self._starts: list[int] = []  # sorted start addresses of segments and mappings
         self._at: dict[int, Segment | Mapping] = {}
+        self.boxes: dict[bytes, str] = {}
+        """The folders sandboxed peers see as their ``/dev/shm``, by identity."""
 
     # All methods but find_locked expect the caller to hold the lock.
 
@@ -218,15 +229,18 @@ class Arena:
         _shm.unlink(segment.name)
         segment.close()
 
-    def open(self, name: str) -> Segment | Mapping:
-        """Segment ``name``: one of ours (sent back to us), or mapped (once)."""
+    def open(self, name: str, src: bytes) -> Segment | Mapping:
+        """Segment ``name`` that ``src`` sent: one of ours (sent back to
+        us), or mapped (once): from the folder of ``src``'s if it is
+        sandboxed, else from ``/dev/shm``."""
         mapping = self._mappings.get(name)
         if mapping is None:
             segment = self._segments.get(name)
             if segment is not None:
                 return segment
+            folder = self.boxes.get(src)
             try:
-                mapping = Mapping(name, _shm.attach(name))
+                mapping = Mapping(name, _shm.attach(name, folder), folder)
             except FileNotFoundError:
                 raise SerializationError(
                     f"shared memory {name} is gone: the process that sent it exited "
@@ -237,6 +251,20 @@ class Arena:
         elif not mapping.live and self._idle.pop(name, None) is not None:
             self._idle_bytes -= mapping.size
         return mapping
+
+    def hand_to(self, where: Segment | Mapping, dest: bytes) -> None:
+        """Let sandboxed ``dest`` see ``where``: a link in its folder (once)."""
+        box = self.boxes.get(dest)
+        if box is None:
+            return
+        link = os.path.join(box, where.name)
+        if link in where.links:
+            return
+        try:
+            os.link(where.path, link)
+        except FileExistsError:
+            pass
+        where.links.append(link)
 
     def let_go(self, owner: Any) -> None:
         """A view built on ``owner``'s memory died (``owner`` may be neither

@@ -79,8 +79,11 @@ class Leases:
             where: Any = None
             if not copy_always and view is None:
                 where = arena.find(origin, origin + size)
-                # In a segment received, sent on: the value holds that memory.
+                # In a segment received, sent on: the value holds that memory
+                # (unless it is in a sandbox's folder, which only sandboxes see).
                 holder = where if type(where) is Segment else obj if where is not None else None
+                if holder is obj and where.boxed and dest not in arena.boxes:
+                    holder = None
             if holder is None:
                 where = holder = arena.alloc(size)
                 if view is not None:
@@ -90,6 +93,8 @@ class Leases:
                 offset = 0
             else:
                 offset = origin - where.addr
+            if arena.boxes:
+                arena.hand_to(where, dest)  # a sandboxed dest sees only what it is handed
             lease = self._next()
             if type(holder) is Segment:
                 holder.holds += 1

@@ -65,6 +65,7 @@ class Plane:
         threshold: int = SHM_THRESHOLD,
         pool_bytes: int = POOL_BYTES,
         shm_limit: int | None = None,
+        share_only_with: bytes | None = None,
     ) -> None:
         self.transfer = check_transfer(transfer)
         self.arena = Arena(name_prefix, pool_bytes, shm_limit)
@@ -76,6 +77,7 @@ class Plane:
         self.sender = Sender(
             self.arena, self.leases, self.devices, transfer=transfer, threshold=threshold
         )
+        self.sender.only_to = share_only_with
         self._lifting = Lifting(self.sender, self.receiver)
         self.drain = self.views.drain
         """Settle the views that died, send the ``Unlease`` messages due, and

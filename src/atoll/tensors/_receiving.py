@@ -255,7 +255,7 @@ class Receiver:
         arena = self._arena
         arena.lock.acquire()  # by hand: a with block costs three times more
         try:
-            owner = arena.open(name)
+            owner = arena.open(name, src)
             if not 0 <= start <= start + size <= owner.size:
                 raise SerializationError(
                     f"malformed tensor descriptors: bytes {start}..{start + size} of a "

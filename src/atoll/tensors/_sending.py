@@ -185,11 +185,23 @@ class Sender:
         self._devices = devices
         self.transfer = transfer
         self.threshold = threshold
+        self.only_to: bytes | None = None
+        """Set in a sandboxed process: the one peer it may share memory with."""
         self._types: dict[type, Handler] = {
             memoryview: self._reduce_memoryview,
             Lifted: self._reduce_lifted,
             CopyOnSend: self._reduce_copy_on_send,
         }
+
+    def copies_to(self, dest: bytes) -> bool:
+        """Whether regions for ``dest`` travel inside the message. A
+        sandboxed peer sees no shared memory but what its host links into
+        its folder; a sandboxed process shares only with its host."""
+        if self.transfer == "inline":
+            return True
+        if self.only_to is not None:
+            return dest != self.only_to
+        return dest[:1] == SANDBOXED and dest not in self._arena.boxes
 
     def reducer(self, t: type) -> Handler | None:
         """What reduces an array, tensor or buffer of type ``t``, or None."""
@@ -327,8 +339,7 @@ class Sender:
         """The head describing ``batch``'s regions, and the frames that carry some."""
         entries: list[Entry] = []
         frames: list[Any] = []
-        # A sandboxed peer sees no shared memory but its own: copies.
-        inline = self.transfer == "inline" or dest[:1] == SANDBOXED
+        inline = self.copies_to(dest)
         threshold = self.threshold
         markers: dict[tuple[str, int], Any] = {}
         for group in batch.groups:
@@ -368,7 +379,7 @@ class Sender:
             # its first byte, so it needs no batch, head or slot; the
             # general path takes the rest (autograd, conjugate and negative
             # views, parameters, small or empty tensors, other layouts).
-            if self.transfer == "inline" or dest[:1] == SANDBOXED:
+            if self.copies_to(dest):
                 return None
             info = infos.get(t.dtype) or dtype_info(t.dtype)
             if info.quantized or info.complex or not t.is_cpu or t.requires_grad or t.is_neg():

@@ -16,6 +16,7 @@ import errno
 import mmap
 import os
 import re
+import shutil
 import stat
 
 from .._errors import AtollError, SerializationError
@@ -93,15 +94,17 @@ def create(name: str, size: int) -> mmap.mmap:
 _NAME = re.compile(r"atoll-[A-Za-z0-9_-]+")
 
 
-def attach(name: str) -> mmap.mmap:
-    """Map an existing segment (pages are faulted in lazily, as they are read).
+def attach(name: str, folder: str | None = None) -> mmap.mmap:
+    """Map an existing segment (pages are faulted in lazily, as they are read),
+    of ``/dev/shm`` or of a sandbox's ``folder`` (see :func:`make_box`).
 
-    ``name`` comes from a peer: only a plain file of ``/dev/shm`` named as
-    atoll names its segments is opened, never a path elsewhere or a link."""
+    ``name`` comes from a peer: only a plain file named as atoll names its
+    segments is opened, never a path elsewhere or a link."""
     if type(name) is not str or not _NAME.fullmatch(name):
         raise SerializationError(f"{name!r} is not the name of an atoll shared-memory segment")
+    path = os.path.join(folder or SHM_DIR, name)
     try:
-        fd = os.open(os.path.join(SHM_DIR, name), os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
     except FileNotFoundError:
         raise
     except OSError as exc:
@@ -116,10 +119,23 @@ def attach(name: str) -> mmap.mmap:
 
 
 def unlink(name: str) -> None:
+    """Remove segment ``name`` (or a sandbox's folder of that name)."""
+    path = os.path.join(SHM_DIR, name)
     try:
-        os.unlink(os.path.join(SHM_DIR, name))
+        os.unlink(path)
     except FileNotFoundError:
         pass
+    except IsADirectoryError:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def make_box(name: str) -> str:
+    """A folder of ``/dev/shm`` that a sandboxed process sees as its own
+    ``/dev/shm``: what it creates is there, and segments it is handed are
+    linked there (same file system: a link, not a copy)."""
+    path = os.path.join(SHM_DIR, name)
+    os.mkdir(path, 0o700)
+    return path
 
 
 def sweep(name_prefix: str) -> int:
