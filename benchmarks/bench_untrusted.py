@@ -14,6 +14,8 @@ machine as it was in that second. Rows:
   pre-shared tensor      ``await ref.take(t)``, ``t`` 1 MiB and 64 MiB, already
                          in shared memory: what it adds to the 16-byte call
   no-op, sandboxed       the same for an actor in a bubblewrap sandbox
+  sandboxed 64 MiB       a pre-shared 64 MiB tensor to the sandboxed actor
+                         (linked into its /dev/shm once, then zero-copy)
   spawn to first reply   ``host.spawn`` plus the first call: trusted (a fork),
                          untrusted (a fork too: never a warm process), and
                          sandboxed (a new interpreter in a new sandbox)
@@ -114,6 +116,21 @@ async def main(rounds: int, calls: int) -> None:
         sandboxed = await host.spawn(Subject, sandbox=atoll.Sandbox())
         a, b = await _alternate(trusted.noop, sandboxed.noop, rounds, calls)
         print(_row("no-op: trusted, sandboxed", a, b), flush=True)
+        big = atoll.share(torch.ones(1 << 24))  # 64 MiB
+
+        def boxed_small(ref: Any = sandboxed) -> Any:
+            return ref.take(small)
+
+        def boxed_big(ref: Any = sandboxed, t: Any = big) -> Any:
+            return ref.take(t)
+
+        def trusted_big(ref: Any = trusted, t: Any = big) -> Any:
+            return ref.take(t)
+
+        a, b = await _alternate(boxed_small, boxed_big, rounds, calls)
+        print(_row("sandboxed: 16-byte call, pre-shared 64 MiB", a, b, diff=True))
+        a, b = await _alternate(trusted_big, boxed_big, rounds, calls)
+        print(_row("pre-shared 64 MiB: trusted, sandboxed", a, b), flush=True)
         spawns: dict[str, list[float]] = {"trusted": [], "untrusted": [], "sandboxed": []}
         kinds: dict[str, dict[str, Any]] = {
             "trusted": {},
