@@ -561,3 +561,54 @@ def test_cli_builds_lists_and_prunes(tmp_path: Path) -> None:
 
 def _src() -> str:
     return os.path.dirname(os.path.dirname(os.path.abspath(atoll.__file__)))
+
+
+_CONFINED = """
+[project]
+name = "{name}"
+dependencies = []
+[project.entry-points.atoll]
+actor = "ext_module:Confined"
+[tool.atoll.sandbox]
+network = {network}
+[tool.atoll.limits]
+open_files = 64
+"""
+
+_CONFINED_CODE = """
+import os, resource
+import atoll
+
+class Confined(atoll.Actor):
+    async def where(self):
+        return os.getpid(), resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+"""
+
+
+@pytest.mark.skipif(shutil.which("bwrap") is None, reason="needs bubblewrap (bwrap)")
+async def test_a_manifest_asks_for_its_sandbox_and_limits(tmp_path: Path, env_cache: str) -> None:
+    folder = _extension(
+        tmp_path / "confined", _CONFINED.format(name="confined", network="false"), _CONFINED_CODE
+    )
+    with anyio.fail_after(120):
+        async with open_host(env_cache) as host:
+            confined = await host.load_extension(folder)
+            assert confined._id[:1] == b"s"  # sandboxed, hence untrusted
+            pid, open_files = await confined.where()
+            assert pid == 2  # its own process namespace: bubblewrap's init is 1
+            assert open_files == 64
+
+
+@pytest.mark.skipif(shutil.which("bwrap") is None, reason="needs bubblewrap (bwrap)")
+async def test_a_manifest_cannot_widen_the_hosts_sandbox(tmp_path: Path, env_cache: str) -> None:
+    folder = _extension(
+        tmp_path / "greedy", _CONFINED.format(name="greedy", network="true"), _CONFINED_CODE
+    )
+    with anyio.fail_after(120):
+        async with atoll.open_host(
+            env_cache=env_cache, build_progress=False, sandbox=atoll.Sandbox()
+        ) as host:
+            with pytest.raises(atoll.ExtensionError, match="asks for network"):
+                await host.load_extension(folder)
+            granted = await host.load_extension(folder, sandbox=atoll.Sandbox(network=True))
+            assert (await granted.where())[0] == 2

@@ -34,13 +34,13 @@ from . import _runtime, _signals
 from ._actor import Actor, method_kinds
 from ._background import start_background
 from ._errors_wire import pack_error
-from ._limits import Limits
+from ._limits import Limits, limits_for_extension
 from ._node import Node
 from ._options import HostOptions
 from ._processes import KILL_WAIT, TERMINATE_WAIT, Processes, host_closed_error
 from ._ref import ACTOR_OID, ActorRef
 from ._registry import REGISTRY_OID, Registry, RegistryService, Subscription, class_key
-from ._sandbox import Sandbox
+from ._sandbox import Sandbox, for_extension
 from ._spawner import FORK_SERVER_WAIT, ByValue, Launched, Spawner, installed
 
 A = TypeVar("A", bound=Actor)
@@ -228,6 +228,8 @@ class Host:
         name: str | None = None,
         actor_class: type[A],
         trusted: bool = True,
+        sandbox: Sandbox | None = None,
+        limits: Limits | None = None,
         **kwargs: Any,
     ) -> A: ...
     @overload
@@ -238,6 +240,8 @@ class Host:
         *args: Any,
         name: str | None = None,
         trusted: bool = True,
+        sandbox: Sandbox | None = None,
+        limits: Limits | None = None,
         **kwargs: Any,
     ) -> ActorRef[Any]: ...
     async def load_extension(
@@ -248,6 +252,8 @@ class Host:
         name: str | None = None,
         actor_class: type[A] | None = None,
         trusted: bool = True,
+        sandbox: Sandbox | None = None,
+        limits: Limits | None = None,
         **kwargs: Any,
     ) -> Any:
         """Load the extension folder at ``path`` and return a ref to its actor.
@@ -267,7 +273,9 @@ class Host:
 
         ``trusted=False``, or ``trusted = false`` under ``[tool.atoll]`` in
         the manifest, runs it untrusted, as :meth:`spawn` says; either one
-        is enough.
+        is enough. It runs sandboxed in ``sandbox``, else the host's
+        ``open_host(sandbox=...)``, else what ``[tool.atoll.sandbox]`` asks
+        for; limited by ``limits``, else ``[tool.atoll.limits]``.
         """
         self._check_open()
         extension = read_extension(path)
@@ -289,6 +297,10 @@ class Host:
                 built,
                 extension.paths,
                 trusted=trusted and extension.trusted,
+                sandbox=for_extension(
+                    extension.sandbox, sandbox or self.options.sandbox, extension.manifest
+                ),
+                limits=limits or limits_for_extension(extension.limits, extension.manifest),
             )
         except SpawnError as exc:
             if isinstance(exc.__cause__, ExtensionError):

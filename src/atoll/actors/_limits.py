@@ -33,6 +33,8 @@ import re
 import signal
 from typing import Any
 
+from .._errors import ExtensionError
+
 _log = logging.getLogger(__name__)
 
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -87,6 +89,16 @@ class Limits:
     @property
     def shared_memory_bytes(self) -> int | None:
         return self.shared_memory  # type: ignore[return-value]
+
+
+def limits_for_extension(asked: dict[str, Any] | None, manifest: str) -> Limits | None:
+    """``[tool.atoll.limits]`` of an extension's manifest, checked."""
+    if asked is None:
+        return None
+    try:
+        return Limits(**asked)
+    except (TypeError, ValueError) as exc:
+        raise ExtensionError(f"{manifest}: [tool.atoll.limits]: {exc}") from None
 
 
 def _own_cgroup(controller: str) -> str | None:

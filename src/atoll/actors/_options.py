@@ -11,6 +11,7 @@ from typing import ParamSpec, TypeVar
 from ..tensors import check_transfer
 from ..transport._plain import PlainLimits
 from ..venvs import Progress
+from ._sandbox import Sandbox
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -81,6 +82,11 @@ class HostOptions:
     """Bounds on reading one plain payload, what untrusted actors send (see
     ``spawn(trusted=False)``): its bytes, nesting depth and items. Past them
     the payload is a :class:`~atoll.ProtocolError` for its call alone."""
+
+    sandbox: Sandbox | None = None
+    """The sandbox every extension loads in (:meth:`Host.load_extension`),
+    unless its call gives another. A manifest may ask for more than it
+    grants (``[tool.atoll.sandbox]``): refused, naming what it asked."""
 
     def __post_init__(self) -> None:
         if not self.spin_us >= 0:

@@ -22,7 +22,7 @@ import sys
 from collections.abc import Iterable
 from typing import Any
 
-from .._errors import SandboxUnavailableError
+from .._errors import ExtensionError, SandboxUnavailableError
 from ..tensors import _shm
 from ._limits import Cgroup, Limits
 
@@ -181,3 +181,31 @@ class Confined:
         assert self.sandbox is not None
         readable = [*paths_of(argv[0], [*sys_path, *self.folders]), *also]
         return wrap(argv, self.sandbox, read_only=readable, shm=shm)
+
+
+def for_extension(
+    asked: dict[str, Any] | None, given: Sandbox | None, manifest: str
+) -> Sandbox | None:
+    """The sandbox an extension runs in: the one the host gives (the call's,
+    else the host's policy) or, if none, the one its manifest asks for. What
+    the manifest asks beyond what the host gives is refused, by name."""
+    if asked is None:
+        return given
+    try:
+        wanted = Sandbox(**asked)
+    except TypeError as exc:
+        raise ExtensionError(f"{manifest}: [tool.atoll.sandbox]: {exc}") from None
+    if given is None:
+        return wanted
+    refused = [k for k in ("network", "gpu") if getattr(wanted, k) and not getattr(given, k)]
+    refused += [
+        f"read {p}" for p in wanted.read_only if p not in {*given.read_only, *given.writable}
+    ]
+    refused += [f"write {p}" for p in wanted.writable if p not in given.writable]
+    if refused:
+        raise ExtensionError(
+            f"{manifest}: [tool.atoll.sandbox] asks for {', '.join(refused)}, which the host's "
+            "sandbox does not grant; grant it in the Sandbox given to load_extension() or "
+            "open_host(sandbox=...)"
+        )
+    return given

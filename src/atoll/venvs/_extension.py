@@ -13,6 +13,14 @@
     share-torch = true
     python = "3.11"
     trusted = false                   # nothing it sends is ever unpickled
+
+    [tool.atoll.sandbox]              # run it sandboxed (implies untrusted)
+    network = false
+    read_only = ["models"]            # relative to the folder
+
+    [tool.atoll.limits]
+    memory = "2G"
+    processes = 64
 """
 
 from __future__ import annotations
@@ -43,6 +51,10 @@ class Extension:
     """``module:Class``, imported in the actor process with the folder on its path."""
     trusted: bool = True
     """False: it asks to run untrusted (see ``Host.spawn(trusted=False)``)."""
+    sandbox: dict[str, Any] | None = None
+    """``[tool.atoll.sandbox]``: the sandbox it asks for (paths made absolute)."""
+    limits: dict[str, Any] | None = None
+    """``[tool.atoll.limits]``: the limits it asks for."""
 
     @property
     def paths(self) -> list[str]:
@@ -89,12 +101,23 @@ def read_extension(path: str | os.PathLike[str]) -> Extension:
             '"module:Class" (for example "blur_node:Blur")'
         )
     tool = _table(_table(data, "tool", manifest), "atoll", manifest)
-    unknown = set(tool) - {"share-torch", "python", "trusted"}
+    unknown = set(tool) - {"share-torch", "python", "trusted", "sandbox", "limits"}
     if unknown:
         raise ExtensionError(
             f"{manifest}: [tool.atoll] has unknown keys {sorted(unknown)}; "
-            "it takes share-torch, python and trusted"
+            "it takes share-torch, python, trusted, sandbox and limits"
         )
+    sandbox = tool.get("sandbox")
+    if sandbox is not None:
+        sandbox = dict(_table(tool, "sandbox", manifest))
+        for key in ("read_only", "writable"):
+            paths = sandbox.get(key, [])
+            if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
+                raise ExtensionError(
+                    f"{manifest}: [tool.atoll.sandbox] {key} must be a list of paths"
+                )
+            sandbox[key] = tuple(os.path.join(folder, p) for p in paths)
+    limits = dict(_table(tool, "limits", manifest)) if "limits" in tool else None
     trusted = tool.get("trusted", True)
     if not isinstance(trusted, bool):
         raise ExtensionError(f"{manifest}: [tool.atoll] trusted must be true or false")
@@ -105,7 +128,7 @@ def read_extension(path: str | os.PathLike[str]) -> Extension:
             f"{manifest}: [tool.atoll] share-torch must be true or false and python a string"
         )
     env = Env(dependencies, python=python, share_torch=share_torch, name=str(name))
-    return Extension(folder, manifest, str(name), env, actor, trusted)
+    return Extension(folder, manifest, str(name), env, actor, trusted, sandbox, limits)
 
 
 def _table(data: dict[str, Any], key: str, manifest: str) -> dict[str, Any]:
