@@ -35,6 +35,7 @@ CHILD_MODULES = (
     "atoll.actors._child",
     "atoll.actors._errors_wire",
     "atoll.actors._fork_server",
+    "atoll.actors._limits",
     "atoll.actors._node",
     "atoll.actors._node_state",
     "atoll.actors._ref",
