@@ -48,6 +48,9 @@ class Sandbox:
 
     Everything is denied that is not listed: ``read_only`` and ``writable``
     are host paths the actor may read (or also write), at the same place.
+    It also reads what its class needs to import: an extension's own
+    environment and folder; for an actor spawned without an environment,
+    the host's ``sys.path``.
     ``network=True`` shares the host's network; ``gpu=True`` passes the GPU
     device nodes through. Where the sandbox cannot be made (no bubblewrap,
     user namespaces off, not Linux), spawning fails with
