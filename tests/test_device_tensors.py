@@ -350,7 +350,7 @@ def test_a_device_token_in_a_message_never_read_is_settled_by_its_sender() -> No
         )
         assert sender.device_leases() == 1
         settled = len(OPS.settled)
-        Codec({}, receiver).discard(payload, b"sender")  # its call was dropped, say
+        Codec({}, receiver).discard(payload, b"a-sender")  # its call was dropped, say
         receiver.drain()
         (unlease,) = back
         sender.unlease(b"receiver", unlease.leases)

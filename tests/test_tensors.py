@@ -341,7 +341,7 @@ def test_mappings_no_view_uses_are_kept_up_to_a_bound_most_recent_first(
         names = [sender.arena.find(t.data_ptr(), t.data_ptr() + 1).name for t in tensors]
         for i in (0, 1, 2, 0, 3):
             payload, frames = send.dumps_value(tensors[i], lambda x: x, "value", b"receiver")
-            assert float(recv.loads(payload, frames, "value", b"sender")[0]) == i
+            assert float(recv.loads(payload, frames, "value", b"a-sender")[0]) == i
             receiver.drain()  # the view is gone: its mapping is idle
         assert sorted(receiver.arena._mappings) == sorted([names[0], names[3]])
         assert receiver.arena._idle_bytes == receiver.stats()["mapped_bytes"]
@@ -368,7 +368,7 @@ def test_a_payload_never_read_gives_its_leases_back(shape: str) -> None:
         }[shape]
         payload, _ = send.dumps_value(value, lambda x: x, "value", b"receiver")
         assert sender.stats()["leases"] >= 1
-        Codec({}, receiver).discard(payload, b"sender")  # its call was dropped, say
+        Codec({}, receiver).discard(payload, b"a-sender")  # its call was dropped, say
         receiver.drain()
         for unlease in back:
             sender.unlease(b"receiver", unlease.leases)
