@@ -563,17 +563,15 @@ def _src() -> str:
     return os.path.dirname(os.path.dirname(os.path.abspath(atoll.__file__)))
 
 
-_CONFINED = """
-[project]
-name = "{name}"
-dependencies = []
-[project.entry-points.atoll]
-actor = "ext_module:Confined"
+_CONFINED = (
+    _NO_DEPS
+    + """
 [tool.atoll.sandbox]
 network = {network}
 [tool.atoll.limits]
 open_files = 64
 """
+)
 
 _CONFINED_CODE = """
 import os, resource
@@ -587,9 +585,8 @@ class Confined(atoll.Actor):
 
 @pytest.mark.skipif(shutil.which("bwrap") is None, reason="needs bubblewrap (bwrap)")
 async def test_a_manifest_asks_for_its_sandbox_and_limits(tmp_path: Path, env_cache: str) -> None:
-    folder = _extension(
-        tmp_path / "confined", _CONFINED.format(name="confined", network="false"), _CONFINED_CODE
-    )
+    manifest = _CONFINED.format(name="confined", entry="ext_module:Confined", network="false")
+    folder = _extension(tmp_path / "confined", manifest, _CONFINED_CODE)
     with anyio.fail_after(120):
         async with open_host(env_cache) as host:
             confined = await host.load_extension(folder)
@@ -601,9 +598,8 @@ async def test_a_manifest_asks_for_its_sandbox_and_limits(tmp_path: Path, env_ca
 
 @pytest.mark.skipif(shutil.which("bwrap") is None, reason="needs bubblewrap (bwrap)")
 async def test_a_manifest_cannot_widen_the_hosts_sandbox(tmp_path: Path, env_cache: str) -> None:
-    folder = _extension(
-        tmp_path / "greedy", _CONFINED.format(name="greedy", network="true"), _CONFINED_CODE
-    )
+    manifest = _CONFINED.format(name="greedy", entry="ext_module:Confined", network="true")
+    folder = _extension(tmp_path / "greedy", manifest, _CONFINED_CODE)
     with anyio.fail_after(120):
         async with atoll.open_host(
             env_cache=env_cache, build_progress=False, sandbox=atoll.Sandbox()
