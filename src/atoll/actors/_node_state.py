@@ -193,7 +193,8 @@ class NodeState:
     def _transmit(self, dest: bytes, frames: Sequence[Any]) -> None:
         # Leases given back go out first: the peer may reuse that memory as
         # soon as it has this message's answer.
-        self.plane.drain()
+        if self.plane.dead:
+            self.plane.drain()
         self._wire(dest, frames)
 
     def _send_quietly(self, dest: bytes, frames: Sequence[Any]) -> None:

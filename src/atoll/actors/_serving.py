@@ -216,7 +216,7 @@ class Serving(Callbacks):
             self._send_error(dest, call_id, exc, name)
             return
         # Leases given back ride on the reply: settled before it is delivered.
-        unleased = self.plane.drain(keep_for=dest)
+        unleased = self.plane.drain(keep_for=dest) if self.plane.dead else ()
         self._send_quietly(dest, [m.encode(m.Result(call_id, payload, unleased)), *buffers])
 
     async def _produce(self, dest: bytes, msg: m.Call, agen: Any) -> None:

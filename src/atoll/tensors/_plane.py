@@ -79,6 +79,9 @@ class Plane:
         )
         self.sender.only_to = share_only_with
         self._lifting = Lifting(self.sender, self.receiver)
+        self.dead = self.views.dead
+        """Notes of views that died, not settled yet: read it (cheaply)
+        before calling :attr:`drain`, which settles them."""
         self.drain = self.views.drain
         """Settle the views that died, send the ``Unlease`` messages due, and
         return those for ``keep_for`` (sent with a message of the caller's):
