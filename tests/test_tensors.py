@@ -400,6 +400,9 @@ async def test_a_call_given_up_while_it_waits_its_turn_gives_its_leases_back() -
                 await anyio.wait_all_tasks_blocked()
                 assert plane.stats()["leases"] == 1
                 queued.cancel()
+                # trio wakes cancelled tasks in random order: let keep() send its
+                # Cancel before park() ends, or keep() may start first and run.
+                await anyio.wait_all_tasks_blocked()
                 parked.cancel()
             assert "t" not in await holder.keys()  # its releases come before this reply
         assert plane.stats()["leases"] == 0
