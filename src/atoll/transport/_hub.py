@@ -23,6 +23,7 @@ from typing import Any
 
 import zmq
 
+from .._errors import TransportError
 from ._messages import DecodeError, Hello, decode
 from ._socket import AsyncSocket, Job, PeerUnreachableError
 
@@ -103,7 +104,8 @@ class Hub:
         self.socket = AsyncSocket(sock)
         self._peers: dict[bytes, _Peer] = {}
         self.dropped: Counter[str] = Counter()
-        """Dropped messages by reason: ``unknown``, ``unproved``, ``malformed``."""
+        """Dropped messages by reason: ``unknown``, ``unproved``, ``malformed``,
+        ``backlog`` (for a peer that stopped reading)."""
 
     @property
     def dir(self) -> str:
@@ -159,6 +161,8 @@ class Hub:
                 send([frames[1], frames[0], *frames[2:]])
             except PeerUnreachableError:
                 unroutable(src, dest, frames[2:])
+            except TransportError:  # dest stopped reading: its backlog is full
+                self.dropped["backlog"] += 1
             return None
 
         await self.socket.serve(on_message)

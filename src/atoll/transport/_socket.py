@@ -247,7 +247,10 @@ class AsyncSocket:
         self._get = cast("Callable[[int], int]", sock.get)
         self._fd_poller = select.poll()
         self._fd_poller.register(self._fd, select.POLLIN)
-        self._backlog: deque[Sequence[Any]] = deque()
+        # Messages that did not fit, in order, by peer: a ROUTER's peer that
+        # stops reading holds up only what goes to it.
+        self._backlog: dict[bytes | None, deque[Sequence[Any]]] = {}
+        self._by_peer = sock.type == zmq.ROUTER
         self._backlog_limit = backlog_limit
         self._on_message: OnMessage | None = None
         # In _catch_up, or the reader runs jobs: a send leaves the catch-up to it.
@@ -281,7 +284,7 @@ class AsyncSocket:
         if self._closed:
             raise TransportError("send on a closed socket")
         sock = self._sock
-        if self._backlog:
+        if self._backlog and self._peer_of(frames) in self._backlog:
             self._enqueue(frames)
         else:
             try:
@@ -294,27 +297,45 @@ class AsyncSocket:
         if self._on_message is not None and not self._busy:
             self._catch_up()
 
-    def _enqueue(self, frames: Sequence[Any]) -> None:
-        if len(self._backlog) >= self._backlog_limit:
-            raise TransportError(
-                f"send backlog is full ({self._backlog_limit} messages): the peer is not reading"
-            )
-        self._backlog.append(frames)
+    def _peer_of(self, frames: Sequence[Any]) -> bytes | None:
+        if not self._by_peer:
+            return None
+        first = frames[0]
+        return first if type(first) is bytes else bytes(first)
 
-    def _flush(self) -> None:
+    def _enqueue(self, frames: Sequence[Any]) -> None:
+        peer = self._peer_of(frames)
+        queue = self._backlog.get(peer)
+        if queue is None:
+            queue = self._backlog[peer] = deque()
+        elif len(queue) >= self._backlog_limit:
+            raise TransportError(
+                f"send backlog is full ({self._backlog_limit} messages"
+                + ("" if peer is None else f" for {peer!r}")
+                + "): the peer is not reading"
+            )
+        queue.append(frames)
+
+    def _flush(self) -> bool:
+        """Send what waits, peer by peer; True if anything went."""
         sock = self._sock
-        backlog = self._backlog
-        while backlog:
-            try:
-                _send_frames(sock, backlog[0])
-            except zmq.Again:
-                return
-            except zmq.ZMQError as exc:
-                if exc.errno != errno.EHOSTUNREACH:
-                    with map_zmq_errors("send"):
-                        raise
-                # A ROUTER's peer left while its message waited: nobody to tell.
-            backlog.popleft()
+        sent = False
+        for peer, queue in list(self._backlog.items()):
+            while queue:
+                try:
+                    _send_frames(sock, queue[0])
+                except zmq.Again:
+                    break
+                except zmq.ZMQError as exc:
+                    if exc.errno != errno.EHOSTUNREACH:
+                        with map_zmq_errors("send"):
+                            raise
+                    # A ROUTER's peer left while its message waited: nobody to tell.
+                queue.popleft()
+                sent = True
+            if not queue:
+                del self._backlog[peer]
+        return sent
 
     def _catch_up(self, *, reader: bool = False) -> bool:
         """Handle every event pending now; return False if input is left for
@@ -335,8 +356,7 @@ class AsyncSocket:
         try:
             for _ in range(_RECV_BATCH):
                 events = get(_EVENTS)
-                if self._backlog and events & _POLLOUT:
-                    self._flush()
+                if self._backlog and events & _POLLOUT and self._flush():
                     continue
                 if not events & _POLLIN:
                     return True
