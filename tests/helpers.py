@@ -679,3 +679,44 @@ def _bomb(depth: int, tally: str, hold: int) -> int:
             os._exit(0)
         made += 1
     return made
+
+
+class Answerer(atoll.Actor):
+    """Answers once its caller says so: the caller's calls stay pending meanwhile."""
+
+    def __init__(self) -> None:
+        self.kept: Any = None
+
+    async def when(self, ready: Callable[[], Awaitable[None]], value: Any) -> Any:
+        await ready()
+        return value
+
+    async def count_when(self, ready: Callable[[], Awaitable[None]], n: int) -> AsyncIterator[int]:
+        await ready()
+        for i in range(n):
+            yield i
+
+    async def keep(self, callback: Callable[[], Awaitable[Any]]) -> None:
+        self.kept = callback
+
+    async def call_kept(self) -> Any:
+        return await self.kept()
+
+
+class Parent(atoll.Actor):
+    """Starts processes of its own: they must not outlive it."""
+
+    def children(self, n: int) -> list[int]:
+        """Start ``n`` sleeping processes, each with a sleeping child; return
+        every pid."""
+        pids = []
+        for _ in range(n):
+            shell = subprocess.Popen(
+                ["sh", "-c", "sleep 600 & echo $!; wait"], stdout=subprocess.PIPE, text=True
+            )
+            assert shell.stdout is not None
+            pids += [shell.pid, int(shell.stdout.readline())]
+        return pids
+
+    def crash(self) -> None:
+        os._exit(3)

@@ -16,7 +16,7 @@ from typing import Any, cast
 from .._errors import AtollError, ProtocolError
 from ..transport import _messages as m
 from ..transport._codec import Reducer
-from ..transport._plain import plain_rebuilder
+from ..transport._plain import UNTRUSTED_MARKS, plain_rebuilder
 from ._actor import Kind
 from ._node_state import NodeState, loading
 
@@ -58,21 +58,38 @@ class Callbacks(NodeState):
             self._export_keys[key] = oid
         export = self._exports[oid]
         export.weight += _EXPORT_WEIGHT
+        dest = self.codec.dest
+        if dest[:1] in UNTRUSTED_MARKS:
+            holders = export.holders
+            if holders is None:
+                holders = export.holders = {}
+            holders[dest] = holders.get(dest, 0) + _EXPORT_WEIGHT
         return (
             _rebuild_callable,
             (self.identity, oid, _EXPORT_WEIGHT, export.name, int(export.kind)),
         )
 
-    def _release(self, oid: int, weight: int) -> None:
+    def _release(self, oid: int, weight: int, src: bytes = b"") -> bool:
+        """``src`` gives back ``weight`` of callback ``oid``; False if it may not."""
         export = self._exports.get(oid)
         if export is None or export.kinds is not None:
-            return
+            return False
+        if src[:1] in UNTRUSTED_MARKS:
+            # An untrusted peer gives back only what it was handed, so that
+            # it cannot let go of callbacks other peers hold.
+            holders = export.holders
+            held = 0 if holders is None else holders.get(src, 0)
+            if not 0 < weight <= held:
+                self.dropped["unentitled"] += 1
+                return False
+            holders[src] = held - weight  # type: ignore[index]
         export.weight -= weight
         if export.weight <= 0:
             del self._exports[oid]
             for key, value in list(self._export_keys.items()):
                 if value == oid:
                     del self._export_keys[key]
+        return True
 
 
 class _Callback:
@@ -139,7 +156,8 @@ def _rebuild_callable(owner: bytes, oid: int, weight: int, name: str, kind: int)
         export = node._exports.get(oid)
         if export is None or export.kinds is not None:  # released, or not a callback at all
             raise AtollError(f"callback {name} was sent back to {node.name!r}, which released it")
-        node._release(oid, weight)
+        if not node._release(oid, weight, node.loading_from):
+            raise ProtocolError(f"callback {name} was sent back by a peer it was not handed to")
         return export.obj
     proxy = node._proxies.get((owner, oid))
     if proxy is None:

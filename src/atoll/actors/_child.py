@@ -79,10 +79,16 @@ class _Child:
         self.node.poll_for = self.socket.poll_for
         _runtime.child_node = self.node
         self.stop = anyio.Event()
-        self.node.on_bye = lambda src, bye: self.stop.set()
+        self.node.on_bye = self._bye
         self.node.on_exit = self._exit_requested
         self.exit_code = 0
         self.actor: Any = None
+
+    def _bye(self, src: bytes, bye: m.Bye) -> None:
+        if src == HOST:
+            self.stop.set()
+        else:  # only the host stops an actor
+            self.node.dropped["unentitled"] += 1
 
     def _transmit(self, dest: bytes, frames: Any) -> None:
         self.socket.send([dest, *frames])

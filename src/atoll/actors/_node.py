@@ -19,6 +19,7 @@ import anyio.lowlevel
 from anyio.abc import TaskGroup
 
 from ..transport import _messages as m
+from ..transport._hub import HOST
 from ..transport._socket import Job, event_maker
 from ._calling import Calling
 from ._errors_wire import unpack_error
@@ -131,13 +132,21 @@ class Node(Calling):
         if handle is None:
             self.dropped["unexpected"] += 1
             return None
-        job = handle(src, msg, frames)
+        try:
+            job = handle(src, msg, frames)
+        except Exception as exc:  # a header well formed, its contents not (an error's payload)
+            self.dropped["malformed"] += 1
+            _log.debug("atoll: dropped a malformed %s from %r: %s", type(msg).__name__, src, exc)
+            return None
         if self._deferred:
             self._flush_deferred()
         return job
 
     def _on_stream_item(self, src: bytes, msg: m.StreamItem, frames: list[Any]) -> None:
         stream = self._pending.get(msg.call_id)
+        if stream is not None and stream.dest != src:
+            self.dropped["misaddressed"] += 1
+            return
         if type(stream) is StreamIn:
             self._unread += 1
             stream.items.append((msg, frames[1:]))
@@ -146,7 +155,13 @@ class Node(Calling):
             self.codec.discard(msg.payload, src)
 
     def _on_stream_end(self, src: bytes, msg: m.StreamEnd, frames: list[Any]) -> None:
-        stream = self._pending.pop(msg.call_id, None)
+        stream = self._pending.get(msg.call_id)
+        if stream is None:  # its consumer gave up
+            return
+        if stream.dest != src:
+            self.dropped["misaddressed"] += 1
+            return
+        del self._pending[msg.call_id]
         if type(stream) is StreamIn:
             stream.done = True
             stream.wake()
@@ -167,12 +182,16 @@ class Node(Calling):
             self._drop_queued(lambda s, c: s == src and c == call_id)
 
     def _on_release(self, src: bytes, msg: m.Release, frames: list[Any]) -> None:
-        self._release(msg.oid, msg.count)
+        self._release(msg.oid, msg.count, src)
 
     def _on_unlease(self, src: bytes, msg: m.Unlease, frames: list[Any]) -> None:
         self._unlease(src, msg.leases)
 
     def _on_died(self, src: bytes, msg: m.Died, frames: list[Any]) -> None:
+        if src != HOST or self.identity == HOST or msg.actor in (HOST, self.identity):
+            # Only the host knows who died, and says so only to the others.
+            self.dropped["unentitled"] += 1
+            return
         exc = unpack_error(msg.payload, src)
         self.peer_gone(msg.actor, lambda: _fresh(exc))
 

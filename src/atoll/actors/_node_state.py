@@ -109,7 +109,7 @@ class StreamOut:
 
 
 class Export:
-    __slots__ = ("gate", "kind", "kinds", "name", "obj", "weight")
+    __slots__ = ("gate", "holders", "kind", "kinds", "name", "obj", "weight")
 
     def __init__(
         self, obj: Any, name: str, kinds: dict[str, Kind] | None, gate: TurnGate | None
@@ -120,6 +120,13 @@ class Export:
         self.kind = kind_of(obj) if kinds is None else Kind.ASYNC
         self.gate = gate
         self.weight = 0
+        self.holders: dict[bytes, int] | None = None
+        """Untrusted peers handed this callback, and the weight each holds:
+        only they may call it or give it back."""
+
+    def held_by(self, peer: bytes) -> bool:
+        holders = self.holders
+        return holders is not None and holders.get(peer, 0) > 0
 
 
 Handle = Callable[[bytes, Any, list[Any]], "Job | None"]
@@ -173,6 +180,8 @@ class NodeState:
         self._loop_thread = 0
         self._new_event: Callable[[], Any] = anyio.Event
         self.peer_names: dict[bytes, str] = {}
+        self.loading_from = b""
+        """The peer whose payload is being read (callbacks in it come from it)."""
         self.dropped: Counter[str] = Counter()
         self.on_bye: Callable[[bytes, m.Bye], None] | None = None
         self.on_exit: Callable[[SystemExit, str], None] | None = None
@@ -217,6 +226,7 @@ class NodeState:
 
     def _load(self, payload: bytes, frames: Sequence[Any], what: str, src: bytes) -> Any:
         token = loading.set(self)
+        self.loading_from = src
         try:
             return self.codec.loads(payload, frames, what, src)
         finally:

@@ -22,6 +22,7 @@ import zmq
 
 from .._errors import ActorClosedError, AtollError
 from ..transport import _messages as m
+from ..transport._plain import UNTRUSTED_MARKS
 from ..transport._socket import Job, job_scope, run_job
 from ._actor import Kind
 from ._callbacks import Callbacks
@@ -41,6 +42,14 @@ class Serving(Callbacks):
             what = self._retired.get(msg.target, f"object #{msg.target}")
             exc = ActorClosedError(f"{what!r} in {self.name!r} was stopped or unregistered")
             self.codec.discard(msg.payload, src)
+            self._send_error(src, msg.call_id, exc, self.name)
+            return None
+        if export.kinds is None and src[:1] in UNTRUSTED_MARKS and not export.held_by(src):
+            # A callback: only a peer it was handed to may call it (untrusted
+            # peers cannot guess another's object ids into calls).
+            self.dropped["unentitled"] += 1
+            self.codec.discard(msg.payload, src)
+            exc = ActorClosedError(f"object #{msg.target} in {self.name!r} was not handed to you")
             self._send_error(src, msg.call_id, exc, self.name)
             return None
         gate = export.gate

@@ -308,6 +308,8 @@ class Codec:
         """Plain payloads (see ``_plain``): what untrusted peers send."""
         self.plain_only = plain_only
         """Everything this codec sends is plain (this process is untrusted)."""
+        self.dest = b""
+        """Whom the payload being pickled is for."""
         # The pickler asks about every object that is not a plain container or
         # scalar; one lookup by type answers (learnt once per type).
         plain: dict[type, Handler | None] = {}
@@ -373,6 +375,7 @@ class Codec:
 
     def dumps(self, obj: Any, what: str = "value", dest: bytes = b"") -> tuple[bytes, list[Any]]:
         """Pickle ``obj`` for ``dest``; return the payload and the frames that follow it."""
+        self.dest = dest  # for reducers that note whom they hand a thing to
         if is_plain(obj):
             return pickle.dumps(obj, 5), []
         buffers: list[Any] = []
