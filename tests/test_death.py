@@ -11,7 +11,16 @@ import anyio
 import pytest
 
 import atoll
-from helpers import Counter, Echo, Sleeper, host_process, kill_and_watch, parent_of, pid_of
+from helpers import (
+    Counter,
+    Echo,
+    Parent,
+    Sleeper,
+    host_process,
+    kill_and_watch,
+    parent_of,
+    pid_of,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -127,3 +136,24 @@ async def test_name_of_a_dead_actor_can_be_used_again() -> None:
         assert await second.pid() != os.getpid()
         with pytest.raises(atoll.ActorDiedError):
             await first.pid()
+
+
+@pytest.mark.parametrize("end", ["stop", "crash"])
+async def test_what_an_actor_started_dies_with_it(end: str) -> None:
+    async with atoll.open_host() as host:
+        parent = await host.spawn(Parent)
+        with anyio.fail_after(20):
+            pids = await parent.children(3)
+            # Watched by pidfd: readable once the process has ended, reaped or not.
+            pidfds = [os.pidfd_open(pid) for pid in pids]
+            try:
+                if end == "stop":
+                    await host.stop(parent)
+                else:
+                    with pytest.raises(atoll.ActorDiedError):
+                        await parent.crash()
+                for fd in pidfds:
+                    await anyio.wait_readable(fd)
+            finally:
+                for fd in pidfds:
+                    os.close(fd)

@@ -92,6 +92,7 @@ def _fork_loop(ctl: socket.socket) -> bool:
                     sys.stderr.flush()
                     pid = os.fork()
                     if pid == 0:
+                        os.setsid()  # its process group: what it forks dies with it
                         ctl.close()
                         for pidfd in children:
                             os.close(pidfd)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 from collections import deque
 
@@ -108,6 +109,7 @@ class Processes:
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(self._pump_stderr, actor)
                     code = await process.wait()
+                    kill_group(process.pid)
                     # Let the last lines of stderr arrive, unless a grandchild holds the pipe.
                     with anyio.move_on_after(0.05):
                         await actor.stderr_done.wait()
@@ -220,6 +222,16 @@ class Processes:
             # Its own deadline, and a second to exit after it.
             actor.hold_until = anyio.current_time() + bye.hold + 1.0
             actor.holding.set()
+
+
+def kill_group(pid: int) -> None:
+    """Kill what is left of the process group that process ``pid`` led (the
+    processes it forked): an actor's children do not outlive it. Called as
+    soon as it is reaped, while its group still holds its id."""
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass  # nothing left of it
 
 
 def stderr_tail_text(actor: ActorProcess) -> str:

@@ -385,6 +385,7 @@ class Spawner:
                 stdout=None,
                 stderr=subprocess.PIPE,
                 env=env,
+                start_new_session=True,  # its process group: what it forks dies with it
             )
         actor.process = process
         if cgroup is not None:
