@@ -63,6 +63,9 @@ class Probe(atoll.Actor):
     async def tensor_sum(self, t: Any) -> float:
         return float(t.sum())
 
+    async def pid(self) -> int:
+        return os.getpid()
+
 
 # -- isolation -------------------------------------------------------------
 
@@ -608,3 +611,19 @@ async def test_a_manifest_cannot_widen_the_hosts_sandbox(tmp_path: Path, env_cac
                 await host.load_extension(folder)
             granted = await host.load_extension(folder, sandbox=atoll.Sandbox(network=True))
             assert (await granted.where())[0] == 2
+
+
+@pytest.mark.skipif(shutil.which("bwrap") is None, reason="needs bubblewrap (bwrap)")
+async def test_an_environments_sandbox_confines_its_actors(env_cache: str) -> None:
+    env = Env(["attrs==23.1.0"], sandbox=atoll.Sandbox())
+    assert env.key() == Env(["attrs==23.1.0"]).key()  # the same build, cached once
+    with anyio.fail_after(120):
+        async with open_host(env_cache) as host:
+            probe = await host.spawn(Probe, env=env)
+            assert probe._id[:1] == b"s"  # sandboxed, hence untrusted
+            assert await probe.pid() == 2  # its own process namespace
+            assert await probe.version_of("attrs") == "23.1.0"
+            own = await host.spawn(Probe, env=env, sandbox=atoll.Sandbox(network=True))
+            assert await own.pid() == 2
+            with pytest.raises(TypeError, match=r"takes an atoll\.Sandbox"):
+                await host.spawn(Probe, env=Env(["attrs==23.1.0"], sandbox="yes"))

@@ -183,8 +183,8 @@ class Host:
         refs and callbacks it was handed, and types registered with
         :func:`atoll.wire_type`). What it sends that the plain wire cannot
         carry fails in the actor, naming the type. ``sandbox`` (an
-        :class:`atoll.Sandbox`) confines its process too, and implies
-        ``trusted=False``. ``limits`` (an :class:`atoll.Limits`) bounds
+        :class:`atoll.Sandbox`, by default the ``env``'s) confines its
+        process too, and implies ``trusted=False``. ``limits`` (an :class:`atoll.Limits`) bounds
         its memory, processes, open files, CPU time and shared memory.
 
         Raises :class:`SpawnError` if the class cannot be imported there or its
@@ -199,6 +199,10 @@ class Host:
             raise TypeError(f"spawn() needs a subclass of atoll.Actor, got {cls!r}")
         name = name or f"{cls.__name__}-{next(self._names)}"
         self._registry.check_free(name)
+        if sandbox is None and env is not None and env.sandbox is not None:
+            if not isinstance(env.sandbox, Sandbox):
+                raise TypeError(f"Env(sandbox=...) takes an atoll.Sandbox, got {env.sandbox!r}")
+            sandbox = env.sandbox
         built = await self._spawner.built(env)
         spec, _ = Codec().dumps(
             ByValue(cls) if built is not None and not installed(cls) else cls,

@@ -37,6 +37,10 @@ class Env:
     version is an error before anything is installed). ``index_url``,
     ``extra_index_urls`` and ``find_links`` are passed to uv. ``name`` only
     labels progress output and ``atoll env list``.
+
+    ``sandbox`` (an :class:`atoll.Sandbox`) confines every actor spawned in
+    this environment that is not given a sandbox of its own; it is not part
+    of what gets built (the cache key).
     """
 
     dependencies: Sequence[str] = ()
@@ -46,6 +50,7 @@ class Env:
     extra_index_urls: Sequence[str] = ()
     find_links: Sequence[str] = ()
     name: str | None = None
+    sandbox: object = None
 
     def __post_init__(self) -> None:
         for field in ("dependencies", "extra_index_urls", "find_links"):
