@@ -142,6 +142,24 @@ async def test_a_sandbox_sees_only_the_segments_it_was_handed() -> None:
         assert kept_name in seen_by_other and handed_name not in seen_by_other
 
 
+async def test_a_sandbox_used_once_has_a_process_waiting_for_the_next_actor() -> None:
+    async with atoll.open_host() as host:
+        first = await host.spawn(Prisoner, sandbox=atoll.Sandbox())
+        waiting = host._spawner._spares._waiting
+        [(key, spare)] = waiting.items()
+        with anyio.fail_after(20):
+            await spare.ready.wait()
+            second = await host.spawn(Prisoner, sandbox=atoll.Sandbox())
+            assert second._id == spare.identity != first._id
+            assert second._id[:1] == b"s"
+            assert await second.pids() == [1, 2]  # a sandbox of its own: bubblewrap's init, it
+            assert waiting[key] is not spare  # another one started behind it
+            # Another sandbox does not take it.
+            networked = await host.spawn(Prisoner, sandbox=atoll.Sandbox(network=True))
+            assert networked._id != waiting[key].identity
+            assert await networked.pids() == [1, 2]
+
+
 async def test_no_bubblewrap_is_an_error_that_says_how_to_get_it(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -58,6 +58,7 @@ CHILD_MODULES = (
     "atoll.tensors._shm",
     "atoll.tensors._views",
     "atoll.transport",
+    "atoll.transport._backlog",
     "atoll.transport._codec",
     "atoll.transport._hub",
     "atoll.transport._messages",

@@ -33,6 +33,7 @@ from ..venvs import Env, read_extension
 from . import _runtime, _signals
 from ._actor import Actor, method_kinds
 from ._background import start_background
+from ._class_spec import ByValue, installed
 from ._errors_wire import pack_error
 from ._limits import Limits, limits_for_extension
 from ._node import Node
@@ -41,7 +42,7 @@ from ._processes import KILL_WAIT, TERMINATE_WAIT, Processes, host_closed_error
 from ._ref import ACTOR_OID, ActorRef
 from ._registry import REGISTRY_OID, Registry, RegistryService, Subscription, class_key
 from ._sandbox import Sandbox, for_extension
-from ._spawner import FORK_SERVER_WAIT, ByValue, Launched, Spawner, installed
+from ._spawner import FORK_SERVER_WAIT, Launched, Spawner
 
 A = TypeVar("A", bound=Actor)
 

@@ -13,10 +13,8 @@ from __future__ import annotations
 import itertools
 import logging
 import os
-import pickle
 import subprocess
 import sys
-import sysconfig
 from collections import deque
 from collections.abc import Sequence
 from typing import Any
@@ -55,6 +53,7 @@ from ._processes import (
 )
 from ._ref import BOOT_OID
 from ._sandbox import Confined, Sandbox, bwrap
+from ._spares import SpareKey, Spares
 
 _logger = logging.getLogger(__name__)
 
@@ -104,6 +103,12 @@ class Spawner:
         """The host's task group, once it runs."""
         self.closed = False
         """The host is closing: no more processes."""
+        self._spares = Spares(
+            lambda: ActorProcess(self._new_identity(False, True), "spare-sandboxed"),
+            lambda actor, built, confined: self._boot(actor, built, (), confined),
+            lambda: self.closed,
+            lambda: self.tg,
+        )
 
     def _check_open(self) -> None:
         if self.closed:
@@ -209,8 +214,14 @@ class Spawner:
                     raise
                 _logger.warning("atoll: %s runs untrusted but unconfined: %s", name, exc)
                 sandbox = None
-        # Warm processes are trusted, unconfined and unlimited.
-        actor = self._take_warm(built) if trusted and limits is None else None
+        # Warm processes are trusted, unconfined and unlimited; a sandbox
+        # used before has a spare process started in it.
+        confined = Confined(sandbox, paths, limits)
+        if sandbox is not None:
+            spare: SpareKey = (_pool_key(built), sandbox, tuple(paths), limits)
+            actor = self._spares.take(spare)
+        else:
+            actor = self._take_warm(built) if trusted and limits is None else None
         if actor is None:
             actor = ActorProcess(self._new_identity(trusted, sandbox is not None), name)
             fresh = True
@@ -221,7 +232,7 @@ class Spawner:
         try:
             with anyio.fail_after(self._spawn_timeout):
                 if fresh:
-                    await self._boot(actor, built, (), Confined(sandbox, paths, limits))
+                    await self._boot(actor, built, (), confined)
                 else:
                     await self._await_hello(actor)
                 kinds, cls_key = await self._build(actor, spec, paths, args, kwargs, label)
@@ -239,6 +250,8 @@ class Spawner:
             if isinstance(exc, (ActorDiedError, TransportError)):
                 raise SpawnError(f"actor {name!r} ({label}) failed to start: {exc}") from exc
             raise
+        if sandbox is not None:
+            self._spares.start(spare, built, confined)
         return actor.identity, kinds, cls_key
 
     async def _boot(
@@ -479,44 +492,3 @@ class Spawner:
 def _pool_key(built: BuiltEnv | None) -> str | None:
     """Which warm pool serves spawns into ``built`` (None: this interpreter)."""
     return built.key if built is not None else None
-
-
-class ByValue:
-    """Pickles a class by value (its code travels), for an actor process that
-    cannot import the module the class lives in."""
-
-    def __init__(self, cls: type) -> None:
-        self.cls = cls
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        import cloudpickle
-
-        from ..transport import _by_value
-
-        module = sys.modules[self.cls.__module__]
-        by_value = module.__name__ != "__main__"
-        if by_value:
-            cloudpickle.register_pickle_by_value(module)
-        try:
-            data = _by_value.dumps(self.cls)
-        finally:
-            if by_value:
-                cloudpickle.unregister_pickle_by_value(module)
-        return (pickle.loads, (data,))
-
-
-def installed(cls: type) -> bool:
-    """Whether ``cls`` comes from atoll or an installed package (by reference
-    then), rather than from the application's own files (by value)."""
-    if cls.__module__ == "atoll" or cls.__module__.startswith("atoll."):
-        return True
-    file = getattr(sys.modules.get(cls.__module__), "__file__", None)
-    if file is None:
-        return False
-    real = os.path.realpath(file)
-    return any(real.startswith(d + os.sep) for d in _install_dirs())
-
-
-def _install_dirs() -> set[str]:
-    paths = sysconfig.get_paths()
-    return {os.path.realpath(paths[k]) for k in ("stdlib", "platstdlib", "purelib", "platlib")}

@@ -65,6 +65,7 @@ import zmq
 from anyio.abc import TaskGroup
 
 from .._errors import TransportError
+from ._backlog import Backlog
 
 # Plain ints: pyzmq's IntFlag members make every ``&`` and option lookup go
 # through ``enum``, which shows on the per-call path.
@@ -247,11 +248,8 @@ class AsyncSocket:
         self._get = cast("Callable[[int], int]", sock.get)
         self._fd_poller = select.poll()
         self._fd_poller.register(self._fd, select.POLLIN)
-        # Messages that did not fit, in order, by peer: a ROUTER's peer that
-        # stops reading holds up only what goes to it.
-        self._backlog: dict[bytes | None, deque[Sequence[Any]]] = {}
-        self._by_peer = sock.type == zmq.ROUTER
-        self._backlog_limit = backlog_limit
+        self._backlog = Backlog(sock.type == zmq.ROUTER, backlog_limit)
+        self._waiting = self._backlog.queues  # truthy while messages wait
         self._on_message: OnMessage | None = None
         # In _catch_up, or the reader runs jobs: a send leaves the catch-up to it.
         self._busy = False
@@ -284,7 +282,7 @@ class AsyncSocket:
         if self._closed:
             raise TransportError("send on a closed socket")
         sock = self._sock
-        if self._backlog and self._peer_of(frames) in self._backlog:
+        if self._waiting and self._backlog.holds_for(frames):
             self._enqueue(frames)
         else:
             try:
@@ -297,45 +295,13 @@ class AsyncSocket:
         if self._on_message is not None and not self._busy:
             self._catch_up()
 
-    def _peer_of(self, frames: Sequence[Any]) -> bytes | None:
-        if not self._by_peer:
-            return None
-        first = frames[0]
-        return first if type(first) is bytes else bytes(first)
-
     def _enqueue(self, frames: Sequence[Any]) -> None:
-        peer = self._peer_of(frames)
-        queue = self._backlog.get(peer)
-        if queue is None:
-            queue = self._backlog[peer] = deque()
-        elif len(queue) >= self._backlog_limit:
-            raise TransportError(
-                f"send backlog is full ({self._backlog_limit} messages"
-                + ("" if peer is None else f" for {peer!r}")
-                + "): the peer is not reading"
-            )
-        queue.append(frames)
+        self._backlog.add(frames)
 
     def _flush(self) -> bool:
-        """Send what waits, peer by peer; True if anything went."""
         sock = self._sock
-        sent = False
-        for peer, queue in list(self._backlog.items()):
-            while queue:
-                try:
-                    _send_frames(sock, queue[0])
-                except zmq.Again:
-                    break
-                except zmq.ZMQError as exc:
-                    if exc.errno != errno.EHOSTUNREACH:
-                        with map_zmq_errors("send"):
-                            raise
-                    # A ROUTER's peer left while its message waited: nobody to tell.
-                queue.popleft()
-                sent = True
-            if not queue:
-                del self._backlog[peer]
-        return sent
+        with map_zmq_errors("send"):
+            return self._backlog.flush(lambda frames: _send_frames(sock, frames))
 
     def _catch_up(self, *, reader: bool = False) -> bool:
         """Handle every event pending now; return False if input is left for
@@ -356,7 +322,7 @@ class AsyncSocket:
         try:
             for _ in range(_RECV_BATCH):
                 events = get(_EVENTS)
-                if self._backlog and events & _POLLOUT and self._flush():
+                if self._waiting and events & _POLLOUT and self._flush():
                     continue
                 if not events & _POLLIN:
                     return True
@@ -527,7 +493,7 @@ class AsyncSocket:
     def _wanted(self) -> int:
         """The EVENTS bits that mean work for a reader: input, or room to
         flush the backlog."""
-        return _POLLIN | _POLLOUT if self._backlog else _POLLIN
+        return _POLLIN | _POLLOUT if self._waiting else _POLLIN
 
     async def _await_input(self) -> None:
         """Wait for the descriptor; a close() ends the wait quietly."""
