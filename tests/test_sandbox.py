@@ -160,6 +160,26 @@ async def test_a_sandbox_used_once_has_a_process_waiting_for_the_next_actor() ->
             assert await networked.pids() == [1, 2]
 
 
+async def test_gpu_passes_the_gpu_devices_through_and_nothing_else(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # No GPU here: stand-ins for /dev/nvidia0 and /dev/nvidiactl, bound as
+    # device nodes are.
+    devices = [tmp_path / "nvidia0", tmp_path / "nvidiactl"]
+    for device in devices:
+        device.write_text("device")
+    (tmp_path / "other").write_text("not a device")
+    monkeypatch.setattr(_sandbox, "_GPU_DEVICES", (str(tmp_path / "nvidia*"),))
+    async with atoll.open_host() as host:
+        with anyio.fail_after(20):
+            gpu = await host.spawn(Prisoner, sandbox=atoll.Sandbox(gpu=True))
+            plain = await host.spawn(Prisoner, sandbox=atoll.Sandbox())
+            for device in devices:
+                assert await gpu.read(str(device)) == "read: device"
+                assert await plain.read(str(device)) == "FileNotFoundError"
+            assert await gpu.read(str(tmp_path / "other")) == "FileNotFoundError"
+
+
 async def test_no_bubblewrap_is_an_error_that_says_how_to_get_it(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
