@@ -200,11 +200,11 @@ class Host:
             raise TypeError(f"spawn() needs a subclass of atoll.Actor, got {cls!r}")
         name = name or f"{cls.__name__}-{next(self._names)}"
         self._registry.check_free(name)
+        built = await self._spawner.built(env)  # checks that env is an Env
         if sandbox is None and env is not None and env.sandbox is not None:
             if not isinstance(env.sandbox, Sandbox):
                 raise TypeError(f"Env(sandbox=...) takes an atoll.Sandbox, got {env.sandbox!r}")
             sandbox = env.sandbox
-        built = await self._spawner.built(env)
         spec, _ = Codec().dumps(
             ByValue(cls) if built is not None and not installed(cls) else cls,
             f"actor class {cls.__qualname__}",
