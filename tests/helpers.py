@@ -637,6 +637,15 @@ class Greedy(atoll.Actor):
             os.close(read_end)
             return made + len(os.listdir(tally))
 
+    def priority(self) -> tuple[int, str]:
+        """Its scheduling priority, and its autogroup's ("" where none)."""
+        try:
+            with open("/proc/self/autogroup") as f:
+                group = f.read()
+        except OSError:
+            group = ""
+        return os.getpriority(os.PRIO_PROCESS, 0), group
+
     async def open_files(self, n: int) -> int:
         files = []
         try:

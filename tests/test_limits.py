@@ -91,3 +91,20 @@ def test_limits_are_checked_and_sizes_read() -> None:
         atoll.Limits(memory="lots")
     with pytest.raises(ValueError, match="processes"):
         atoll.Limits(processes=0)
+
+
+async def test_a_limited_actor_yields_the_cpu_to_the_others() -> None:
+    with pytest.raises(ValueError, match="from 0 to 19"):
+        atoll.Limits(nice=20)
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    async with atoll.open_host() as host:
+        limited = await host.spawn(Greedy, limits=atoll.Limits(open_files=512))
+        kept = await host.spawn(Greedy, limits=atoll.Limits(open_files=512, nice=0))
+        free = await host.spawn(Greedy)
+        with anyio.fail_after(10):
+            nice, group = await limited.priority()
+            assert nice == min(19, base + 10)
+            if group:  # the kernel groups sessions: its own, less urgent too
+                assert group.rstrip().endswith("nice 10"), group
+            assert (await kept.priority())[0] == base
+            assert (await free.priority())[0] == base

@@ -38,6 +38,8 @@ class BootSpec(msgspec.Struct, frozen=True, kw_only=True):
     """It shares memory with its host only (see ``_sandbox``)."""
     rlimits: dict[str, int] = {}
     """Resource limits it sets on itself before its actor's code runs."""
+    nice: int = 0
+    """How much less urgent it makes itself (see ``Limits.nice``)."""
     shm_limit: int | None = None
     """Bytes its arena of shared memory may hold."""
     """Not: everything it sends goes on the plain wire (``transport._plain``)."""

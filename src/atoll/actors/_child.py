@@ -28,7 +28,7 @@ from ..transport._socket import AsyncSocket, Job
 from . import _runtime
 from ._actor import Actor, method_kinds
 from ._boot_spec import BootSpec, decode_boot
-from ._limits import apply_rlimits
+from ._limits import apply_rlimits, lower_priority
 from ._node import Node
 from ._ref import ACTOR_OID, BOOT_OID
 from ._registry import class_key
@@ -279,6 +279,7 @@ def main() -> None:
     if boot.cwd is not None:
         os.chdir(boot.cwd)
     apply_rlimits(boot.rlimits)  # before any of the actor's code runs
+    lower_priority(boot.nice)
     wanted: list[str] = boot.sys_path
     sys.path[:] = wanted + [p for p in sys.path if p not in wanted]
     for module in boot.imports:

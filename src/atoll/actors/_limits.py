@@ -18,6 +18,9 @@ limit              mechanism
 ``cpu_seconds``    ``RLIMIT_CPU``: past it, SIGXCPU ends the process
 ``shared_memory``  the process's arena counts its segments:
                    :class:`~atoll.SharedMemoryError` past it
+``nice``           its scheduling priority (``setpriority``, and its
+                   autogroup's where the kernel groups sessions): a limited
+                   actor yields the CPU to the host and to other actors
 =================  =========================================================
 
 The host makes the cgroups (under the cgroup it runs in) before the actor's
@@ -62,7 +65,9 @@ class Limits:
     """What an actor process may take: ``host.spawn(..., limits=Limits(...))``.
 
     ``memory`` and ``shared_memory`` are bytes or sizes (``"2G"``); None is
-    no limit. See the module ``atoll.actors._limits`` for the mechanism
+    no limit. ``nice`` (0 to 19, by default 10) lowers its CPU priority, so
+    that a runaway actor cannot starve the host or its neighbours; 0 keeps
+    the host's. See the module ``atoll.actors._limits`` for the mechanism
     behind each.
     """
 
@@ -71,6 +76,7 @@ class Limits:
     open_files: int | None = None
     cpu_seconds: float | None = None
     shared_memory: int | str | None = None
+    nice: int = 10
 
     def __post_init__(self) -> None:
         for name in ("memory", "shared_memory"):
@@ -81,6 +87,8 @@ class Limits:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not value > 0):
                 raise ValueError(f"Limits({name}=...) must be above 0, got {value!r}")
+        if type(self.nice) is not int or not 0 <= self.nice <= 19:
+            raise ValueError(f"Limits(nice=...) must be an int from 0 to 19, got {self.nice!r}")
 
     @property
     def memory_bytes(self) -> int | None:
@@ -241,6 +249,20 @@ def rlimits(limits: Limits, cgroup: Cgroup | None) -> dict[str, int]:
             )
         out["RLIMIT_NPROC"] = limits.processes
     return out
+
+
+def lower_priority(nice: int) -> None:
+    """Make this process (an actor process, before its code runs) ``nice``
+    steps less urgent, and its autogroup too: where the kernel schedules
+    sessions as groups, an actor (a session of its own) competes as a group."""
+    if nice <= 0:
+        return
+    os.setpriority(os.PRIO_PROCESS, 0, min(19, os.getpriority(os.PRIO_PROCESS, 0) + nice))
+    try:
+        with open("/proc/self/autogroup", "w") as f:
+            f.write(str(nice))
+    except OSError:
+        pass  # no autogroups here: the process's own priority is what counts
 
 
 def apply_rlimits(values: dict[str, int]) -> None:
