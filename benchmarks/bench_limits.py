@@ -12,6 +12,8 @@ second. Loads:
                killed by the kernel, and is spawned again, over and over
   fork bomb    an actor with ``Limits(processes=32)`` forks until it cannot,
                lets its children go, and starts again
+  busy core    an actor with ``Limits()`` (only its lower CPU priority)
+               spinning, for comparison: a machine with a core kept busy
 
 A raw pyzmq floor (DEALER/ROUTER round trip, blocking) is measured first.
 """
@@ -21,6 +23,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -40,6 +43,11 @@ class Greedy(atoll.Actor):
     async def eat(self, megabytes: int) -> int:
         blocks = [bytearray(1 << 20) for _ in range(megabytes)]
         return len(blocks)
+
+    async def spin(self, seconds: float) -> None:
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            pass
 
     async def fork_bomb(self) -> int:
         """Fork until the kernel refuses; then let every child go."""
@@ -86,6 +94,16 @@ async def _fork_bomb(host: atoll.Host) -> None:
             await host.stop(greedy)
 
 
+async def _busy_core(host: atoll.Host) -> None:
+    greedy = await host.spawn(Greedy, limits=atoll.Limits())
+    try:
+        while True:
+            await greedy.spin(0.05)
+    finally:
+        with anyio.CancelScope(shield=True):
+            await host.stop(greedy)
+
+
 async def _loaded(
     load: Callable[[atoll.Host], Coroutine[Any, Any, None]],
     host: atoll.Host,
@@ -109,7 +127,8 @@ async def main(rounds: int, calls: int) -> None:
         call = neighbour.noop
         for _ in range(200):
             await call()
-        for name, load in (("memory", _memory), ("fork bomb", _fork_bomb)):
+        loads = (("memory", _memory), ("fork bomb", _fork_bomb), ("busy core", _busy_core))
+        for name, load in loads:
             quiet: list[float] = []
             loaded: list[float] = []
             for i in range(rounds):
