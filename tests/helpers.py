@@ -729,3 +729,36 @@ class Parent(atoll.Actor):
 
     def crash(self) -> None:
         os._exit(3)
+
+
+class Phoenix(atoll.Actor):
+    """Dies when told to; counts from its constructor's start again after."""
+
+    def __init__(self, start: int = 0) -> None:
+        self.n = start
+
+    async def add(self, k: int) -> int:
+        self.n += k
+        return self.n
+
+    async def pid(self) -> int:
+        return os.getpid()
+
+    def crash(self, code: int = 3) -> None:
+        os._exit(code)
+
+
+class Caller(atoll.Actor):
+    """Calls another actor through a ref it keeps."""
+
+    def __init__(self) -> None:
+        self.ref: Any = None
+
+    async def keep(self, ref: Any) -> None:
+        self.ref = ref
+
+    async def add(self, k: int) -> int:
+        return int(await self.ref.add(k))
+
+    async def add_by_name(self, name: str, k: int) -> int:
+        return int(await (await atoll.lookup(name)).add(k))

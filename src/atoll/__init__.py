@@ -46,6 +46,8 @@ if TYPE_CHECKING:
     from .actors._runtime import publish as publish
     from .actors._runtime import share as share
     from .actors._sandbox import Sandbox as Sandbox
+    from .actors._supervisor import Lifecycle as Lifecycle
+    from .actors._supervisor import Restart as Restart
     from .tensors._sending import copy_on_send as copy_on_send
     from .tensors._shm import SharedMemoryError as SharedMemoryError
     from .transport._plain import PlainLimits as PlainLimits
@@ -63,8 +65,10 @@ _LAZY = {
     "Host": "atoll.actors._host",
     "HostOpener": "atoll.actors._opener",
     "HostOptions": "atoll.actors._options",
+    "Lifecycle": "atoll.actors._supervisor",
     "Limits": "atoll.actors._limits",
     "PlainLimits": "atoll.transport._plain",
+    "Restart": "atoll.actors._supervisor",
     "Sandbox": "atoll.actors._sandbox",
     "SharedMemoryError": "atoll.tensors._shm",
     "Subscription": "atoll.actors._registry",
@@ -109,11 +113,13 @@ __all__ = [
     "Host",
     "HostOpener",
     "HostOptions",
+    "Lifecycle",
     "Limits",
     "PlainLimits",
     "ProtocolError",
     "RemoteError",
     "RemoteTraceback",
+    "Restart",
     "Sandbox",
     "SandboxUnavailableError",
     "SerializationError",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 import itertools
 import logging
@@ -43,6 +44,7 @@ from ._ref import ACTOR_OID, ActorRef
 from ._registry import REGISTRY_OID, Registry, RegistryService, Subscription, class_key
 from ._sandbox import Sandbox, for_extension
 from ._spawner import FORK_SERVER_WAIT, Launched, Spawner
+from ._supervisor import Restart, Supervisor
 
 A = TypeVar("A", bound=Actor)
 
@@ -79,6 +81,7 @@ class Host:
         self._processes = Processes(self._hub, self._node, self._registry, self._shm_prefix)
         self._node.on_bye = self._processes.on_bye
         self._spawner = Spawner(options, self._hub, self._node, self._processes, self._shm_prefix)
+        self._supervisor = Supervisor(self._processes, self._hub, self._registry, lambda: self._tg)
         self._names = itertools.count(1)
         self._tg: TaskGroup | None = None
         self._closed = False
@@ -90,6 +93,8 @@ class Host:
 
     def _transmit(self, dest: bytes, frames: Sequence[Any]) -> None:
         if dest != HOST:
+            if self._supervisor.held and self._supervisor.hold(dest, HOST, frames):
+                return  # it is being restarted: this waits for it
             self._hub.send(dest, frames)
             return
         # A call to a service of the host, or its reply: loop back, copying the
@@ -166,6 +171,7 @@ class Host:
         trusted: bool = True,
         sandbox: Sandbox | None = None,
         limits: Limits | None = None,
+        restart: Restart | None = None,
         **kwargs: Any,
     ) -> A:
         """Start ``cls(*args, **kwargs)`` in a new process and return its ref.
@@ -187,6 +193,8 @@ class Host:
         :class:`atoll.Sandbox`, by default the ``env``'s) confines its
         process too, and implies ``trusted=False``. ``limits`` (an :class:`atoll.Limits`) bounds
         its memory, processes, open files, CPU time and shared memory.
+        With ``restart`` (an :class:`atoll.Restart`) the host starts it
+        again when it dies, under the same ref (see ``_supervisor``).
 
         Raises :class:`SpawnError` if the class cannot be imported there or its
         constructor (or ``on_start``) raises, :class:`EnvBuildError` if the
@@ -209,19 +217,11 @@ class Host:
             ByValue(cls) if built is not None and not installed(cls) else cls,
             f"actor class {cls.__qualname__}",
         )
-        launched = await self._spawner.launch(
-            spec,
-            cls.__qualname__,
-            args,
-            kwargs,
-            name,
-            built,
-            [],
-            trusted=trusted,
-            sandbox=sandbox,
-            limits=limits,
+        launch = functools.partial(
+            self._spawner.launch, spec, cls.__qualname__, args, kwargs, name, built, []
         )
-        ref: A = self._registered(name, launched)
+        launch = functools.partial(launch, trusted=trusted, sandbox=sandbox, limits=limits)
+        ref: A = self._registered(name, await launch(), restart, launch)
         return ref  # typed as the actor class: see atoll.mypy
 
     @overload
@@ -235,6 +235,7 @@ class Host:
         trusted: bool = True,
         sandbox: Sandbox | None = None,
         limits: Limits | None = None,
+        restart: Restart | None = None,
         **kwargs: Any,
     ) -> A: ...
     @overload
@@ -247,6 +248,7 @@ class Host:
         trusted: bool = True,
         sandbox: Sandbox | None = None,
         limits: Limits | None = None,
+        restart: Restart | None = None,
         **kwargs: Any,
     ) -> ActorRef[Any]: ...
     async def load_extension(
@@ -259,6 +261,7 @@ class Host:
         trusted: bool = True,
         sandbox: Sandbox | None = None,
         limits: Limits | None = None,
+        restart: Restart | None = None,
         **kwargs: Any,
     ) -> Any:
         """Load the extension folder at ``path`` and return a ref to its actor.
@@ -292,26 +295,28 @@ class Host:
         except EnvBuildError as exc:
             raise EnvBuildError(f"{where}: {exc}", exc.dependencies, exc.output) from None
         spec, _ = Codec().dumps(extension.entry_point)
+        launch = functools.partial(
+            self._spawner.launch,
+            spec,
+            extension.entry_point,
+            args,
+            kwargs,
+            name,
+            built,
+            extension.paths,
+            trusted=trusted and extension.trusted,
+            sandbox=for_extension(
+                extension.sandbox, sandbox or self.options.sandbox, extension.manifest
+            ),
+            limits=limits or limits_for_extension(extension.limits, extension.manifest),
+        )
         try:
-            launched = await self._spawner.launch(
-                spec,
-                extension.entry_point,
-                args,
-                kwargs,
-                name,
-                built,
-                extension.paths,
-                trusted=trusted and extension.trusted,
-                sandbox=for_extension(
-                    extension.sandbox, sandbox or self.options.sandbox, extension.manifest
-                ),
-                limits=limits or limits_for_extension(extension.limits, extension.manifest),
-            )
+            launched = await launch()
         except SpawnError as exc:
             if isinstance(exc.__cause__, ExtensionError):
                 raise ExtensionError(f"{extension.manifest}: {exc.__cause__}") from None
             raise SpawnError(f"{where}: {exc}") from exc.__cause__
-        ref = self._registered(name, launched)
+        ref = self._registered(name, launched, restart, launch)
         loaded = self._registry.class_of(name)
         if actor_class is not None and loaded != class_key(actor_class):
             await self.stop(ref)
@@ -349,10 +354,15 @@ class Host:
         built = await self._spawner.built(env)
         await self._spawner.prewarm(built, count, imports)
 
-    def _registered(self, name: str, launched: Launched) -> Any:
-        """Register a spawned actor under ``name``; its ref."""
+    def _registered(
+        self, name: str, launched: Launched, restart: Restart | None, launch: Any
+    ) -> Any:
+        """Register a spawned actor under ``name``; its ref. With ``restart``,
+        it is started again by ``launch(again=its identity)`` when it dies."""
         identity, kinds, cls_key = launched
         self._registry.add(name, identity, ACTOR_OID, kinds, cls_key)
+        again = functools.partial(launch, again=identity)
+        self._supervisor.started(identity, name, restart, again)
         return ActorRef(self._node, identity, name, kinds)
 
     async def stop(self, ref: Any) -> None:
@@ -362,6 +372,10 @@ class Host:
         """
         if not isinstance(ref, ActorRef) or ref._node is not self._node:
             raise TypeError(f"stop() takes a ref spawned by this host, got {ref!r}")
+        if self._supervisor.restarting(ref._id):
+            await self._supervisor.stop(ref._id)
+            return
+        self._supervisor.forget(ref._id)
         actor = self._processes.actors.get(ref._id)
         if actor is not None:
             await self._processes.stop(actor, self._stop_timeout)
@@ -374,6 +388,8 @@ class Host:
 
     def _unroutable(self, src: bytes, dest: bytes, frames: list[zmq.Frame]) -> None:
         """A peer addressed an actor that is not (or no longer) connected."""
+        if self._supervisor.held and self._supervisor.hold(dest, src, frames):
+            return  # it is being restarted: this waits for it
         try:
             msg = m.decode(frames[0])
         except m.DecodeError:

@@ -68,12 +68,16 @@ class Node(Calling):
             scope.cancel()
         self._drop_queued(lambda src, call_id: True)
 
-    def peer_gone(self, peer: bytes, make_exc: ExcFactory, *, exited: bool = True) -> None:
+    def peer_gone(
+        self, peer: bytes, make_exc: ExcFactory, *, exited: bool = True, restarting: bool = False
+    ) -> None:
         """``peer`` is gone: fail what waits on it, cancel what it asked for.
         Not ``exited`` (it is stopping): the tensor plane still settles leases
-        with it until it has."""
+        with it until it has. ``restarting``: a new process takes its
+        identity, so calls to it after this one are not refused here."""
         gone = self._gone
-        gone[peer] = make_exc
+        if not restarting:
+            gone[peer] = make_exc
         given_back = self._held_back.pop(peer, None)
         if given_back:
             self.plane.unlease(peer, given_back)
@@ -82,7 +86,9 @@ class Node(Calling):
             oldest = next(iter(gone))
             del gone[oldest]
             self.peer_names.pop(oldest, None)
-        if exited:
+        if restarting:
+            self.plane.peer_replaced(peer)
+        elif exited:
             held = self.plane.peer_gone(peer)
             if held:
                 name = self.peer_names.get(peer, peer.decode(errors="replace"))
@@ -193,7 +199,7 @@ class Node(Calling):
             self.dropped["unentitled"] += 1
             return
         exc = unpack_error(msg.payload, src)
-        self.peer_gone(msg.actor, lambda: _fresh(exc))
+        self.peer_gone(msg.actor, lambda: _fresh(exc), restarting=msg.restarting)
 
     def _on_bye(self, src: bytes, msg: m.Bye, frames: list[Any]) -> None:
         if self.on_bye is None:

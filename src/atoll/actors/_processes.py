@@ -16,6 +16,7 @@ import os
 import signal
 import sys
 from collections import deque
+from collections.abc import Callable
 
 import anyio
 from anyio.abc import Process, TaskGroup
@@ -63,6 +64,8 @@ class ActorProcess:
         self.hold_until = 0.0  # until then (anyio.current_time())
         self.exitcode: int | None = None
         self.stderr_tail: deque[str] = deque(maxlen=_STDERR_TAIL_LINES)
+        self.node_no = int(identity[1:])
+        """Where its call ids start (a new one for each incarnation)."""
 
     def on_hello(self, hello: m.Hello) -> None:
         self.compatible = hello.version == m.WIRE_VERSION
@@ -88,6 +91,9 @@ class Processes:
         self.actors: dict[bytes, ActorProcess] = {}
         self.tg: TaskGroup | None = None
         """The host's task group, once it runs: the watchers' home."""
+        self.on_death: Callable[[ActorProcess, Exception], Exception | None] | None = None
+        """Set by the supervisor: told of each exit; the error for calls in
+        flight if the actor comes back, else None."""
 
     def watch(self, actor: ActorProcess) -> None:
         """Watch ``actor``'s process (just started) until it exits."""
@@ -152,22 +158,38 @@ class Processes:
             _shm.sweep(prefix)
             self._node.plane.forget_owner(prefix)
         error = actor.gone_error()
+        restarting = None if self.on_death is None else self.on_death(actor, error)
+        if restarting is None:  # (the supervisor may have said why it gave up)
+            error = actor.gone_error()
+            self.abandon(actor.identity, actor.name, error, stopped=actor.stopping)
+        else:  # the same identity comes back: calls in flight fail, the name stays
+            self._node.peer_gone(actor.identity, lambda: _fresh(restarting), restarting=True)
+            self._tell_others(actor.identity, actor.name, restarting, restarting=True)
+        actor.exited.set()
+        actor.ready.set()
+        if self.actors.get(actor.identity) is actor:
+            del self.actors[actor.identity]
+
+    def abandon(self, identity: bytes, name: str, error: Exception, *, stopped: bool) -> None:
+        """``identity`` is gone for good: calls to it fail with ``error``."""
 
         def make_exc() -> Exception:
             return _fresh(error)  # not the record itself: it is let go of now
 
-        self._registry.mark_gone(actor.identity, None if actor.stopping else make_exc)
-        self._node.peer_gone(actor.identity, make_exc)
-        died = m.encode(m.Died(actor.identity, pack_error(error, actor.name)))
+        self._registry.mark_gone(identity, None if stopped else make_exc)
+        self._node.peer_gone(identity, make_exc)
+        self._tell_others(identity, name, error)
+
+    def _tell_others(
+        self, identity: bytes, name: str, error: Exception, *, restarting: bool = False
+    ) -> None:
+        died = m.encode(m.Died(identity, pack_error(error, name), restarting))
         for other in self.actors.values():
-            if other is not actor and other.compatible and not other.exited.is_set():
+            if other.identity != identity and other.compatible and not other.exited.is_set():
                 try:
                     self._hub.send(other.identity, [died])
                 except TransportError:
                     pass
-        actor.exited.set()
-        actor.ready.set()
-        self.actors.pop(actor.identity, None)
 
     async def stop(self, actor: ActorProcess, grace: float) -> None:
         """Stop ``actor``: ``Bye`` and ``grace`` seconds (longer if it waits for

@@ -200,11 +200,13 @@ class Spawner:
         trusted: bool = True,
         sandbox: Sandbox | None = None,
         limits: Limits | None = None,
+        again: bytes | None = None,
     ) -> Launched:
         """Start ``spec`` (a class, or an entry point's name) as actor ``name``
         in a process for ``built``: its identity, methods and class. An
         untrusted or sandboxed actor gets a process of its own (warm ones
-        are trusted and unconfined)."""
+        are trusted and unconfined). ``again``: the identity of an actor
+        that died, for its new incarnation (a new process, from scratch)."""
         if sandbox is not None:
             trusted = False
             try:
@@ -217,12 +219,18 @@ class Spawner:
         # Warm processes are trusted, unconfined and unlimited; a sandbox
         # used before has a spare process started in it.
         confined = Confined(sandbox, paths, limits)
-        if sandbox is not None:
+        if again is not None:
+            actor = None
+        elif sandbox is not None:
             spare: SpareKey = (_pool_key(built), sandbox, tuple(paths), limits)
             actor = self._spares.take(spare)
         else:
             actor = self._take_warm(built) if trusted and limits is None else None
-        if actor is None:
+        if again is not None:
+            actor = ActorProcess(again, name)
+            actor.node_no = next(self._numbers)  # call ids unlike its last incarnation's
+            fresh = True
+        elif actor is None:
             actor = ActorProcess(self._new_identity(trusted, sandbox is not None), name)
             fresh = True
         else:
@@ -250,7 +258,7 @@ class Spawner:
             if isinstance(exc, (ActorDiedError, TransportError)):
                 raise SpawnError(f"actor {name!r} ({label}) failed to start: {exc}") from exc
             raise
-        if sandbox is not None:
+        if sandbox is not None and again is None:
             self._spares.start(spare, built, confined)
         return actor.identity, kinds, cls_key
 
@@ -355,7 +363,7 @@ class Spawner:
             identity=actor.identity.decode(),
             trusted=actor.identity[:1] not in UNTRUSTED_MARKS,
             secret=secret,
-            node=int(actor.identity[1:]),
+            node=actor.node_no,
             name=actor.name,
             host_pid=os.getpid(),
             sys_path=sys_path,

@@ -162,6 +162,11 @@ class Plane:
         self.leases.peer_gone(peer)
         return self.devices.views_of(peer)
 
+    def peer_replaced(self, peer: bytes) -> None:
+        """``peer`` died and a new process takes its identity: what the old
+        one leased is released; the new one is no stranger."""
+        self.leases.peer_gone(peer)
+
     def forget_owner(self, name_prefix: str) -> None:
         """The process whose segments start with ``name_prefix`` is gone:
         unmap its segments once no view uses them, rather than keep them."""

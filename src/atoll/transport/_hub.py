@@ -103,6 +103,9 @@ class Hub:
             self.endpoint = f"tcp://127.0.0.1:{port}"
         self.socket = AsyncSocket(sock)
         self._peers: dict[bytes, _Peer] = {}
+        self.parked: set[bytes] = set()
+        """Peers whose messages go to the host's ``unroutable`` even once
+        connected (an actor being restarted, until its actor is built)."""
         self.dropped: Counter[str] = Counter()
         """Dropped messages by reason: ``unknown``, ``unproved``, ``malformed``,
         ``backlog`` (for a peer that stopped reading)."""
@@ -136,6 +139,7 @@ class Hub:
         (or no longer) connected, so the host can answer the sender.
         """
         peers = self._peers
+        parked = self.parked
         send = self.socket.send
 
         def on_message(frames: list[zmq.Frame]) -> Job | None:
@@ -154,7 +158,7 @@ class Hub:
             if dest == HOST:
                 return deliver(src, frames[2:])
             target = peers.get(dest)
-            if target is None or not target.proved:
+            if target is None or not target.proved or (parked and dest in parked):
                 unroutable(src, dest, frames[2:])
                 return None
             try:

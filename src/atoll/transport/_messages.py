@@ -91,10 +91,13 @@ class Unlease(_Msg, frozen=True):
 
 
 class Died(_Msg, frozen=True):
-    """Host to children: an actor process is gone; fail what waits on it."""
+    """Host to children: an actor process is gone; fail what waits on it.
+    ``restarting``: a new process takes its place under the same identity
+    (what is sent to it meanwhile waits for that one)."""
 
     actor: bytes
     payload: bytes
+    restarting: bool = False
 
 
 class Bye(_Msg, frozen=True):
