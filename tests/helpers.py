@@ -747,6 +747,16 @@ class Phoenix(atoll.Actor):
     def crash(self, code: int = 3) -> None:
         os._exit(code)
 
+    async def nap(self, seconds: float) -> None:
+        """A long call that sends nothing meanwhile."""
+        await anyio.sleep(seconds)
+
+    async def hang(self, seconds: float) -> None:
+        """Block its own event loop (what a hung actor does)."""
+        import time
+
+        time.sleep(seconds)  # noqa: ASYNC251
+
 
 class Caller(atoll.Actor):
     """Calls another actor through a ref it keeps."""

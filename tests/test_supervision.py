@@ -139,3 +139,68 @@ async def test_every_actor_says_when_it_starts_dies_and_stops() -> None:
             ("stopped", "stopped", 1),
         ]
         events.close()
+
+
+async def test_a_hung_actor_is_killed_with_its_stacks_and_restarted() -> None:
+    probed = atoll.Restart(backoff=0.0, health_interval=0.1, health_timeout=0.5)
+    async with atoll.open_host() as host:
+        phoenix = await host.spawn(Phoenix, restart=probed)
+        with anyio.fail_after(30):
+            assert await phoenix.add(1) == 1
+            with pytest.raises(atoll.ActorDiedError) as caught:
+                await phoenix.hang(120)
+            said = str(caught.value)
+            assert "did not answer a health probe within 0.5 s" in said
+            assert "being restarted" in said
+            assert "in hang" in said  # its main thread's stack, from faulthandler
+            assert await phoenix.add(1) == 1
+
+
+async def test_a_lazy_actor_starts_with_its_first_call() -> None:
+    async with atoll.open_host() as host:
+        events = host.subscribe("atoll.lifecycle")
+        lazy = await host.spawn(Phoenix, 5, name="lazy", lazy=True)
+        assert not host._processes.actors  # no process yet
+        caller = await host.spawn(Caller, name="caller")
+        with anyio.fail_after(20):
+            await caller.keep(lazy)
+            assert await caller.add(1) == 6  # an actor's call starts it too
+            assert await lazy.add(1) == 7
+            assert await (await host.lookup("lazy")).add(1) == 8
+            assert await _events(events, 2) == [("started", "caller", 1), ("started", "lazy", 1)]
+        events.close()
+
+
+async def test_an_idle_actor_stops_and_the_next_call_starts_it_again() -> None:
+    async with atoll.open_host() as host:
+        events = host.subscribe("atoll.lifecycle")
+        phoenix = await host.spawn(Phoenix, 1, name="napper", idle_stop=0.2)
+        with anyio.fail_after(20):
+            assert await phoenix.add(1) == 2
+            first = await phoenix.pid()
+            assert await _events(events, 2) == [("started", "napper", 1), ("evicted", "napper", 1)]
+            assert phoenix._id not in host._processes.actors
+            assert await phoenix.add(1) == 2  # a new process, from its constructor
+            assert await phoenix.pid() != first
+            assert await _events(events, 1) == [("started", "napper", 2)]
+        events.close()
+
+
+async def test_an_actor_busy_in_a_long_call_is_not_stopped_for_idleness() -> None:
+    async with atoll.open_host() as host:
+        phoenix = await host.spawn(Phoenix, idle_stop=0.1)
+        with anyio.fail_after(20):
+            first = await phoenix.pid()
+            await phoenix.nap(1.0)  # ten idle periods without a message, in one call
+            assert await phoenix.pid() == first
+
+
+async def test_a_sleeping_actor_can_be_stopped() -> None:
+    async with atoll.open_host() as host:
+        lazy = await host.spawn(Phoenix, lazy=True)
+        with anyio.fail_after(20):
+            await host.stop(lazy)
+            with pytest.raises(atoll.ActorClosedError):
+                await lazy.add(1)
+        with pytest.raises(ValueError, match="idle_stop"):
+            await host.spawn(Phoenix, idle_stop=0)

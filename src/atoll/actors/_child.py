@@ -8,6 +8,7 @@ host is gone, and we exit at once: no orphans, whatever killed the host.
 
 from __future__ import annotations
 
+import faulthandler
 import importlib
 import logging
 import os
@@ -30,7 +31,7 @@ from ._actor import Actor, method_kinds
 from ._boot_spec import BootSpec, decode_boot
 from ._limits import apply_rlimits, lower_priority
 from ._node import Node
-from ._ref import ACTOR_OID, BOOT_OID
+from ._ref import ACTOR_OID, BOOT_OID, STATUS_OID
 from ._registry import class_key
 from ._title import set_actor_title
 
@@ -83,6 +84,11 @@ class _Child:
         self.node.on_exit = self._exit_requested
         self.exit_code = 0
         self.actor: Any = None
+
+    async def _status(self) -> tuple[int, int]:
+        """Calls running (this one aside) and streams open: answered by the
+        event loop itself, so a loop that is blocked does not answer."""
+        return len(self.node._running) - 1, len(self.node._streams_out)
 
     def _bye(self, src: bytes, bye: m.Bye) -> None:
         if src == HOST:
@@ -163,6 +169,7 @@ class _Child:
             self.tg = tg
             self.node.start(tg)
             self.node.export(self._build_actor, "build", oid=BOOT_OID)
+            self.node.export(self._status, "status", oid=STATUS_OID)
             tg.start_soon(self.socket.serve, self._on_message)
             tg.start_soon(self._watch_host)
             hello = m.Hello(self.boot.secret, os.getpid(), m.WIRE_VERSION)
@@ -270,6 +277,9 @@ def main() -> None:
     # Ctrl-C in a terminal reaches the whole process group; the host decides
     # when actors stop, so the signal is the host's to handle, not ours.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # The host's word for "you are hung": the stack of each thread to stderr,
+    # which the host quotes when it says why it killed this process.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     _log_to_stderr()
     boot = _read_boot()
     set_actor_title(boot.name, boot.host_pid)

@@ -26,7 +26,6 @@ from .._errors import (
     TransportError,
 )
 from ..tensors import Plane, _shm, check_transfer
-from ..transport import _messages as m
 from ..transport._codec import Codec
 from ..transport._hub import HOST, Hub
 from ..transport._socket import Job
@@ -35,7 +34,6 @@ from . import _runtime, _signals
 from ._actor import Actor, method_kinds
 from ._background import start_background
 from ._class_spec import ByValue, installed
-from ._errors_wire import pack_error
 from ._limits import Limits, limits_for_extension
 from ._node import Node
 from ._options import HostOptions
@@ -81,7 +79,9 @@ class Host:
         self._processes = Processes(self._hub, self._node, self._registry, self._shm_prefix)
         self._node.on_bye = self._processes.on_bye
         self._spawner = Spawner(options, self._hub, self._node, self._processes, self._shm_prefix)
-        self._supervisor = Supervisor(self._processes, self._hub, self._registry, lambda: self._tg)
+        self._supervisor = Supervisor(
+            self._processes, self._hub, self._node, self._registry, lambda: self._tg
+        )
         self._names = itertools.count(1)
         self._tg: TaskGroup | None = None
         self._closed = False
@@ -93,8 +93,10 @@ class Host:
 
     def _transmit(self, dest: bytes, frames: Sequence[Any]) -> None:
         if dest != HOST:
+            if self._hub.traffic and dest in self._hub.traffic:
+                self._hub.traffic[dest] += 1
             if self._supervisor.held and self._supervisor.hold(dest, HOST, frames):
-                return  # it is being restarted: this waits for it
+                return  # it is being restarted, or sleeps: this waits for it
             self._hub.send(dest, frames)
             return
         # A call to a service of the host, or its reply: loop back, copying the
@@ -172,6 +174,8 @@ class Host:
         sandbox: Sandbox | None = None,
         limits: Limits | None = None,
         restart: Restart | None = None,
+        idle_stop: float | None = None,
+        lazy: bool = False,
         **kwargs: Any,
     ) -> A:
         """Start ``cls(*args, **kwargs)`` in a new process and return its ref.
@@ -195,6 +199,10 @@ class Host:
         its memory, processes, open files, CPU time and shared memory.
         With ``restart`` (an :class:`atoll.Restart`) the host starts it
         again when it dies, under the same ref (see ``_supervisor``).
+        ``lazy=True`` returns the ref at once: the process starts with the
+        first call, which waits for it. ``idle_stop`` stops the process
+        after that many seconds without a call (none running), and the next
+        call starts it again, under the same ref.
 
         Raises :class:`SpawnError` if the class cannot be imported there or its
         constructor (or ``on_start``) raises, :class:`EnvBuildError` if the
@@ -221,7 +229,12 @@ class Host:
             self._spawner.launch, spec, cls.__qualname__, args, kwargs, name, built, []
         )
         launch = functools.partial(launch, trusted=trusted, sandbox=sandbox, limits=limits)
-        ref: A = self._registered(name, await launch(), restart, launch)
+        if lazy:
+            identity = self._spawner.new_identity(trusted and not sandbox, sandbox is not None)
+            launched: Launched = (identity, method_kinds(cls), class_key(cls))
+        else:
+            launched = await launch()
+        ref: A = self._registered(name, launched, launch, restart, idle_stop, lazy)
         return ref  # typed as the actor class: see atoll.mypy
 
     @overload
@@ -236,6 +249,7 @@ class Host:
         sandbox: Sandbox | None = None,
         limits: Limits | None = None,
         restart: Restart | None = None,
+        idle_stop: float | None = None,
         **kwargs: Any,
     ) -> A: ...
     @overload
@@ -249,6 +263,7 @@ class Host:
         sandbox: Sandbox | None = None,
         limits: Limits | None = None,
         restart: Restart | None = None,
+        idle_stop: float | None = None,
         **kwargs: Any,
     ) -> ActorRef[Any]: ...
     async def load_extension(
@@ -262,6 +277,7 @@ class Host:
         sandbox: Sandbox | None = None,
         limits: Limits | None = None,
         restart: Restart | None = None,
+        idle_stop: float | None = None,
         **kwargs: Any,
     ) -> Any:
         """Load the extension folder at ``path`` and return a ref to its actor.
@@ -316,7 +332,7 @@ class Host:
             if isinstance(exc.__cause__, ExtensionError):
                 raise ExtensionError(f"{extension.manifest}: {exc.__cause__}") from None
             raise SpawnError(f"{where}: {exc}") from exc.__cause__
-        ref = self._registered(name, launched, restart, launch)
+        ref = self._registered(name, launched, launch, restart, idle_stop)
         loaded = self._registry.class_of(name)
         if actor_class is not None and loaded != class_key(actor_class):
             await self.stop(ref)
@@ -355,14 +371,23 @@ class Host:
         await self._spawner.prewarm(built, count, imports)
 
     def _registered(
-        self, name: str, launched: Launched, restart: Restart | None, launch: Any
+        self,
+        name: str,
+        launched: Launched,
+        launch: Any,
+        restart: Restart | None,
+        idle: float | None,
+        lazy: bool = False,
     ) -> Any:
-        """Register a spawned actor under ``name``; its ref. With ``restart``,
-        it is started again by ``launch(again=its identity)`` when it dies."""
+        """Register a spawned actor under ``name``; its ref. It is started
+        (again) by ``launch(again=its identity)``, as ``_supervisor`` says."""
+        if idle is not None and (isinstance(idle, bool) or not idle > 0):
+            raise ValueError(f"idle_stop must be a number of seconds above 0, got {idle!r}")
         identity, kinds, cls_key = launched
         self._registry.add(name, identity, ACTOR_OID, kinds, cls_key)
+        self._node.peer_names[identity] = name
         again = functools.partial(launch, again=identity)
-        self._supervisor.started(identity, name, restart, again)
+        self._supervisor.started(identity, name, restart, again, idle=idle, lazy=lazy)
         return ActorRef(self._node, identity, name, kinds)
 
     async def stop(self, ref: Any) -> None:
@@ -385,28 +410,6 @@ class Host:
             raise host_closed_error()
 
     # -- the hub's traffic for the host ---------------------------------
-
-    def _unroutable(self, src: bytes, dest: bytes, frames: list[zmq.Frame]) -> None:
-        """A peer addressed an actor that is not (or no longer) connected."""
-        if self._supervisor.held and self._supervisor.hold(dest, src, frames):
-            return  # it is being restarted: this waits for it
-        try:
-            msg = m.decode(frames[0])
-        except m.DecodeError:
-            self._hub.dropped["malformed"] += 1
-            return
-        if type(msg) is not m.Call:
-            return  # credits, cancels, releases for a gone actor: nothing to do
-        actor = self._processes.actors.get(dest)
-        if actor is not None:
-            error: Exception = actor.gone_error()
-        else:
-            error = ActorClosedError(f"no actor with id {dest!r} runs in this host")
-        name = actor.name if actor is not None else "host"
-        try:
-            self._hub.send(src, [m.encode(m.Error(msg.call_id, pack_error(error, name)))])
-        except TransportError:
-            pass
 
     def _on_message(self, src: bytes, frames: list[zmq.Frame]) -> Job | None:
         return self._node.on_message(src, frames)
@@ -441,7 +444,7 @@ class Host:
             async with anyio.create_task_group() as tg:
                 self._tg = self._processes.tg = self._spawner.tg = tg
                 self._node.start(tg)
-                tg.start_soon(self._hub.serve, self._on_message, self._unroutable)
+                tg.start_soon(self._hub.serve, self._on_message, self._supervisor.unroutable)
                 self._ready.set()
                 try:
                     await self._close_requested.wait()

@@ -33,6 +33,8 @@ from ._registry import Registry
 _logger = logging.getLogger(__name__)
 
 _STDERR_TAIL_LINES = 20
+_DUMP_WAIT = 1.0  # how long a hung process may take to write its stacks
+_DUMP_LINES = 80
 TERMINATE_WAIT = 1.0
 """How long a stop waits after SIGTERM, and then after SIGKILL."""
 KILL_WAIT = 1.0
@@ -64,6 +66,8 @@ class ActorProcess:
         self.hold_until = 0.0  # until then (anyio.current_time())
         self.exitcode: int | None = None
         self.stderr_tail: deque[str] = deque(maxlen=_STDERR_TAIL_LINES)
+        self.dump: list[str] | None = None
+        """Lines of stderr kept whole while it dumps its threads' stacks."""
         self.node_no = int(identity[1:])
         """Where its call ids start (a new one for each incarnation)."""
 
@@ -123,7 +127,7 @@ class Processes:
                 await process.aclose()
             actor.exitcode = code
             if actor.limits is not None:
-                actor.limit_hit = limit_hit(actor.limits, actor.cgroup, code)
+                actor.limit_hit = limit_hit(actor.limits, actor.cgroup, code) or actor.limit_hit
             self.on_exit(actor)
         finally:
             actor.watch_ended.set()
@@ -137,6 +141,8 @@ class Processes:
                 lines = (partial + chunk).split(b"\n")
                 partial = lines.pop()
                 actor.stderr_tail.extend(line.decode(errors="replace") for line in lines)
+                if actor.dump is not None:
+                    actor.dump.extend(line.decode(errors="replace") for line in lines)
         except (anyio.ClosedResourceError, anyio.BrokenResourceError):
             pass
         finally:
@@ -191,16 +197,41 @@ class Processes:
                 except TransportError:
                     pass
 
-    async def stop(self, actor: ActorProcess, grace: float) -> None:
+    async def kill_hung(self, actor: ActorProcess, why: str) -> None:
+        """Kill ``actor``, alive but not answering: first it writes the stack
+        of each thread (faulthandler, on SIGUSR1), which its death quotes."""
+        process = actor.process
+        if process is None or actor.exited.is_set():
+            return
+        actor.dump = []
+        try:
+            process.send_signal(signal.SIGUSR1)
+        except ProcessLookupError:
+            return
+        with anyio.move_on_after(_DUMP_WAIT):
+            seen = -1
+            while len(actor.dump) != seen or not actor.dump:  # until it has stopped writing
+                seen = len(actor.dump)
+                await anyio.sleep(0.05)
+        stacks = "\n".join(actor.dump[:_DUMP_LINES])
+        for _ in range(min(len(actor.dump), len(actor.stderr_tail))):
+            actor.stderr_tail.pop()  # quoted once, in the error itself
+        actor.dump = None
+        actor.limit_hit = why + (f"; the stacks of its threads then:\n{stacks}" if stacks else "")
+        signal_process(process, "kill")
+
+    async def stop(self, actor: ActorProcess, grace: float, *, again: bool = False) -> None:
         """Stop ``actor``: ``Bye`` and ``grace`` seconds (longer if it waits for
         views of its device memory), then SIGTERM, then SIGKILL; every wait
-        has a deadline, and none depends on another task still running."""
+        has a deadline, and none depends on another task still running.
+        ``again``: its identity lives on (it sleeps until its next call)."""
         with anyio.CancelScope(shield=True):
             if not actor.exited.is_set():
                 actor.stopping = True
-                # Calls to it fail now; leases with it are settled until it
-                # exits (it may be waiting for views of its device memory).
-                self._node.peer_gone(actor.identity, actor.gone_error, exited=False)
+                if not again:
+                    # Calls to it fail now; leases with it are settled until
+                    # it exits (it may be waiting for views of its device memory).
+                    self._node.peer_gone(actor.identity, actor.gone_error, exited=False)
                 process = actor.process
                 if actor.compatible and grace > 0:
                     try:

@@ -20,6 +20,10 @@ ACTOR_OID = 0
 BOOT_OID = 2
 """Object id, in a new actor process, of what builds its actor (called once)."""
 
+STATUS_OID = 3
+"""Object id, in an actor process, of what tells the host how busy it is
+(its health probe, and whether it is idle): calls running, streams open."""
+
 
 class ActorRef(Generic[A]):
     """A handle on an actor; ``ref.method(...)`` calls it in its process.

@@ -104,7 +104,7 @@ class Spawner:
         self.closed = False
         """The host is closing: no more processes."""
         self._spares = Spares(
-            lambda: ActorProcess(self._new_identity(False, True), "spare-sandboxed"),
+            lambda: ActorProcess(self.new_identity(False, True), "spare-sandboxed"),
             lambda actor, built, confined: self._boot(actor, built, (), confined),
             lambda: self.closed,
             lambda: self.tg,
@@ -140,7 +140,7 @@ class Spawner:
 
     async def _add_warm(self, built: BuiltEnv | None) -> None:
         key = _pool_key(built)
-        actor = ActorProcess(self._new_identity(), f"warm-{key or 'host'}")
+        actor = ActorProcess(self.new_identity(), f"warm-{key or 'host'}")
         # In the pool while it starts: a spawn that comes meanwhile takes it
         # and waits for its hello, rather than starting a cold process.
         pool = self._warm.setdefault(key, deque())
@@ -181,7 +181,7 @@ class Spawner:
             self._envs[env] = built
         return built
 
-    def _new_identity(self, trusted: bool = True, sandboxed: bool = False) -> bytes:
+    def new_identity(self, trusted: bool = True, sandboxed: bool = False) -> bytes:
         """A fresh identity; an untrusted or sandboxed actor's says so (see
         ``transport._plain``)."""
         mark = SANDBOXED if sandboxed else b"a" if trusted else UNTRUSTED
@@ -231,7 +231,7 @@ class Spawner:
             actor.node_no = next(self._numbers)  # call ids unlike its last incarnation's
             fresh = True
         elif actor is None:
-            actor = ActorProcess(self._new_identity(trusted, sandbox is not None), name)
+            actor = ActorProcess(self.new_identity(trusted, sandbox is not None), name)
             fresh = True
         else:
             actor.name = name

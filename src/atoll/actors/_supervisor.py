@@ -1,5 +1,5 @@
-"""Actors that come back: restarts under the same identity, and the events
-that tell of each actor's life.
+"""Actors that come back: restarts under the same identity, lazy start and
+idle stop, health probes, and the events that tell of each actor's life.
 
 An actor spawned with ``restart=Restart(...)`` that dies (a signal, an exit,
 a limit hit) is started again by the host: a new process, same class,
@@ -10,6 +10,14 @@ never run again. What is sent to it while it restarts (calls from the host
 or from actors) waits here and goes to the new process once its actor is
 built. Too many deaths within the window and the host gives up: calls then
 fail saying so.
+
+The same waiting serves an actor with no process: a lazy one (spawned with
+``lazy=True``) and one stopped for being idle (``idle_stop=``: no message to
+or from it for that long, and no call running, which its process is asked).
+The first message for it starts its process, and waits for it. With
+``Restart(health_interval=...)`` the host asks the process how busy it is
+that often; one whose event loop does not answer in time is killed (its
+threads' stacks quoted in the error) and restarted.
 """
 
 from __future__ import annotations
@@ -27,8 +35,9 @@ from .._errors import ActorClosedError, ActorDiedError, AtollError
 from ..transport import _messages as m
 from ..transport._hub import HOST, Hub
 from ._errors_wire import pack_error
+from ._node import Node
 from ._processes import ActorProcess, Processes
-from ._ref import BOOT_OID
+from ._ref import BOOT_OID, STATUS_OID
 from ._registry import Registry
 
 _logger = logging.getLogger("atoll")
@@ -39,6 +48,9 @@ LIFECYCLE = "atoll.lifecycle"
 HELD_MAX = 10_000
 """Messages kept for an actor while it restarts; past it, calls fail."""
 
+_EVICT_GRACE = 5.0
+"""Seconds an idle actor's ``on_stop`` may take."""
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Restart:
@@ -47,20 +59,31 @@ class Restart:
     At most ``limit`` restarts within ``window`` seconds; one more death
     and the host gives up. The first restart waits ``backoff`` seconds, each
     next one twice as long as the one before, up to ``max_backoff``.
+
+    With ``health_interval``, the host probes the actor that often; one
+    whose event loop does not answer within ``health_timeout`` seconds (a
+    ``time.sleep`` in an async method, a deadlock) is killed, its threads'
+    stacks quoted in the error its callers get, and restarted.
     """
 
     limit: int = 5
     window: float = 60.0
     backoff: float = 0.05
     max_backoff: float = 5.0
+    health_interval: float | None = None
+    health_timeout: float = 5.0
 
     def __post_init__(self) -> None:
         if type(self.limit) is not int or self.limit < 0:
             raise ValueError(f"Restart(limit=...) must be an int >= 0, got {self.limit!r}")
-        for name in ("window", "backoff", "max_backoff"):
+        for name in ("window", "backoff", "max_backoff", "health_interval", "health_timeout"):
             value = getattr(self, name)
+            if value is None and name == "health_interval":
+                continue
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
                 raise ValueError(f"Restart({name}=...) must be a number >= 0, got {value!r}")
+        if self.health_interval is not None and not self.health_timeout > 0:
+            raise ValueError("Restart(health_timeout=...) must be above 0")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,7 +91,8 @@ class Lifecycle:
     """What happened to an actor, published on ``"atoll.lifecycle"``.
 
     ``event`` is one of ``started``, ``died``, ``restarting``, ``restarted``,
-    ``gave_up``, ``stopped``; ``incarnation`` counts its processes from 1;
+    ``gave_up``, ``stopped``, ``evicted`` (stopped for being idle: the next
+    call starts it again); ``incarnation`` counts its processes from 1;
     ``reason`` says why it died or why the host gave up.
     """
 
@@ -81,27 +105,41 @@ class Lifecycle:
 class _Watched:
     """One supervised actor: how to start it again, and its deaths."""
 
-    def __init__(self, name: str, policy: Restart, relaunch: Callable[[], Awaitable[Any]]) -> None:
+    def __init__(
+        self,
+        name: str,
+        policy: Restart | None,
+        relaunch: Callable[[], Awaitable[Any]],
+        idle: float | None,
+    ) -> None:
         self.name = name
         self.policy = policy
+        """None: it is not restarted when it dies (it is lazy, or stops when idle)."""
         self.relaunch = relaunch
+        self.idle = idle
         self.deaths: deque[float] = deque()
-        self.incarnation = 1
+        self.incarnation = 0  # processes started so far
         self.stopped = False
         self.restarting: anyio.CancelScope | None = None
         self.ended = anyio.Event()  # set when a restart under way has ended
+        self.asleep = False  # no process: the first message for it starts one
+        self.waking = False
+        self.evicted: ActorProcess | None = None  # its last process, stopped for idleness
 
 
 class Supervisor:
-    """Restarts the actors spawned with a :class:`Restart`, for one host."""
+    """Restarts, wakes and puts to sleep the actors that ask for it, for one
+    host; and answers for actors that are not there."""
 
     def __init__(
         self,
         processes: Processes,
         hub: Hub,
+        node: Node,
         registry: Registry,
         task_group: Callable[[], TaskGroup | None],
     ) -> None:
+        self._node = node
         self._processes = processes
         self._hub = hub
         self._registry = registry
@@ -117,12 +155,117 @@ class Supervisor:
         name: str,
         policy: Restart | None,
         relaunch: Callable[[], Awaitable[Any]],
+        *,
+        idle: float | None = None,
+        lazy: bool = False,
     ) -> None:
-        """``identity`` runs; with a ``policy``, restart it by ``relaunch()``
-        when it dies."""
-        if policy is not None:
-            self._watched[identity] = _Watched(name, policy, relaunch)
-        self._publish("started", name, 1)
+        """``identity`` runs (``lazy``: will run once a message comes for
+        it); with a ``policy``, restart it by ``relaunch()`` when it dies;
+        with ``idle``, stop it after that many seconds without traffic, and
+        start it again by ``relaunch()`` for the next message."""
+        if policy is None and idle is None and not lazy:
+            self._publish("started", name, 1)
+            return
+        watched = self._watched[identity] = _Watched(name, policy, relaunch, idle)
+        tg = self._task_group()
+        assert tg is not None
+        if policy is not None and policy.health_interval is not None:
+            tg.start_soon(self._probe, identity, watched)
+        if idle is not None:
+            self._hub.traffic[identity] = 0
+            tg.start_soon(self._watch_idle, identity, watched)
+        if lazy:
+            self._put_to_sleep(identity, watched)
+        else:
+            watched.incarnation = 1
+            self._publish("started", name, 1)
+
+    def _put_to_sleep(self, identity: bytes, watched: _Watched) -> None:
+        """No process for ``identity`` from now: what comes for it waits."""
+        watched.asleep = True
+        self.held[identity] = deque()
+        self._hub.parked.add(identity)
+
+    async def _wake(self, identity: bytes, watched: _Watched) -> None:
+        """Start a sleeping actor's process, for the messages that wait."""
+        watched.waking = True
+        try:
+            if watched.evicted is not None:  # its last process must be gone first
+                await watched.evicted.exited.wait()
+                watched.evicted = None
+            await watched.relaunch()
+        except AtollError as exc:
+            # What waited fails with the reason; the next message tries again.
+            failed = exc
+            held, self.held[identity] = self.held[identity], deque()
+            self._node.peer_gone(identity, lambda: failed, restarting=True)
+            for src, frames in held:
+                if src != HOST:
+                    self._refuse(src, frames, failed, watched.name)
+            return
+        finally:
+            watched.waking = False
+        if self._watched.get(identity) is not watched:  # stopped meanwhile
+            actor = self._processes.actors.get(identity)
+            if actor is not None:
+                await self._processes.stop(actor, _EVICT_GRACE)
+            return
+        watched.asleep = False
+        watched.incarnation += 1
+        self._hub.parked.discard(identity)
+        self._publish("started", watched.name, watched.incarnation)
+        self._deliver(identity)
+
+    async def _watch_idle(self, identity: bytes, watched: _Watched) -> None:
+        """Stop ``identity`` once it has had no traffic for ``watched.idle``
+        seconds and runs no call: it sleeps until the next message."""
+        idle = watched.idle
+        assert idle is not None
+        traffic = self._hub.traffic
+        last, quiet_since = -1, anyio.current_time()
+        while self._watched.get(identity) is watched:
+            await anyio.sleep(max(0.01, idle / 4))
+            now = anyio.current_time()
+            count = traffic.get(identity, 0)
+            actor = self._processes.actors.get(identity)
+            if count != last or actor is None or identity in self.held:
+                last, quiet_since = count, now
+                continue
+            if now - quiet_since < idle:
+                continue
+            try:
+                with anyio.fail_after(max(idle, 1.0)):
+                    running, streams = await self._node.call(
+                        identity, STATUS_OID, "__call__", (), {}
+                    )
+            except (AtollError, TimeoutError):
+                continue  # dying, or hung: not for this loop to say
+            # Its answer and the probe are the only traffic since: idle indeed.
+            if running or streams or traffic.get(identity, 0) != count + 2:
+                last = -1
+                continue
+            self._put_to_sleep(identity, watched)
+            watched.evicted = actor
+            await self._processes.stop(actor, _EVICT_GRACE, again=True)
+
+    async def _probe(self, identity: bytes, watched: _Watched) -> None:
+        """Probe ``identity`` every ``health_interval`` while it is watched;
+        kill it if its event loop does not answer in time."""
+        policy = watched.policy
+        assert policy is not None and policy.health_interval is not None
+        while self._watched.get(identity) is watched:
+            await anyio.sleep(policy.health_interval)
+            actor = self._processes.actors.get(identity)
+            if identity in self.held or actor is None or actor.exited.is_set():
+                continue  # restarting, or dying: nothing to probe now
+            with anyio.move_on_after(policy.health_timeout) as probe:
+                try:
+                    await self._node.call(identity, STATUS_OID, "__call__", (), {})
+                except AtollError:
+                    continue  # it died meanwhile: its death is handled there
+            if probe.cancelled_caught and self._watched.get(identity) is watched:
+                why = f"it did not answer a health probe within {policy.health_timeout:g} s"
+                await self._processes.kill_hung(actor, why)
 
     def _publish(self, event: str, name: str, incarnation: int, reason: str = "") -> None:
         self._registry.publish_now(LIFECYCLE, Lifecycle(event, name, incarnation, reason))
@@ -130,6 +273,13 @@ class Supervisor:
     def _on_death(self, actor: ActorProcess, error: Exception) -> Exception | None:
         watched = self._watched.get(actor.identity)
         reason = str(error).split("\n", 1)[0]
+        if watched is not None and watched.evicted is actor:
+            self._publish("evicted", watched.name, watched.incarnation, "idle")
+            return ActorClosedError(f"actor {watched.name!r} was stopped while idle")
+        if watched is not None and watched.policy is None and not actor.stopping:
+            del self._watched[actor.identity]  # not restarted: it dies as any actor
+            self._hub.traffic.pop(actor.identity, None)
+            watched = None
         if actor.stopping or watched is None:
             if not actor.name.startswith(("warm-", "spare-")):  # never an actor
                 self._publish("stopped" if actor.stopping else "died", actor.name, 1, reason)
@@ -137,6 +287,7 @@ class Supervisor:
         self._publish("died", watched.name, watched.incarnation, reason)
         deaths = self._count_death(watched)
         tg = self._task_group()
+        assert watched.policy is not None
         if deaths > watched.policy.limit or tg is None:
             del self._watched[actor.identity]
             gave_up = (
@@ -157,6 +308,7 @@ class Supervisor:
 
     async def _restart(self, identity: bytes, watched: _Watched, deaths: int) -> None:
         policy = watched.policy
+        assert policy is not None
         error: Exception | None = None
         self._hub.parked.add(identity)  # routed through the host until it is built
         watched.ended = anyio.Event()
@@ -198,6 +350,7 @@ class Supervisor:
         now = anyio.current_time()
         deaths = watched.deaths
         deaths.append(now)
+        assert watched.policy is not None
         while deaths and deaths[0] < now - watched.policy.window:
             deaths.popleft()
         return len(deaths)
@@ -251,7 +404,32 @@ class Supervisor:
         if len(held) >= HELD_MAX:
             return False  # it fails as a message to a missing peer would
         held.append((src, [bytes(f) if not isinstance(f, bytes) else f for f in frames]))
+        watched = self._watched.get(dest)
+        if watched is not None and watched.asleep and not watched.waking:
+            tg = self._task_group()
+            if tg is not None:
+                watched.waking = True
+                tg.start_soon(self._wake, dest, watched)
         return True
+
+    def unroutable(self, src: bytes, dest: bytes, frames: list[Any]) -> None:
+        """A peer addressed an actor that is not connected: if it restarts or
+        sleeps, the message waits for it; else a call is answered: it is gone."""
+        if self.held and self.hold(dest, src, frames):
+            return
+        try:
+            msg = m.decode(frames[0])
+        except m.DecodeError:
+            self._hub.dropped["malformed"] += 1
+            return
+        if type(msg) is not m.Call:
+            return  # credits, cancels, releases for a gone actor: nothing to do
+        actor = self._processes.actors.get(dest)
+        if actor is not None:
+            error: Exception = actor.gone_error()
+        else:
+            error = ActorClosedError(f"no actor with id {dest!r} runs in this host")
+        self._refuse(src, frames, error, actor.name if actor is not None else "host")
 
     def restarting(self, identity: bytes) -> bool:
         return identity in self.held
@@ -263,12 +441,19 @@ class Supervisor:
         if watched is None:
             return
         watched.stopped = True
+        self._hub.traffic.pop(identity, None)
         if watched.restarting is not None:
             watched.restarting.cancel()
             await watched.ended.wait()
+        elif watched.asleep:
+            if watched.evicted is not None:
+                await watched.evicted.exited.wait()
+            self._hub.parked.discard(identity)
+            self._end(identity, watched, ActorClosedError(f"actor {watched.name!r} was stopped"))
 
     def forget(self, identity: bytes) -> None:
         """The host stops ``identity`` while it runs: no more restarts."""
         watched = self._watched.pop(identity, None)
         if watched is not None:
             watched.stopped = True
+            self._hub.traffic.pop(identity, None)

@@ -103,6 +103,9 @@ class Hub:
             self.endpoint = f"tcp://127.0.0.1:{port}"
         self.socket = AsyncSocket(sock)
         self._peers: dict[bytes, _Peer] = {}
+        self.traffic: dict[bytes, int] = {}
+        """Messages to and from each peer listed here, counted (what tells
+        the host an actor is idle)."""
         self.parked: set[bytes] = set()
         """Peers whose messages go to the host's ``unroutable`` even once
         connected (an actor being restarted, until its actor is built)."""
@@ -140,6 +143,7 @@ class Hub:
         """
         peers = self._peers
         parked = self.parked
+        traffic = self.traffic
         send = self.socket.send
 
         def on_message(frames: list[zmq.Frame]) -> Job | None:
@@ -155,6 +159,11 @@ class Hub:
                 self._admit(src, peer, frames[2])
                 return None
             dest = frames[1].bytes
+            if traffic:
+                if src in traffic:
+                    traffic[src] += 1
+                if dest in traffic:
+                    traffic[dest] += 1
             if dest == HOST:
                 return deliver(src, frames[2:])
             target = peers.get(dest)
