@@ -627,3 +627,30 @@ async def test_an_environments_sandbox_confines_its_actors(env_cache: str) -> No
             assert await own.pid() == 2
             with pytest.raises(TypeError, match=r"takes an atoll\.Sandbox"):
                 await host.spawn(Probe, env=Env(["attrs==23.1.0"], sandbox="yes"))
+
+
+_VERSIONED_CODE = """
+import atoll
+
+class Versioned(atoll.Actor):
+    async def version(self):
+        return {version}
+"""
+
+
+async def test_a_watched_extension_reloads_when_its_files_change(
+    tmp_path: Path, env_cache: str
+) -> None:
+    manifest = _NO_DEPS.format(name="watched", entry="ext_module:Versioned")
+    folder = _extension(tmp_path / "watched", manifest, _VERSIONED_CODE.format(version=1))
+    with anyio.fail_after(120):
+        async with open_host(env_cache) as host:
+            events = host.subscribe("atoll.lifecycle")
+            ext = await host.load_extension(folder, watch=True)
+            assert await ext.version() == 1
+            (folder / "ext_module.py").write_text(_VERSIONED_CODE.format(version=2))
+            async for event in events:
+                if event.event == "reloaded":
+                    break
+            assert await ext.version() == 2
+            events.close()

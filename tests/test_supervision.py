@@ -5,6 +5,7 @@ too many deaths; every step is a lifecycle event."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -204,3 +205,45 @@ async def test_a_sleeping_actor_can_be_stopped() -> None:
                 await lazy.add(1)
         with pytest.raises(ValueError, match="idle_stop"):
             await host.spawn(Phoenix, idle_stop=0)
+
+
+async def test_reload_runs_the_code_on_disk_now_and_keeps_the_old_on_failure(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    module = tmp_path / "reloadable_actor.py"
+    module.write_text(_VERSIONED.format(version=1))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    import reloadable_actor
+
+    async with atoll.open_host() as host:
+        events = host.subscribe("atoll.lifecycle")
+        ref = await host.spawn(reloadable_actor.Versioned, name="versioned")
+        caller = await host.spawn(Caller)
+        with anyio.fail_after(30):
+            await caller.keep(ref)
+            assert await ref.version() == 1
+            module.write_text(_VERSIONED.format(version=2))
+            await host.reload(ref)
+            assert await ref.version() == 2  # the same ref, the new code
+            assert await caller.add(1) == 2  # and through another actor's ref
+            module.write_text("raise ImportError('broken on purpose')\n")
+            with pytest.raises(atoll.SpawnError, match="broken on purpose"):
+                await host.reload(ref)
+            assert await ref.version() == 2  # the old one still serves
+            seen = [(e, i) for e, n, i in await _events(events, 3) if n == "versioned"]
+            assert seen == [("started", 1), ("reloaded", 2)]
+        events.close()
+
+
+_VERSIONED = """
+import atoll
+
+
+class Versioned(atoll.Actor):
+    async def version(self) -> int:
+        return {version}
+
+    async def add(self, k: int) -> int:
+        return {version} * k
+"""

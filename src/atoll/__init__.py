@@ -35,6 +35,8 @@ if TYPE_CHECKING:
     from .actors._blocking import BlockingHost as BlockingHost
     from .actors._blocking import blocking_host as blocking_host
     from .actors._host import Host as Host
+    from .actors._lifecycle import Lifecycle as Lifecycle
+    from .actors._lifecycle import Restart as Restart
     from .actors._limits import Limits as Limits
     from .actors._opener import HostOpener as HostOpener
     from .actors._opener import open_host as open_host
@@ -46,8 +48,6 @@ if TYPE_CHECKING:
     from .actors._runtime import publish as publish
     from .actors._runtime import share as share
     from .actors._sandbox import Sandbox as Sandbox
-    from .actors._supervisor import Lifecycle as Lifecycle
-    from .actors._supervisor import Restart as Restart
     from .tensors._sending import copy_on_send as copy_on_send
     from .tensors._shm import SharedMemoryError as SharedMemoryError
     from .transport._plain import PlainLimits as PlainLimits
@@ -65,10 +65,10 @@ _LAZY = {
     "Host": "atoll.actors._host",
     "HostOpener": "atoll.actors._opener",
     "HostOptions": "atoll.actors._options",
-    "Lifecycle": "atoll.actors._supervisor",
+    "Lifecycle": "atoll.actors._lifecycle",
     "Limits": "atoll.actors._limits",
     "PlainLimits": "atoll.transport._plain",
-    "Restart": "atoll.actors._supervisor",
+    "Restart": "atoll.actors._lifecycle",
     "Sandbox": "atoll.actors._sandbox",
     "SharedMemoryError": "atoll.tensors._shm",
     "Subscription": "atoll.actors._registry",

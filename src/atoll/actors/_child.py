@@ -86,9 +86,12 @@ class _Child:
         self.actor: Any = None
 
     async def _status(self) -> tuple[int, int]:
-        """Calls running (this one aside) and streams open: answered by the
-        event loop itself, so a loop that is blocked does not answer."""
-        return len(self.node._running) - 1, len(self.node._streams_out)
+        """Calls running (this one aside) or waiting for their turn, and
+        streams open: answered by the event loop itself, so a loop that is
+        blocked does not answer."""
+        node = self.node
+        queued = sum(len(e.gate.queue) for e in node._exports.values() if e.gate is not None)
+        return len(node._running) - 1 + queued, len(node._streams_out)
 
     def _bye(self, src: bytes, bye: m.Bye) -> None:
         if src == HOST:

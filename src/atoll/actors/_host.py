@@ -1,4 +1,10 @@
-"""The host: the user's process, which owns the hub and every actor process."""
+"""The host: the user's process, which owns the hub and every actor process.
+
+:class:`Host` is the public API; each method hands its work to the part
+that does it (``_spawner``, ``_processes``, ``_supervisor``, ``_registry``).
+Its docstrings are the API's documentation, which is why this module is
+allowed a little over the size the others keep to.
+"""
 
 from __future__ import annotations
 
@@ -34,15 +40,16 @@ from . import _runtime, _signals
 from ._actor import Actor, method_kinds
 from ._background import start_background
 from ._class_spec import ByValue, installed
+from ._lifecycle import Restart, check_idle
 from ._limits import Limits, limits_for_extension
 from ._node import Node
 from ._options import HostOptions
 from ._processes import KILL_WAIT, TERMINATE_WAIT, Processes, host_closed_error
 from ._ref import ACTOR_OID, ActorRef
 from ._registry import REGISTRY_OID, Registry, RegistryService, Subscription, class_key
-from ._sandbox import Sandbox, for_extension
+from ._sandbox import Sandbox, for_extension, sandbox_of
 from ._spawner import FORK_SERVER_WAIT, Launched, Spawner
-from ._supervisor import Restart, Supervisor
+from ._supervisor import Supervisor
 
 A = TypeVar("A", bound=Actor)
 
@@ -195,14 +202,12 @@ class Host:
         :func:`atoll.wire_type`). What it sends that the plain wire cannot
         carry fails in the actor, naming the type. ``sandbox`` (an
         :class:`atoll.Sandbox`, by default the ``env``'s) confines its
-        process too, and implies ``trusted=False``. ``limits`` (an :class:`atoll.Limits`) bounds
-        its memory, processes, open files, CPU time and shared memory.
-        With ``restart`` (an :class:`atoll.Restart`) the host starts it
-        again when it dies, under the same ref (see ``_supervisor``).
-        ``lazy=True`` returns the ref at once: the process starts with the
-        first call, which waits for it. ``idle_stop`` stops the process
-        after that many seconds without a call (none running), and the next
-        call starts it again, under the same ref.
+        process, and implies ``trusted=False``. ``limits``
+        (:class:`atoll.Limits`) bounds its memory, processes, files, CPU.
+        ``restart`` (:class:`atoll.Restart`) starts it again when it dies,
+        under the same ref. ``lazy=True`` returns the ref at once: the first
+        call starts the process. ``idle_stop`` stops the process after that
+        many seconds without a call; the next call starts it again.
 
         Raises :class:`SpawnError` if the class cannot be imported there or its
         constructor (or ``on_start``) raises, :class:`EnvBuildError` if the
@@ -214,13 +219,11 @@ class Host:
         self._check_open()
         if not (isinstance(cls, type) and issubclass(cls, Actor)):
             raise TypeError(f"spawn() needs a subclass of atoll.Actor, got {cls!r}")
+        check_idle(idle_stop)
         name = name or f"{cls.__name__}-{next(self._names)}"
         self._registry.check_free(name)
         built = await self._spawner.built(env)  # checks that env is an Env
-        if sandbox is None and env is not None and env.sandbox is not None:
-            if not isinstance(env.sandbox, Sandbox):
-                raise TypeError(f"Env(sandbox=...) takes an atoll.Sandbox, got {env.sandbox!r}")
-            sandbox = env.sandbox
+        sandbox = sandbox or sandbox_of(env)
         spec, _ = Codec().dumps(
             ByValue(cls) if built is not None and not installed(cls) else cls,
             f"actor class {cls.__qualname__}",
@@ -250,6 +253,7 @@ class Host:
         limits: Limits | None = None,
         restart: Restart | None = None,
         idle_stop: float | None = None,
+        watch: bool = False,
         **kwargs: Any,
     ) -> A: ...
     @overload
@@ -264,6 +268,7 @@ class Host:
         limits: Limits | None = None,
         restart: Restart | None = None,
         idle_stop: float | None = None,
+        watch: bool = False,
         **kwargs: Any,
     ) -> ActorRef[Any]: ...
     async def load_extension(
@@ -278,6 +283,7 @@ class Host:
         limits: Limits | None = None,
         restart: Restart | None = None,
         idle_stop: float | None = None,
+        watch: bool = False,
         **kwargs: Any,
     ) -> Any:
         """Load the extension folder at ``path`` and return a ref to its actor.
@@ -300,8 +306,12 @@ class Host:
         is enough. It runs sandboxed in ``sandbox``, else the host's
         ``open_host(sandbox=...)``, else what ``[tool.atoll.sandbox]`` asks
         for; limited by ``limits``, else ``[tool.atoll.limits]``.
+        ``restart`` and ``idle_stop`` are as for :meth:`spawn`. ``watch=True``
+        reloads it (:meth:`reload`) when a file in its folder changes (needs
+        ``atoll[watch]``); a failed reload is logged, the old code running on.
         """
         self._check_open()
+        check_idle(idle_stop)
         extension = read_extension(path)
         name = name or extension.name
         self._registry.check_free(name)
@@ -340,6 +350,8 @@ class Host:
                 f"{extension.manifest}: its entry point {extension.entry_point!r} is "
                 f"{loaded}, not {class_key(actor_class)} (actor_class=): fix one of them"
             )
+        if watch:
+            self._supervisor.reload_on_change(ref._id, os.path.dirname(extension.manifest))
         return ref
 
     async def prewarm(
@@ -381,22 +393,32 @@ class Host:
     ) -> Any:
         """Register a spawned actor under ``name``; its ref. It is started
         (again) by ``launch(again=its identity)``, as ``_supervisor`` says."""
-        if idle is not None and (isinstance(idle, bool) or not idle > 0):
-            raise ValueError(f"idle_stop must be a number of seconds above 0, got {idle!r}")
         identity, kinds, cls_key = launched
         self._registry.add(name, identity, ACTOR_OID, kinds, cls_key)
         self._node.peer_names[identity] = name
-        again = functools.partial(launch, again=identity)
-        self._supervisor.started(identity, name, restart, again, idle=idle, lazy=lazy)
+        self._supervisor.started(identity, name, restart, launch, idle=idle, lazy=lazy)
         return ActorRef(self._node, identity, name, kinds)
+
+    async def reload(self, ref: Any, *, drain: float = 30.0) -> None:
+        """Start an actor again, under the same ref, from its code as it is
+        on disk now (a class sent by value: as this process has it). The new
+        code is tried aside first: if it fails, the old keeps running and
+        this raises the new code's error. Calls to it then wait while those
+        it runs end (``drain`` seconds at most), and the new process takes
+        its place."""
+        await self._supervisor.reload(self._id_of(ref, "reload"), drain)
+
+    def _id_of(self, ref: Any, what: str) -> bytes:
+        if not isinstance(ref, ActorRef) or ref._node is not self._node:
+            raise TypeError(f"{what}() takes a ref spawned by this host, got {ref!r}")
+        return ref._id
 
     async def stop(self, ref: Any) -> None:
         """Stop one actor: gracefully, then terminate, then kill, each with a deadline.
 
         Calls to it that are in flight fail with :class:`ActorClosedError`.
         """
-        if not isinstance(ref, ActorRef) or ref._node is not self._node:
-            raise TypeError(f"stop() takes a ref spawned by this host, got {ref!r}")
+        self._id_of(ref, "stop")
         if self._supervisor.restarting(ref._id):
             await self._supervisor.stop(ref._id)
             return

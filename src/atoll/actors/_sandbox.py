@@ -186,6 +186,14 @@ class Confined:
         return wrap(argv, self.sandbox, read_only=readable, shm=shm)
 
 
+def sandbox_of(env: Any) -> Sandbox | None:
+    """The sandbox an environment asks for (``Env(sandbox=...)``), checked."""
+    sandbox = getattr(env, "sandbox", None)
+    if sandbox is not None and not isinstance(sandbox, Sandbox):
+        raise TypeError(f"Env(sandbox=...) takes an atoll.Sandbox, got {sandbox!r}")
+    return sandbox
+
+
 def for_extension(
     asked: dict[str, Any] | None, given: Sandbox | None, manifest: str
 ) -> Sandbox | None:

@@ -201,12 +201,16 @@ class Spawner:
         sandbox: Sandbox | None = None,
         limits: Limits | None = None,
         again: bytes | None = None,
+        trial: bool = False,
     ) -> Launched:
         """Start ``spec`` (a class, or an entry point's name) as actor ``name``
         in a process for ``built``: its identity, methods and class. An
         untrusted or sandboxed actor gets a process of its own (warm ones
         are trusted and unconfined). ``again``: the identity of an actor
-        that died, for its new incarnation (a new process, from scratch)."""
+        that died, for its new incarnation (a new process, from scratch).
+        ``trial``: a process to try an actor's code in, stopped after."""
+        if trial:
+            name = f"trial-{name}"  # its own name: the actor's stays with the actor
         if sandbox is not None:
             trusted = False
             try:

@@ -22,7 +22,7 @@ threads' stacks quoted in the error) and restarted.
 
 from __future__ import annotations
 
-import dataclasses
+import functools
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
@@ -31,10 +31,11 @@ from typing import Any
 import anyio
 from anyio.abc import TaskGroup
 
-from .._errors import ActorClosedError, ActorDiedError, AtollError
+from .._errors import ActorClosedError, ActorDiedError, AtollError, SpawnError
 from ..transport import _messages as m
 from ..transport._hub import HOST, Hub
 from ._errors_wire import pack_error
+from ._lifecycle import LIFECYCLE, Lifecycle, Restart
 from ._node import Node
 from ._processes import ActorProcess, Processes
 from ._ref import BOOT_OID, STATUS_OID
@@ -42,64 +43,11 @@ from ._registry import Registry
 
 _logger = logging.getLogger("atoll")
 
-LIFECYCLE = "atoll.lifecycle"
-"""The topic of :class:`Lifecycle` events (``host.subscribe(LIFECYCLE)``)."""
-
 HELD_MAX = 10_000
 """Messages kept for an actor while it restarts; past it, calls fail."""
 
 _EVICT_GRACE = 5.0
 """Seconds an idle actor's ``on_stop`` may take."""
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class Restart:
-    """How the host restarts an actor that dies: ``spawn(..., restart=Restart())``.
-
-    At most ``limit`` restarts within ``window`` seconds; one more death
-    and the host gives up. The first restart waits ``backoff`` seconds, each
-    next one twice as long as the one before, up to ``max_backoff``.
-
-    With ``health_interval``, the host probes the actor that often; one
-    whose event loop does not answer within ``health_timeout`` seconds (a
-    ``time.sleep`` in an async method, a deadlock) is killed, its threads'
-    stacks quoted in the error its callers get, and restarted.
-    """
-
-    limit: int = 5
-    window: float = 60.0
-    backoff: float = 0.05
-    max_backoff: float = 5.0
-    health_interval: float | None = None
-    health_timeout: float = 5.0
-
-    def __post_init__(self) -> None:
-        if type(self.limit) is not int or self.limit < 0:
-            raise ValueError(f"Restart(limit=...) must be an int >= 0, got {self.limit!r}")
-        for name in ("window", "backoff", "max_backoff", "health_interval", "health_timeout"):
-            value = getattr(self, name)
-            if value is None and name == "health_interval":
-                continue
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-                raise ValueError(f"Restart({name}=...) must be a number >= 0, got {value!r}")
-        if self.health_interval is not None and not self.health_timeout > 0:
-            raise ValueError("Restart(health_timeout=...) must be above 0")
-
-
-@dataclasses.dataclass(frozen=True)
-class Lifecycle:
-    """What happened to an actor, published on ``"atoll.lifecycle"``.
-
-    ``event`` is one of ``started``, ``died``, ``restarting``, ``restarted``,
-    ``gave_up``, ``stopped``, ``evicted`` (stopped for being idle: the next
-    call starts it again); ``incarnation`` counts its processes from 1;
-    ``reason`` says why it died or why the host gave up.
-    """
-
-    event: str
-    actor: str
-    incarnation: int
-    reason: str = ""
 
 
 class _Watched:
@@ -125,6 +73,8 @@ class _Watched:
         self.asleep = False  # no process: the first message for it starts one
         self.waking = False
         self.evicted: ActorProcess | None = None  # its last process, stopped for idleness
+        self.reloading: ActorProcess | None = None  # its last process, stopped for a reload
+        self.launch: Callable[..., Awaitable[Any]] = relaunch  # a process of the same spec
 
 
 class Supervisor:
@@ -154,19 +104,18 @@ class Supervisor:
         identity: bytes,
         name: str,
         policy: Restart | None,
-        relaunch: Callable[[], Awaitable[Any]],
+        launch: Callable[..., Awaitable[Any]],
         *,
         idle: float | None = None,
         lazy: bool = False,
     ) -> None:
         """``identity`` runs (``lazy``: will run once a message comes for
-        it); with a ``policy``, restart it by ``relaunch()`` when it dies;
-        with ``idle``, stop it after that many seconds without traffic, and
-        start it again by ``relaunch()`` for the next message."""
-        if policy is None and idle is None and not lazy:
-            self._publish("started", name, 1)
-            return
+        it). ``launch(again=identity)`` starts it again: with a ``policy``
+        when it dies; with ``idle``, for the next message after it was
+        stopped for that many seconds without traffic; and to reload it."""
+        relaunch = functools.partial(launch, again=identity)
         watched = self._watched[identity] = _Watched(name, policy, relaunch, idle)
+        watched.launch = launch
         tg = self._task_group()
         assert tg is not None
         if policy is not None and policy.health_interval is not None:
@@ -233,20 +182,92 @@ class Supervisor:
                 continue
             if now - quiet_since < idle:
                 continue
-            try:
-                with anyio.fail_after(max(idle, 1.0)):
-                    running, streams = await self._node.call(
-                        identity, STATUS_OID, "__call__", (), {}
-                    )
-            except (AtollError, TimeoutError):
-                continue  # dying, or hung: not for this loop to say
-            # Its answer and the probe are the only traffic since: idle indeed.
-            if running or streams or traffic.get(identity, 0) != count + 2:
+            # What comes from now on waits; the probe goes behind whatever
+            # came before, so its answer counts every call it still has.
+            self._put_to_sleep(identity, watched)
+            if await self._busy(identity, max(idle, 1.0)):
+                watched.asleep = False
+                self._hub.parked.discard(identity)
+                self._deliver(identity)
                 last = -1
                 continue
-            self._put_to_sleep(identity, watched)
             watched.evicted = actor
             await self._processes.stop(actor, _EVICT_GRACE, again=True)
+
+    def reload_on_change(self, identity: bytes, folder: str) -> None:
+        """Reload ``identity`` whenever a file under ``folder`` changes."""
+        try:
+            import watchfiles
+        except ImportError:
+            raise ImportError(
+                "load_extension(watch=True) needs watchfiles: pip install 'atoll[watch]'"
+            ) from None
+        tg = self._task_group()
+        assert tg is not None
+        tg.start_soon(self._reload_on_change, identity, folder, watchfiles.awatch)
+
+    async def _reload_on_change(self, identity: bytes, folder: str, awatch: Any) -> None:
+        watched = self._watched[identity]
+        stop = anyio.Event()
+        async for _ in awatch(folder, stop_event=stop):
+            if self._watched.get(identity) is not watched:
+                stop.set()  # stopped, or gone for good
+                continue
+            try:
+                await self.reload(identity, _EVICT_GRACE)
+            except AtollError as exc:
+                _logger.warning("atoll: %s was not reloaded: %s", watched.name, exc)
+
+    async def _busy(self, identity: bytes, within: float) -> bool:
+        """Whether ``identity`` runs or queues a call or streams (True if it
+        does not answer ``within`` seconds: dying, or hung)."""
+        try:
+            with anyio.fail_after(within):
+                calls, streams = await self._node.call(identity, STATUS_OID, "__call__", (), {})
+        except (AtollError, TimeoutError):
+            return True
+        return bool(calls or streams)
+
+    async def reload(self, identity: bytes, drain: float) -> None:
+        """Start ``identity`` again from its code as it is now: first a trial
+        process (if it fails, the actor keeps running, and this raises its
+        error), then, once its calls have ended (``drain`` seconds at most), the
+        new process in place of the old one."""
+        watched = self._watched.get(identity)
+        if watched is not None and watched.asleep:
+            return  # its next process starts from the code as it is then
+        actor = self._processes.actors.get(identity)
+        if watched is None or actor is None or identity in self.held:
+            raise ActorClosedError(f"reload(): {identity.decode()!r} has no process running")
+        try:
+            trial, _, _ = await watched.launch(trial=True)  # the new code, tried aside
+        except AtollError as exc:
+            raise SpawnError(
+                f"reload(): the new code of {watched.name!r} failed to start (the old one "
+                f"keeps running): {exc}"
+            ) from exc
+        tried = self._processes.actors.get(trial)
+        if tried is not None:
+            await self._processes.stop(tried, _EVICT_GRACE)
+        self.held[identity] = deque()
+        self._hub.parked.add(identity)
+        with anyio.move_on_after(drain):
+            # Its calls end in its own process: ask again until none is left.
+            while await self._busy(identity, drain):  # noqa: ASYNC110
+                await anyio.sleep(0.01)
+        watched.reloading = actor
+        await self._processes.stop(actor, _EVICT_GRACE, again=True)
+        watched.reloading = None
+        try:
+            await watched.relaunch()
+        except AtollError as exc:
+            self._watched.pop(identity, None)
+            self._end(identity, watched, exc)
+            raise
+        watched.incarnation += 1
+        self._hub.parked.discard(identity)
+        self._publish("reloaded", watched.name, watched.incarnation)
+        self._deliver(identity)
 
     async def _probe(self, identity: bytes, watched: _Watched) -> None:
         """Probe ``identity`` every ``health_interval`` while it is watched;
@@ -276,12 +297,14 @@ class Supervisor:
         if watched is not None and watched.evicted is actor:
             self._publish("evicted", watched.name, watched.incarnation, "idle")
             return ActorClosedError(f"actor {watched.name!r} was stopped while idle")
+        if watched is not None and watched.reloading is actor:
+            return ActorClosedError(f"actor {watched.name!r} is being reloaded")
         if watched is not None and watched.policy is None and not actor.stopping:
             del self._watched[actor.identity]  # not restarted: it dies as any actor
             self._hub.traffic.pop(actor.identity, None)
             watched = None
         if actor.stopping or watched is None:
-            if not actor.name.startswith(("warm-", "spare-")):  # never an actor
+            if not actor.name.startswith(("warm-", "spare-", "trial-")):  # not an actor's own
                 self._publish("stopped" if actor.stopping else "died", actor.name, 1, reason)
             return None
         self._publish("died", watched.name, watched.incarnation, reason)
@@ -399,8 +422,8 @@ class Supervisor:
                 msg = m.decode(frames[0])
             except m.DecodeError:
                 return False
-            if type(msg) is m.Call and msg.target == BOOT_OID:
-                return False
+            if type(msg) is m.Call and msg.target in (BOOT_OID, STATUS_OID):
+                return False  # its boot, or the host asking whether it is busy
         if len(held) >= HELD_MAX:
             return False  # it fails as a message to a missing peer would
         held.append((src, [bytes(f) if not isinstance(f, bytes) else f for f in frames]))
