@@ -654,3 +654,31 @@ async def test_a_watched_extension_reloads_when_its_files_change(
                     break
             assert await ext.version() == 2
             events.close()
+
+
+_CRASH = """
+    def crash(self):
+        import os
+
+        os._exit(3)
+"""
+
+
+async def test_a_manifest_asks_to_be_restarted(tmp_path: Path, env_cache: str) -> None:
+    code = (
+        _VERSIONED_CODE.format(version=1)
+        + "\n    def crash(self):\n        import os; os._exit(3)\n"
+    )
+    manifest = _NO_DEPS.format(name="phoenix", entry="ext_module:Versioned")
+    folder = _extension(
+        tmp_path / "phoenix", manifest + "[tool.atoll.restart]\nbackoff = 0.0\n", code
+    )
+    bad = _extension(tmp_path / "bad", manifest + "[tool.atoll.restart]\nlimit = -1\n", code)
+    with anyio.fail_after(120):
+        async with open_host(env_cache) as host:
+            with pytest.raises(atoll.ExtensionError, match=r"\[tool\.atoll\.restart\]: .*limit"):
+                await host.load_extension(bad)
+            ext = await host.load_extension(folder)
+            with pytest.raises(atoll.ActorDiedError, match="being restarted"):
+                await ext.crash()
+            assert await ext.version() == 1

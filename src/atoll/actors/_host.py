@@ -40,7 +40,7 @@ from . import _runtime, _signals
 from ._actor import Actor, method_kinds
 from ._background import start_background
 from ._class_spec import ByValue, installed
-from ._lifecycle import Restart, check_idle
+from ._lifecycle import Restart, check_idle, restart_for_extension
 from ._limits import Limits, limits_for_extension
 from ._node import Node
 from ._options import HostOptions
@@ -313,6 +313,7 @@ class Host:
         self._check_open()
         check_idle(idle_stop)
         extension = read_extension(path)
+        restart = restart or restart_for_extension(extension.restart, extension.manifest)
         name = name or extension.name
         self._registry.check_free(name)
         where = f"extension {extension.name!r} ({extension.manifest})"

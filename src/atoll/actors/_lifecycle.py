@@ -6,6 +6,9 @@ actor is spawned with, and the :class:`Lifecycle` events the host publishes
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
+
+from .._errors import ExtensionError
 
 LIFECYCLE = "atoll.lifecycle"
 """The topic of :class:`Lifecycle` events (``host.subscribe(LIFECYCLE)``)."""
@@ -65,3 +68,13 @@ class Lifecycle:
 def check_idle(idle: float | None) -> None:
     if idle is not None and (isinstance(idle, bool) or not idle > 0):
         raise ValueError(f"idle_stop must be a number of seconds above 0, got {idle!r}")
+
+
+def restart_for_extension(asked: dict[str, Any] | None, manifest: str) -> Restart | None:
+    """``[tool.atoll.restart]`` of an extension's manifest, checked."""
+    if asked is None:
+        return None
+    try:
+        return Restart(**asked)
+    except (TypeError, ValueError) as exc:
+        raise ExtensionError(f"{manifest}: [tool.atoll.restart]: {exc}") from None

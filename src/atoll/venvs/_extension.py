@@ -21,6 +21,10 @@
     [tool.atoll.limits]
     memory = "2G"
     processes = 64
+
+    [tool.atoll.restart]              # start it again when it dies
+    limit = 5
+    window = 60.0
 """
 
 from __future__ import annotations
@@ -55,6 +59,8 @@ class Extension:
     """``[tool.atoll.sandbox]``: the sandbox it asks for (paths made absolute)."""
     limits: dict[str, Any] | None = None
     """``[tool.atoll.limits]``: the limits it asks for."""
+    restart: dict[str, Any] | None = None
+    """``[tool.atoll.restart]``: how it asks to be restarted."""
 
     @property
     def paths(self) -> list[str]:
@@ -101,11 +107,11 @@ def read_extension(path: str | os.PathLike[str]) -> Extension:
             '"module:Class" (for example "blur_node:Blur")'
         )
     tool = _table(_table(data, "tool", manifest), "atoll", manifest)
-    unknown = set(tool) - {"share-torch", "python", "trusted", "sandbox", "limits"}
+    unknown = set(tool) - {"share-torch", "python", "trusted", "sandbox", "limits", "restart"}
     if unknown:
         raise ExtensionError(
             f"{manifest}: [tool.atoll] has unknown keys {sorted(unknown)}; "
-            "it takes share-torch, python, trusted, sandbox and limits"
+            "it takes share-torch, python, trusted, sandbox, limits and restart"
         )
     sandbox = tool.get("sandbox")
     if sandbox is not None:
@@ -118,6 +124,7 @@ def read_extension(path: str | os.PathLike[str]) -> Extension:
                 )
             sandbox[key] = tuple(os.path.join(folder, p) for p in paths)
     limits = dict(_table(tool, "limits", manifest)) if "limits" in tool else None
+    restart = dict(_table(tool, "restart", manifest)) if "restart" in tool else None
     trusted = tool.get("trusted", True)
     if not isinstance(trusted, bool):
         raise ExtensionError(f"{manifest}: [tool.atoll] trusted must be true or false")
@@ -128,7 +135,7 @@ def read_extension(path: str | os.PathLike[str]) -> Extension:
             f"{manifest}: [tool.atoll] share-torch must be true or false and python a string"
         )
     env = Env(dependencies, python=python, share_torch=share_torch, name=str(name))
-    return Extension(folder, manifest, str(name), env, actor, trusted, sandbox, limits)
+    return Extension(folder, manifest, str(name), env, actor, trusted, sandbox, limits, restart)
 
 
 def _table(data: dict[str, Any], key: str, manifest: str) -> dict[str, Any]:
