@@ -247,3 +247,26 @@ class Versioned(atoll.Actor):
     async def add(self, k: int) -> int:
         return {version} * k
 """
+
+
+@pytest.mark.parametrize(
+    ("strategy", "dies", "restarted"),
+    [("one_for_all", 0, {0, 1, 2}), ("rest_for_one", 1, {1, 2}), ("one_for_one", 1, {1})],
+)
+async def test_a_group_restarts_together_as_its_strategy_says(
+    strategy: str, dies: int, restarted: set[int]
+) -> None:
+    async with atoll.open_host() as host:
+        refs = [await host.spawn(Phoenix, i, restart=QUICK) for i in range(3)]
+        host.supervise(refs, strategy)
+        with anyio.fail_after(30):
+            before = [await ref.pid() for ref in refs]
+            with pytest.raises(atoll.ActorDiedError):
+                await refs[dies].crash()
+            after = [await ref.pid() for ref in refs]  # each waits for its new process
+            assert {i for i in range(3) if after[i] != before[i]} == restarted
+            assert [await ref.add(0) for ref in refs] == [0, 1, 2]
+        with pytest.raises(ValueError, match="spawned with restart"):
+            host.supervise([refs[0], await host.spawn(Phoenix)])
+        with pytest.raises(ValueError, match="one_for_all"):
+            host.supervise(refs, "all_for_none")

@@ -400,6 +400,12 @@ class Host:
         self._supervisor.started(identity, name, restart, launch, idle=idle, lazy=lazy)
         return ActorRef(self._node, identity, name, kinds)
 
+    def supervise(self, refs: Sequence[Any], strategy: str = "one_for_all") -> None:
+        """Restart the actors of ``refs`` (each spawned with ``restart=``)
+        together: ``one_for_all`` all when one dies, ``rest_for_one`` the one
+        that died and those after it, ``one_for_one`` each alone."""
+        self._supervisor.supervise([self._id_of(ref, "supervise") for ref in refs], strategy)
+
     async def reload(self, ref: Any, *, drain: float = 30.0) -> None:
         """Start an actor again, under the same ref, from its code as it is
         on disk now (a class sent by value: as this process has it). The new

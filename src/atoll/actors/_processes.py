@@ -66,6 +66,8 @@ class ActorProcess:
         self.hold_until = 0.0  # until then (anyio.current_time())
         self.exitcode: int | None = None
         self.stderr_tail: deque[str] = deque(maxlen=_STDERR_TAIL_LINES)
+        self.brought_down_by: str | None = None
+        """The name of the actor whose death took this one along (a group)."""
         self.dump: list[str] | None = None
         """Lines of stderr kept whole while it dumps its threads' stacks."""
         self.node_no = int(identity[1:])

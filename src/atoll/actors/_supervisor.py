@@ -37,7 +37,7 @@ from ..transport._hub import HOST, Hub
 from ._errors_wire import pack_error
 from ._lifecycle import LIFECYCLE, Lifecycle, Restart
 from ._node import Node
-from ._processes import ActorProcess, Processes
+from ._processes import ActorProcess, Processes, signal_process
 from ._ref import BOOT_OID, STATUS_OID
 from ._registry import Registry
 
@@ -74,6 +74,7 @@ class _Watched:
         self.waking = False
         self.evicted: ActorProcess | None = None  # its last process, stopped for idleness
         self.reloading: ActorProcess | None = None  # its last process, stopped for a reload
+        self.group: tuple[str, list[bytes]] | None = None  # (strategy, members), if supervised
         self.launch: Callable[..., Awaitable[Any]] = relaunch  # a process of the same spec
 
 
@@ -319,15 +320,59 @@ class Supervisor:
             )
             self._publish("gave_up", watched.name, watched.incarnation, gave_up)
             actor.limit_hit = f"{actor.limit_hit + '; ' if actor.limit_hit else ''}{gave_up}"
+            self._hub.parked.discard(actor.identity)
+            for src, frames in self.held.pop(actor.identity, ()):  # (its group held them)
+                if src != HOST:
+                    self._refuse(src, frames, ActorDiedError(watched.name, detail=gave_up), "host")
             return None
-        self.held[actor.identity] = deque()
+        self.held.setdefault(actor.identity, deque())
         tg.start_soon(self._restart, actor.identity, watched, deaths)
+        if watched.group is not None and actor.brought_down_by is None:
+            self._bring_down(actor.identity, watched)
         return ActorDiedError(
             watched.name,
             actor.exitcode,
             "\n".join(actor.stderr_tail),
             detail=f"{actor.limit_hit + '; ' if actor.limit_hit else ''}it is being restarted",
         )
+
+    def supervise(self, identities: list[bytes], strategy: str) -> None:
+        """Restart ``identities`` together as ``strategy`` says (OTP's):
+        ``one_for_one`` each alone, ``one_for_all`` all when one dies,
+        ``rest_for_one`` the one that died and those after it."""
+        if strategy not in ("one_for_one", "one_for_all", "rest_for_one"):
+            raise ValueError(
+                f"supervise(strategy=...) takes one_for_one, one_for_all or rest_for_one, "
+                f"got {strategy!r}"
+            )
+        members = [self._watched.get(identity) for identity in identities]
+        for identity, watched in zip(identities, members, strict=True):
+            if watched is None or watched.policy is None:
+                raise ValueError(
+                    f"supervise() restarts actors spawned with restart=atoll.Restart(...); "
+                    f"{identity.decode()!r} was not"
+                )
+        group = (strategy, list(identities))
+        for watched in members:
+            assert watched is not None
+            watched.group = group
+
+    def _bring_down(self, identity: bytes, watched: _Watched) -> None:
+        """Kill the members of ``watched``'s group its death takes along
+        (each is restarted by its own death, which takes no one along)."""
+        assert watched.group is not None
+        strategy, members = watched.group
+        if strategy == "one_for_one":
+            return
+        after = members[members.index(identity) + 1 :]
+        for other in after if strategy == "rest_for_one" else members:
+            actor = self._processes.actors.get(other)
+            if other != identity and actor is not None and actor.process is not None:
+                actor.brought_down_by = watched.name
+                self.held.setdefault(other, deque())  # calls to it from now wait for the next
+                self._hub.parked.add(other)
+                actor.limit_hit = f"restarted with {watched.name!r}, which died ({strategy})"
+                signal_process(actor.process, "kill")
 
     async def _restart(self, identity: bytes, watched: _Watched, deaths: int) -> None:
         policy = watched.policy
