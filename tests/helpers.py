@@ -747,6 +747,18 @@ class Phoenix(atoll.Actor):
     def crash(self, code: int = 3) -> None:
         os._exit(code)
 
+    @atoll.idempotent
+    async def first_try_dies(self, marker: str) -> str:
+        """Die the first time (``marker`` absent), answer the next."""
+        return _first_try_dies(marker)
+
+    async def first_try_dies_unmarked(self, marker: str) -> str:
+        return _first_try_dies(marker)
+
+    @atoll.idempotent
+    def first_try_dies_sync(self, marker: str) -> str:
+        return _first_try_dies(marker)
+
     async def nap(self, seconds: float) -> None:
         """A long call that sends nothing meanwhile."""
         await anyio.sleep(seconds)
@@ -770,5 +782,15 @@ class Caller(atoll.Actor):
     async def add(self, k: int) -> int:
         return int(await self.ref.add(k))
 
+    async def call(self, method: str, *args: Any) -> Any:
+        return await getattr(self.ref, method)(*args)
+
     async def add_by_name(self, name: str, k: int) -> int:
         return int(await (await atoll.lookup(name)).add(k))
+
+
+def _first_try_dies(marker: str) -> str:
+    if not os.path.exists(marker):
+        open(marker, "w").close()
+        os._exit(3)
+    return "done"

@@ -270,3 +270,19 @@ async def test_a_group_restarts_together_as_its_strategy_says(
             host.supervise([refs[0], await host.spawn(Phoenix)])
         with pytest.raises(ValueError, match="one_for_all"):
             host.supervise(refs, "all_for_none")
+
+
+@pytest.mark.parametrize("method", ["first_try_dies", "first_try_dies_sync"])
+async def test_an_idempotent_call_in_flight_is_run_again_on_the_new_process(
+    tmp_path: Path, method: str
+) -> None:
+    async with atoll.open_host() as host:
+        phoenix = await host.spawn(Phoenix, restart=QUICK)
+        caller = await host.spawn(Caller)
+        with anyio.fail_after(20):
+            assert await getattr(phoenix, method)(str(tmp_path / "host")) == "done"
+            with pytest.raises(atoll.ActorDiedError, match="being restarted") as caught:
+                await phoenix.first_try_dies_unmarked(str(tmp_path / "unmarked"))
+            assert caught.value.restarting
+            await caller.keep(phoenix)  # and from another actor, through its ref
+            assert await caller.call(method, str(tmp_path / "actor")) == "done"

@@ -30,6 +30,7 @@ from ._errors import SerializationError as SerializationError
 from ._errors import SpawnError as SpawnError
 from ._errors import TransportError as TransportError
 from .actors._actor import Actor as Actor
+from .actors._actor import idempotent as idempotent
 
 if TYPE_CHECKING:
     from .actors._blocking import BlockingHost as BlockingHost
@@ -129,6 +130,7 @@ __all__ = [
     "TransportError",
     "blocking_host",
     "copy_on_send",
+    "idempotent",
     "lookup",
     "open_host",
     "publish",

@@ -70,7 +70,12 @@ class ActorDiedError(AtollError):
     """
 
     def __init__(
-        self, actor: str, exitcode: int | None = None, stderr_tail: str = "", detail: str = ""
+        self,
+        actor: str,
+        exitcode: int | None = None,
+        stderr_tail: str = "",
+        detail: str = "",
+        restarting: bool = False,
     ) -> None:
         if exitcode is None:
             how = "is gone"
@@ -85,13 +90,18 @@ class ActorDiedError(AtollError):
         self.actor = actor
         self.exitcode = exitcode
         self.stderr_tail = stderr_tail
+        self.restarting = restarting
+        """A new process takes its place: later calls reach that one."""
 
     def __reduce__(self) -> tuple[object, ...]:
-        return (_rebuild_died, (self.actor, self.exitcode, self.stderr_tail, str(self)))
+        state = (self.actor, self.exitcode, self.stderr_tail, str(self), self.restarting)
+        return (_rebuild_died, state)
 
 
-def _rebuild_died(actor: str, exitcode: int | None, tail: str, text: str) -> ActorDiedError:
-    err = ActorDiedError(actor, exitcode, tail)
+def _rebuild_died(
+    actor: str, exitcode: int | None, tail: str, text: str, restarting: bool = False
+) -> ActorDiedError:
+    err = ActorDiedError(actor, exitcode, tail, restarting=restarting)
     err.args = (text,)
     return err
 

@@ -34,6 +34,31 @@ class Kind(enum.IntEnum):
     ASYNC = 1
     SYNC = 2
     STREAM = 3
+    ASYNC_IDEMPOTENT = 4
+    """As a ref sees an ``async def`` marked :func:`idempotent` (it runs as ASYNC)."""
+    SYNC_IDEMPOTENT = 5
+
+
+IDEMPOTENT = frozenset({Kind.ASYNC_IDEMPOTENT, Kind.SYNC_IDEMPOTENT})
+
+
+def idempotent(method: Any) -> Any:
+    """Mark an actor method safe to run twice: a call to it in flight when
+    its actor died is run again, once, on the actor's new process (see
+    ``spawn(restart=...)``), instead of failing."""
+    method.__atoll_idempotent__ = True
+    return method
+
+
+def ref_kinds(cls: type) -> dict[str, Kind]:
+    """:func:`method_kinds` as refs see them: idempotent methods marked."""
+    marked = {Kind.ASYNC: Kind.ASYNC_IDEMPOTENT, Kind.SYNC: Kind.SYNC_IDEMPOTENT}
+    return {
+        name: marked.get(kind, kind)
+        if getattr(getattr(cls, name, None), "__atoll_idempotent__", False)
+        else kind
+        for name, kind in method_kinds(cls).items()
+    }
 
 
 _LIFECYCLE = frozenset({"on_start", "on_stop", "max_concurrency"})

@@ -16,7 +16,7 @@ import anyio
 import anyio.lowlevel
 import zmq
 
-from .._errors import TransportError
+from .._errors import ActorDiedError, TransportError
 from ..transport import _messages as m
 from ._errors_wire import unpack_error
 from ._node_state import CallContext, Pending, StreamIn, current_call
@@ -30,37 +30,49 @@ class Calling(Serving):
     """Makes calls and streams out, and takes their replies."""
 
     def invoke(
-        self, dest: bytes, target: int, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> Any:
-        """A call as the caller's thread needs it: a coroutine on the event
-        loop's thread, the result itself (blocking) on any other thread."""
-        if threading.get_ident() == self._loop_thread:
-            return self.call(dest, target, method, args, kwargs)
-        if self._closed is not None:
-            raise self._closed()  # its event loop may be gone: nothing to ask it
-        import anyio.from_thread  # only threads need it; actor processes start without it
-
-        return anyio.from_thread.run(
-            self._call_from_thread,
-            dest,
-            target,
-            method,
-            args,
-            kwargs,
-            current_call.get(),
-            token=self._token,
-        )
-
-    async def _call_from_thread(
         self,
         dest: bytes,
         target: int,
         method: str,
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
-        ctx: CallContext | None,
+        retry: bool = False,
+    ) -> Any:
+        """A call as the caller's thread needs it: a coroutine on the event
+        loop's thread, the result itself (blocking) on any other thread.
+        ``retry``: made once more if the actor died and is being restarted
+        (an idempotent method)."""
+        call = self.call_again if retry else self.call
+        if threading.get_ident() == self._loop_thread:
+            return call(dest, target, method, args, kwargs)
+        if self._closed is not None:
+            raise self._closed()  # its event loop may be gone: nothing to ask it
+        import anyio.from_thread  # only threads need it; actor processes start without it
+
+        return anyio.from_thread.run(
+            self._call_from_thread,
+            call,
+            (dest, target, method, args, kwargs),
+            current_call.get(),
+            token=self._token,
+        )
+
+    async def _call_from_thread(
+        self, call: Any, request: tuple[Any, ...], ctx: CallContext | None
     ) -> Any:
         current_call.set(ctx)
+        return await call(*request)
+
+    async def call_again(
+        self, dest: bytes, target: int, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        """:meth:`call`, made once more if the actor died while it ran and
+        is being restarted: for a method marked idempotent."""
+        try:
+            return await self.call(dest, target, method, args, kwargs)
+        except ActorDiedError as exc:
+            if not exc.restarting:
+                raise
         return await self.call(dest, target, method, args, kwargs)
 
     async def call(

@@ -27,7 +27,7 @@ from ..transport._codec import Codec
 from ..transport._hub import HOST, remove_hub_dir
 from ..transport._socket import AsyncSocket, Job
 from . import _runtime
-from ._actor import Actor, method_kinds
+from ._actor import Actor, ref_kinds
 from ._boot_spec import BootSpec, decode_boot
 from ._limits import apply_rlimits, lower_priority
 from ._node import Node
@@ -136,7 +136,7 @@ class _Child:
         self.actor = actor
         self.node.unexport(BOOT_OID)
         self.node.export(actor, self.name, oid=ACTOR_OID, actor=True)
-        return {k: int(v) for k, v in method_kinds(cls).items()}, class_key(cls)
+        return {k: int(v) for k, v in ref_kinds(cls).items()}, class_key(cls)
 
     def _exit_requested(self, exc: SystemExit, where: str) -> None:
         """A method called ``sys.exit()``: this process exits, as the method

@@ -37,7 +37,7 @@ from ..transport._hub import HOST, Hub
 from ..transport._socket import Job
 from ..venvs import Env, read_extension
 from . import _runtime, _signals
-from ._actor import Actor, method_kinds
+from ._actor import Actor, method_kinds, ref_kinds
 from ._background import start_background
 from ._class_spec import ByValue, installed
 from ._lifecycle import Restart, check_idle, restart_for_extension
@@ -234,7 +234,7 @@ class Host:
         launch = functools.partial(launch, trusted=trusted, sandbox=sandbox, limits=limits)
         if lazy:
             identity = self._spawner.new_identity(trusted and not sandbox, sandbox is not None)
-            launched: Launched = (identity, method_kinds(cls), class_key(cls))
+            launched: Launched = (identity, ref_kinds(cls), class_key(cls))
         else:
             launched = await launch()
         ref: A = self._registered(name, launched, launch, restart, idle_stop, lazy)

@@ -6,7 +6,7 @@ from typing import Any, Generic, TypeVar, cast
 
 from .._errors import ProtocolError
 from ..transport._plain import plain_rebuilder
-from ._actor import Kind
+from ._actor import IDEMPOTENT, Kind
 from ._node import Node
 from ._node_state import loading
 
@@ -114,7 +114,8 @@ class _Method:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if self._kind is Kind.STREAM:
             return self._node.stream(self._ref._id, self._ref._oid, self._name, args, kwargs)
-        return self._node.invoke(self._ref._id, self._ref._oid, self._name, args, kwargs)
+        retry = self._kind in IDEMPOTENT
+        return self._node.invoke(self._ref._id, self._ref._oid, self._name, args, kwargs, retry)
 
 
 @plain_rebuilder

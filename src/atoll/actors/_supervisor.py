@@ -334,6 +334,7 @@ class Supervisor:
             actor.exitcode,
             "\n".join(actor.stderr_tail),
             detail=f"{actor.limit_hit + '; ' if actor.limit_hit else ''}it is being restarted",
+            restarting=True,
         )
 
     def supervise(self, identities: list[bytes], strategy: str) -> None:
