@@ -89,6 +89,7 @@ class Host:
         self._supervisor = Supervisor(
             self._processes, self._hub, self._node, self._registry, lambda: self._tg
         )
+        self._waiting = self._supervisor.waiting
         self._names = itertools.count(1)
         self._tg: TaskGroup | None = None
         self._closed = False
@@ -102,7 +103,7 @@ class Host:
         if dest != HOST:
             if self._hub.traffic and dest in self._hub.traffic:
                 self._hub.traffic[dest] += 1
-            if self._supervisor.held and self._supervisor.hold(dest, HOST, frames):
+            if self._waiting.held and self._waiting.hold(dest, HOST, frames):
                 return  # it is being restarted, or sleeps: this waits for it
             self._hub.send(dest, frames)
             return
@@ -473,7 +474,7 @@ class Host:
             async with anyio.create_task_group() as tg:
                 self._tg = self._processes.tg = self._spawner.tg = tg
                 self._node.start(tg)
-                tg.start_soon(self._hub.serve, self._on_message, self._supervisor.unroutable)
+                tg.start_soon(self._hub.serve, self._on_message, self._waiting.unroutable)
                 self._ready.set()
                 try:
                     await self._close_requested.wait()

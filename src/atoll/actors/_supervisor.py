@@ -1,14 +1,16 @@
-"""Actors that come back: restarts under the same identity, lazy start and
-idle stop, health probes, and the events that tell of each actor's life.
+"""Actors that come back: restarts under the same identity (alone or in
+groups), lazy start and idle stop, health probes, reloads, and the events
+that tell of each actor's life.
 
 An actor spawned with ``restart=Restart(...)`` that dies (a signal, an exit,
 a limit hit) is started again by the host: a new process, same class,
 arguments, environment, sandbox and limits, and the *same identity*, so
 every ref to it (the host's, other actors', lookups by name) keeps working.
 Calls in flight when it died fail, saying it is being restarted; they are
-never run again. What is sent to it while it restarts (calls from the host
-or from actors) waits here and goes to the new process once its actor is
-built. Too many deaths within the window and the host gives up: calls then
+never run again (but for ``@idempotent`` methods, which the caller makes
+once more). What is sent to it while it restarts (calls from the host or
+from actors) waits in the host (``_waiting``) and goes to the new process
+once its actor is built. Too many deaths within the window and the host gives up: calls then
 fail saying so.
 
 The same waiting serves an actor with no process: a lazy one (spawned with
@@ -17,7 +19,9 @@ or from it for that long, and no call running, which its process is asked).
 The first message for it starts its process, and waits for it. With
 ``Restart(health_interval=...)`` the host asks the process how busy it is
 that often; one whose event loop does not answer in time is killed (its
-threads' stacks quoted in the error) and restarted.
+threads' stacks quoted in the error) and restarted. A reload starts the
+actor's code as it is on disk in a trial process first, then swaps a new
+process in once the old one's calls have ended.
 """
 
 from __future__ import annotations
@@ -25,26 +29,22 @@ from __future__ import annotations
 import functools
 import logging
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
 from anyio.abc import TaskGroup
 
 from .._errors import ActorClosedError, ActorDiedError, AtollError, SpawnError
-from ..transport import _messages as m
-from ..transport._hub import HOST, Hub
-from ._errors_wire import pack_error
+from ..transport._hub import Hub
 from ._lifecycle import LIFECYCLE, Lifecycle, Restart
 from ._node import Node
 from ._processes import ActorProcess, Processes, signal_process
-from ._ref import BOOT_OID, STATUS_OID
+from ._ref import STATUS_OID
 from ._registry import Registry
+from ._waiting import Waiting
 
 _logger = logging.getLogger("atoll")
-
-HELD_MAX = 10_000
-"""Messages kept for an actor while it restarts; past it, calls fail."""
 
 _EVICT_GRACE = 5.0
 """Seconds an idle actor's ``on_stop`` may take."""
@@ -96,8 +96,8 @@ class Supervisor:
         self._registry = registry
         self._task_group = task_group
         self._watched: dict[bytes, _Watched] = {}
-        self.held: dict[bytes, deque[tuple[bytes, Sequence[Any]]]] = {}
-        """What waits for each actor that restarts: ``(sender, frames)``."""
+        self.waiting = Waiting(hub, processes)
+        self.waiting.on_held = self._on_held
         processes.on_death = self._on_death
 
     def started(
@@ -133,8 +133,16 @@ class Supervisor:
     def _put_to_sleep(self, identity: bytes, watched: _Watched) -> None:
         """No process for ``identity`` from now: what comes for it waits."""
         watched.asleep = True
-        self.held[identity] = deque()
-        self._hub.parked.add(identity)
+        self.waiting.park(identity)
+
+    def _on_held(self, identity: bytes) -> None:
+        """A message waits for ``identity``: start its process if it sleeps."""
+        watched = self._watched.get(identity)
+        if watched is not None and watched.asleep and not watched.waking:
+            tg = self._task_group()
+            if tg is not None:
+                watched.waking = True
+                tg.start_soon(self._wake, identity, watched)
 
     async def _wake(self, identity: bytes, watched: _Watched) -> None:
         """Start a sleeping actor's process, for the messages that wait."""
@@ -147,11 +155,8 @@ class Supervisor:
         except AtollError as exc:
             # What waited fails with the reason; the next message tries again.
             failed = exc
-            held, self.held[identity] = self.held[identity], deque()
             self._node.peer_gone(identity, lambda: failed, restarting=True)
-            for src, frames in held:
-                if src != HOST:
-                    self._refuse(src, frames, failed, watched.name)
+            self.waiting.fail(identity, failed, watched.name, keep=True)
             return
         finally:
             watched.waking = False
@@ -162,9 +167,8 @@ class Supervisor:
             return
         watched.asleep = False
         watched.incarnation += 1
-        self._hub.parked.discard(identity)
         self._publish("started", watched.name, watched.incarnation)
-        self._deliver(identity)
+        self.waiting.release(identity)
 
     async def _watch_idle(self, identity: bytes, watched: _Watched) -> None:
         """Stop ``identity`` once it has had no traffic for ``watched.idle``
@@ -178,7 +182,7 @@ class Supervisor:
             now = anyio.current_time()
             count = traffic.get(identity, 0)
             actor = self._processes.actors.get(identity)
-            if count != last or actor is None or identity in self.held:
+            if count != last or actor is None or identity in self.waiting:
                 last, quiet_since = count, now
                 continue
             if now - quiet_since < idle:
@@ -188,8 +192,7 @@ class Supervisor:
             self._put_to_sleep(identity, watched)
             if await self._busy(identity, max(idle, 1.0)):
                 watched.asleep = False
-                self._hub.parked.discard(identity)
-                self._deliver(identity)
+                self.waiting.release(identity)
                 last = -1
                 continue
             watched.evicted = actor
@@ -238,7 +241,7 @@ class Supervisor:
         if watched is not None and watched.asleep:
             return  # its next process starts from the code as it is then
         actor = self._processes.actors.get(identity)
-        if watched is None or actor is None or identity in self.held:
+        if watched is None or actor is None or identity in self.waiting:
             raise ActorClosedError(f"reload(): {identity.decode()!r} has no process running")
         try:
             trial, _, _ = await watched.launch(trial=True)  # the new code, tried aside
@@ -250,8 +253,7 @@ class Supervisor:
         tried = self._processes.actors.get(trial)
         if tried is not None:
             await self._processes.stop(tried, _EVICT_GRACE)
-        self.held[identity] = deque()
-        self._hub.parked.add(identity)
+        self.waiting.park(identity)
         with anyio.move_on_after(drain):
             # Its calls end in its own process: ask again until none is left.
             while await self._busy(identity, drain):  # noqa: ASYNC110
@@ -266,9 +268,8 @@ class Supervisor:
             self._end(identity, watched, exc)
             raise
         watched.incarnation += 1
-        self._hub.parked.discard(identity)
         self._publish("reloaded", watched.name, watched.incarnation)
-        self._deliver(identity)
+        self.waiting.release(identity)
 
     async def _probe(self, identity: bytes, watched: _Watched) -> None:
         """Probe ``identity`` every ``health_interval`` while it is watched;
@@ -278,7 +279,7 @@ class Supervisor:
         while self._watched.get(identity) is watched:
             await anyio.sleep(policy.health_interval)
             actor = self._processes.actors.get(identity)
-            if identity in self.held or actor is None or actor.exited.is_set():
+            if identity in self.waiting or actor is None or actor.exited.is_set():
                 continue  # restarting, or dying: nothing to probe now
             with anyio.move_on_after(policy.health_timeout) as probe:
                 try:
@@ -320,12 +321,10 @@ class Supervisor:
             )
             self._publish("gave_up", watched.name, watched.incarnation, gave_up)
             actor.limit_hit = f"{actor.limit_hit + '; ' if actor.limit_hit else ''}{gave_up}"
-            self._hub.parked.discard(actor.identity)
-            for src, frames in self.held.pop(actor.identity, ()):  # (its group held them)
-                if src != HOST:
-                    self._refuse(src, frames, ActorDiedError(watched.name, detail=gave_up), "host")
+            # (its group may have parked it)
+            self.waiting.fail(actor.identity, ActorDiedError(watched.name, detail=gave_up), "host")
             return None
-        self.held.setdefault(actor.identity, deque())
+        self.waiting.park(actor.identity)
         tg.start_soon(self._restart, actor.identity, watched, deaths)
         if watched.group is not None and actor.brought_down_by is None:
             self._bring_down(actor.identity, watched)
@@ -370,8 +369,7 @@ class Supervisor:
             actor = self._processes.actors.get(other)
             if other != identity and actor is not None and actor.process is not None:
                 actor.brought_down_by = watched.name
-                self.held.setdefault(other, deque())  # calls to it from now wait for the next
-                self._hub.parked.add(other)
+                self.waiting.park(other)  # calls to it from now wait for the next
                 actor.limit_hit = f"restarted with {watched.name!r}, which died ({strategy})"
                 signal_process(actor.process, "kill")
 
@@ -379,8 +377,7 @@ class Supervisor:
         policy = watched.policy
         assert policy is not None
         error: Exception | None = None
-        self._hub.parked.add(identity)  # routed through the host until it is built
-        watched.ended = anyio.Event()
+        watched.ended = anyio.Event()  # (parked since its death, until it is built)
         try:
             with anyio.CancelScope() as scope:
                 watched.restarting = scope
@@ -400,7 +397,6 @@ class Supervisor:
         finally:
             watched.restarting = None
             watched.ended.set()
-            self._hub.parked.discard(identity)
         if scope.cancelled_caught or watched.stopped:
             self._end(identity, watched, ActorClosedError(f"actor {watched.name!r} was stopped"))
         elif error is not None:
@@ -412,7 +408,7 @@ class Supervisor:
         else:
             watched.incarnation += 1
             self._publish("restarted", watched.name, watched.incarnation)
-            self._deliver(identity)
+            self.waiting.release(identity)
 
     def _count_death(self, watched: _Watched) -> int:
         """Count a death now; how many fall within the window."""
@@ -424,84 +420,17 @@ class Supervisor:
             deaths.popleft()
         return len(deaths)
 
-    def _deliver(self, identity: bytes) -> None:
-        """Hand what waited to the new process, in the order it came."""
-        for src, frames in self.held.pop(identity, ()):
-            try:
-                if src == HOST:
-                    self._hub.send(identity, frames)
-                else:
-                    self._hub.socket.send([identity, src, *frames])
-            except AtollError:
-                pass  # gone again: its death fails what waits on it
-
     def _end(self, identity: bytes, watched: _Watched, error: Exception) -> None:
         """``identity`` will not come back: calls to it, and what waited, fail."""
-        held = self.held.pop(identity, ())
         stopped = isinstance(error, ActorClosedError)
         self._processes.abandon(identity, watched.name, error, stopped=stopped)
-        for src, frames in held:
-            if src != HOST:
-                self._refuse(src, frames, error, watched.name)
+        self.waiting.fail(identity, error, watched.name)
         if stopped:
             self._publish("stopped", watched.name, watched.incarnation)
 
-    def _refuse(self, src: bytes, frames: Sequence[Any], error: Exception, name: str) -> None:
-        try:
-            msg = m.decode(frames[0])
-        except m.DecodeError:
-            return
-        if type(msg) is m.Call:
-            try:
-                self._hub.send(src, [m.encode(m.Error(msg.call_id, pack_error(error, name)))])
-            except AtollError:
-                pass
-
-    def hold(self, dest: bytes, src: bytes, frames: Sequence[Any]) -> bool:
-        """Keep a message for ``dest`` while it restarts; False if it does
-        not (or the message is its new process's boot, which goes now)."""
-        held = self.held.get(dest)
-        if held is None:
-            return False
-        if src == HOST:
-            try:
-                msg = m.decode(frames[0])
-            except m.DecodeError:
-                return False
-            if type(msg) is m.Call and msg.target in (BOOT_OID, STATUS_OID):
-                return False  # its boot, or the host asking whether it is busy
-        if len(held) >= HELD_MAX:
-            return False  # it fails as a message to a missing peer would
-        held.append((src, [bytes(f) if not isinstance(f, bytes) else f for f in frames]))
-        watched = self._watched.get(dest)
-        if watched is not None and watched.asleep and not watched.waking:
-            tg = self._task_group()
-            if tg is not None:
-                watched.waking = True
-                tg.start_soon(self._wake, dest, watched)
-        return True
-
-    def unroutable(self, src: bytes, dest: bytes, frames: list[Any]) -> None:
-        """A peer addressed an actor that is not connected: if it restarts or
-        sleeps, the message waits for it; else a call is answered: it is gone."""
-        if self.held and self.hold(dest, src, frames):
-            return
-        try:
-            msg = m.decode(frames[0])
-        except m.DecodeError:
-            self._hub.dropped["malformed"] += 1
-            return
-        if type(msg) is not m.Call:
-            return  # credits, cancels, releases for a gone actor: nothing to do
-        actor = self._processes.actors.get(dest)
-        if actor is not None:
-            error: Exception = actor.gone_error()
-        else:
-            error = ActorClosedError(f"no actor with id {dest!r} runs in this host")
-        self._refuse(src, frames, error, actor.name if actor is not None else "host")
-
     def restarting(self, identity: bytes) -> bool:
-        return identity in self.held
+        """Whether ``identity`` has no process now (restarting, asleep)."""
+        return identity in self.waiting
 
     async def stop(self, identity: bytes) -> None:
         """Stop restarting ``identity`` (the host stops it): a restart under
@@ -517,7 +446,6 @@ class Supervisor:
         elif watched.asleep:
             if watched.evicted is not None:
                 await watched.evicted.exited.wait()
-            self._hub.parked.discard(identity)
             self._end(identity, watched, ActorClosedError(f"actor {watched.name!r} was stopped"))
 
     def forget(self, identity: bytes) -> None:
