@@ -759,6 +759,12 @@ class Phoenix(atoll.Actor):
     def first_try_dies_sync(self, marker: str) -> str:
         return _first_try_dies(marker)
 
+    async def grow(self, megabytes: int) -> None:
+        """Keep ``megabytes`` of memory, touched."""
+        self.kept = bytearray(megabytes << 20)
+        for i in range(0, len(self.kept), 4096):
+            self.kept[i] = 1
+
     async def nap(self, seconds: float) -> None:
         """A long call that sends nothing meanwhile."""
         await anyio.sleep(seconds)

@@ -286,3 +286,21 @@ async def test_an_idempotent_call_in_flight_is_run_again_on_the_new_process(
             assert caught.value.restarting
             await caller.keep(phoenix)  # and from another actor, through its ref
             assert await caller.call(method, str(tmp_path / "actor")) == "done"
+
+
+async def test_an_actor_past_its_rss_limit_is_restarted_when_idle() -> None:
+    budget = atoll.Restart(backoff=0.0, rss_limit="150M", health_interval=0.05)
+    async with atoll.open_host() as host:
+        events = host.subscribe("atoll.lifecycle")
+        phoenix = await host.spawn(Phoenix, 3, name="grower", restart=budget)
+        with anyio.fail_after(30):
+            assert await phoenix.add(1) == 4
+            await phoenix.grow(300)
+            async for event in events:
+                if event.event == "restarted":
+                    assert "past rss_limit (150 MiB)" in event.reason
+                    break
+            assert await phoenix.add(0) == 3  # a new process: its memory, and state, anew
+        events.close()
+    with pytest.raises(ValueError, match=r"Restart\(rss_limit="):
+        atoll.Restart(rss_limit="lots")

@@ -9,6 +9,7 @@ import dataclasses
 from typing import Any
 
 from .._errors import ExtensionError
+from ._limits import parse_size
 
 LIFECYCLE = "atoll.lifecycle"
 """The topic of :class:`Lifecycle` events (``host.subscribe(LIFECYCLE)``)."""
@@ -26,6 +27,11 @@ class Restart:
     whose event loop does not answer within ``health_timeout`` seconds (a
     ``time.sleep`` in an async method, a deadlock) is killed, its threads'
     stacks quoted in the error its callers get, and restarted.
+
+    With ``rss_limit`` (bytes, or a size such as ``"4G"``), an actor whose
+    processes' resident memory grows past it is restarted at its next idle
+    moment (checked every ``health_interval`` seconds, else every second),
+    never in the middle of a call.
     """
 
     limit: int = 5
@@ -34,6 +40,7 @@ class Restart:
     max_backoff: float = 5.0
     health_interval: float | None = None
     health_timeout: float = 5.0
+    rss_limit: int | str | None = None
 
     def __post_init__(self) -> None:
         if type(self.limit) is not int or self.limit < 0:
@@ -44,6 +51,10 @@ class Restart:
                 continue
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
                 raise ValueError(f"Restart({name}=...) must be a number >= 0, got {value!r}")
+        if self.rss_limit is not None:
+            object.__setattr__(
+                self, "rss_limit", parse_size(self.rss_limit, "rss_limit", "Restart")
+            )
         if self.health_interval is not None and not self.health_timeout > 0:
             raise ValueError("Restart(health_timeout=...) must be above 0")
 

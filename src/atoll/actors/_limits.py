@@ -44,19 +44,20 @@ _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 _SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?", re.IGNORECASE)
 
 
-def parse_size(value: int | str, what: str) -> int:
-    """Bytes from ``2G``, ``512M``, ``1.5GiB`` or an int."""
+def parse_size(value: int | str, what: str, owner: str = "Limits") -> int:
+    """Bytes from ``2G``, ``512M``, ``1.5GiB`` or an int (``owner(what=...)``
+    names it in errors)."""
     if isinstance(value, bool) or not isinstance(value, (int, str)):
-        raise TypeError(f"Limits({what}=...) takes bytes or a size such as '2G', got {value!r}")
+        raise TypeError(f"{owner}({what}=...) takes bytes or a size such as '2G', got {value!r}")
     if isinstance(value, int):
         n = value
     else:
         found = _SIZE.fullmatch(value.strip())
         if found is None:
-            raise ValueError(f"Limits({what}={value!r}): not a size such as '2G' or '512M'")
+            raise ValueError(f"{owner}({what}={value!r}): not a size such as '2G' or '512M'")
         n = int(float(found[1]) * _UNITS[found[2].upper()])
     if n <= 0:
-        raise ValueError(f"Limits({what}=...) must be above 0, got {value!r}")
+        raise ValueError(f"{owner}({what}=...) must be above 0, got {value!r}")
     return n
 
 

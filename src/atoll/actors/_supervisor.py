@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -73,7 +74,7 @@ class _Watched:
         self.asleep = False  # no process: the first message for it starts one
         self.waking = False
         self.evicted: ActorProcess | None = None  # its last process, stopped for idleness
-        self.reloading: ActorProcess | None = None  # its last process, stopped for a reload
+        self.replacing: ActorProcess | None = None  # its last process, stopped for a new one
         self.group: tuple[str, list[bytes]] | None = None  # (strategy, members), if supervised
         self.launch: Callable[..., Awaitable[Any]] = relaunch  # a process of the same spec
 
@@ -121,6 +122,8 @@ class Supervisor:
         assert tg is not None
         if policy is not None and policy.health_interval is not None:
             tg.start_soon(self._probe, identity, watched)
+        if policy is not None and policy.rss_limit is not None:
+            tg.start_soon(self._watch_rss, identity, watched)
         if idle is not None:
             self._hub.traffic[identity] = 0
             tg.start_soon(self._watch_idle, identity, watched)
@@ -258,9 +261,16 @@ class Supervisor:
             # Its calls end in its own process: ask again until none is left.
             while await self._busy(identity, drain):  # noqa: ASYNC110
                 await anyio.sleep(0.01)
-        watched.reloading = actor
+        await self._swap(identity, watched, actor, "reloaded")
+
+    async def _swap(
+        self, identity: bytes, watched: _Watched, actor: ActorProcess, event: str, why: str = ""
+    ) -> None:
+        """Replace ``actor`` (parked, and idle) by a new process under its
+        identity, and tell of it as ``event``."""
+        watched.replacing = actor
         await self._processes.stop(actor, _EVICT_GRACE, again=True)
-        watched.reloading = None
+        watched.replacing = None
         try:
             await watched.relaunch()
         except AtollError as exc:
@@ -268,8 +278,33 @@ class Supervisor:
             self._end(identity, watched, exc)
             raise
         watched.incarnation += 1
-        self._publish("reloaded", watched.name, watched.incarnation)
+        self._publish(event, watched.name, watched.incarnation, why)
         self.waiting.release(identity)
+
+    async def _watch_rss(self, identity: bytes, watched: _Watched) -> None:
+        """Restart ``identity`` at an idle moment once its resident memory
+        is past its ``rss_limit``."""
+        policy = watched.policy
+        assert policy is not None and policy.rss_limit is not None
+        limit = int(policy.rss_limit)
+        while self._watched.get(identity) is watched:
+            await anyio.sleep(policy.health_interval or 1.0)
+            actor = self._processes.actors.get(identity)
+            if identity in self.waiting or actor is None or actor.process is None:
+                continue
+            rss = resident_bytes(actor.process.pid)
+            if rss <= limit:
+                continue
+            self.waiting.park(identity)
+            if await self._busy(identity, policy.health_timeout):
+                self.waiting.release(identity)  # in the middle of a call: later
+                continue
+            why = f"its resident memory, {rss >> 20} MiB, was past rss_limit ({limit >> 20} MiB)"
+            try:
+                await self._swap(identity, watched, actor, "restarted", why)
+            except AtollError as exc:
+                _logger.warning("atoll: %s could not be restarted: %s", watched.name, exc)
+                return
 
     async def _probe(self, identity: bytes, watched: _Watched) -> None:
         """Probe ``identity`` every ``health_interval`` while it is watched;
@@ -299,8 +334,8 @@ class Supervisor:
         if watched is not None and watched.evicted is actor:
             self._publish("evicted", watched.name, watched.incarnation, "idle")
             return ActorClosedError(f"actor {watched.name!r} was stopped while idle")
-        if watched is not None and watched.reloading is actor:
-            return ActorClosedError(f"actor {watched.name!r} is being reloaded")
+        if watched is not None and watched.replacing is actor:
+            return ActorClosedError(f"actor {watched.name!r} is being replaced by a new process")
         if watched is not None and watched.policy is None and not actor.stopping:
             del self._watched[actor.identity]  # not restarted: it dies as any actor
             self._hub.traffic.pop(actor.identity, None)
@@ -454,3 +489,19 @@ class Supervisor:
         if watched is not None:
             watched.stopped = True
             self._hub.traffic.pop(identity, None)
+
+
+def resident_bytes(pid: int) -> int:
+    """Resident memory of process ``pid`` and the processes under it."""
+    page = os.sysconf("SC_PAGE_SIZE")
+    total, todo = 0, [pid]
+    while todo:
+        one = todo.pop()
+        try:
+            with open(f"/proc/{one}/statm") as f:
+                total += int(f.read().split()[1]) * page
+            with open(f"/proc/{one}/task/{one}/children") as f:
+                todo += [int(child) for child in f.read().split()]
+        except (OSError, ValueError, IndexError):
+            pass  # gone meanwhile, or no such file here
+    return total
