@@ -211,6 +211,10 @@ class Spawner:
         ``trial``: a process to try an actor's code in, stopped after."""
         if trial:
             name = f"trial-{name}"  # its own name: the actor's stays with the actor
+        if (trial or again is not None) and paths:
+            # Its code may have changed within the second its bytecode was
+            # written, at the same size: Python would take the stale bytecode.
+            await anyio.to_thread.run_sync(drop_bytecode, paths)
         if sandbox is not None:
             trusted = False
             try:
@@ -505,3 +509,17 @@ class Spawner:
 def _pool_key(built: BuiltEnv | None) -> str | None:
     """Which warm pool serves spawns into ``built`` (None: this interpreter)."""
     return built.key if built is not None else None
+
+
+def drop_bytecode(folders: Sequence[str]) -> None:
+    """Remove the compiled bytecode (``__pycache__/*.pyc``) under ``folders``."""
+    for folder in folders:
+        for where, dirs, files in os.walk(folder):
+            dirs[:] = [d for d in dirs if not d.startswith(".")]
+            if os.path.basename(where) == "__pycache__":
+                for file in files:
+                    if file.endswith(".pyc"):
+                        try:
+                            os.unlink(os.path.join(where, file))
+                        except OSError:
+                            pass  # gone, or not ours to remove: it is checked as usual
