@@ -800,3 +800,18 @@ def _first_try_dies(marker: str) -> str:
         open(marker, "w").close()
         os._exit(3)
     return "done"
+
+
+class Talker(atoll.Actor):
+    """Writes to its stdout and stderr."""
+
+    async def say(self, n: int, tail: str) -> None:
+        for i in range(n):
+            print(f"line {i}")  # no flush: stdout is line-buffered in an actor
+        print("to stderr", file=sys.stderr)
+        if tail:
+            print(tail, end="")
+            sys.stdout.flush()
+
+    async def pid(self) -> int:
+        return os.getpid()

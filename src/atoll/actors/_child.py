@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import faulthandler
 import importlib
+import io
 import logging
 import os
 import signal
@@ -283,6 +284,9 @@ def main() -> None:
     # The host's word for "you are hung": the stack of each thread to stderr,
     # which the host quotes when it says why it killed this process.
     faulthandler.register(signal.SIGUSR1, all_threads=True)
+    # stdout is a pipe to the host, which passes it on line by line: so is it written.
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        sys.stdout.reconfigure(line_buffering=True)
     _log_to_stderr()
     boot = _read_boot()
     set_actor_title(boot.name, boot.host_pid)

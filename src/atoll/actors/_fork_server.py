@@ -81,10 +81,10 @@ def _fork_loop(ctl: socket.socket) -> bool:
         while True:
             for key, _ in selector.select():
                 if key.fileobj is ctl:
-                    msg, fds, _, _ = socket.recv_fds(ctl, 64, 2)
+                    msg, fds, _, _ = socket.recv_fds(ctl, 64, 3)
                     if not msg:
                         return False
-                    if msg != SPAWN or len(fds) != 2:
+                    if msg != SPAWN or len(fds) != 3:
                         for fd in fds:
                             os.close(fd)
                         continue
@@ -98,8 +98,9 @@ def _fork_loop(ctl: socket.socket) -> bool:
                             os.close(pidfd)
                         os.dup2(fds[0], 0)
                         os.dup2(fds[1], 2)
-                        os.close(fds[0])
-                        os.close(fds[1])
+                        os.dup2(fds[2], 1)
+                        for fd in fds:
+                            os.close(fd)
                         return True
                     pidfd = os.pidfd_open(pid)
                     for fd in fds:

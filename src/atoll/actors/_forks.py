@@ -107,13 +107,14 @@ class ForkServer:
             return None
         stdin_r, stdin_w = os.pipe()
         stderr_r, stderr_w = os.pipe()
+        stdout_r, stdout_w = os.pipe()
         slot = _Slot()
         try:
             try:
                 async with self._send_lock:  # one waiter for room at a time
                     while True:
                         try:
-                            socket.send_fds(self._sock, [SPAWN], [stdin_r, stderr_w])
+                            socket.send_fds(self._sock, [SPAWN], [stdin_r, stderr_w, stdout_w])
                             break
                         except BlockingIOError:  # many asked at once: let it catch up
                             await anyio.wait_writable(self._sock)
@@ -129,19 +130,20 @@ class ForkServer:
             finally:
                 os.close(stdin_r)  # the child's ends: the server has its own now
                 os.close(stderr_w)
+                os.close(stdout_w)
         except BaseException:
-            os.close(stdin_w)
-            os.close(stderr_r)
+            for fd in (stdin_w, stderr_r, stdout_r):
+                os.close(fd)
             if slot.child is not None:  # it came as the caller gave up
                 slot.child._discard()
             raise
         if slot.child is None:
-            os.close(stdin_w)
-            os.close(stderr_r)
+            for fd in (stdin_w, stderr_r, stdout_r):
+                os.close(fd)
             return None
-        os.set_blocking(stdin_w, False)
-        os.set_blocking(stderr_r, False)
-        slot.child._attach(_PipeWriter(stdin_w), _PipeReader(stderr_r))
+        for fd in (stdin_w, stderr_r, stdout_r):
+            os.set_blocking(fd, False)
+        slot.child._attach(_PipeWriter(stdin_w), _PipeReader(stderr_r), _PipeReader(stdout_r))
         return slot.child
 
     async def _receive(self) -> tuple[bytes, list[int]]:
@@ -231,9 +233,10 @@ class ForkedProcess(Process):
         self._status = anyio.Event()
         self._stdin: _PipeWriter | None = None
         self._stderr: _PipeReader | None = None
+        self._stdout: _PipeReader | None = None
 
-    def _attach(self, stdin: _PipeWriter, stderr: _PipeReader) -> None:
-        self._stdin, self._stderr = stdin, stderr
+    def _attach(self, stdin: _PipeWriter, stderr: _PipeReader, stdout: _PipeReader) -> None:
+        self._stdin, self._stderr, self._stdout = stdin, stderr, stdout
 
     def _exited(self, code: int) -> None:
         self._returncode = code
@@ -269,7 +272,7 @@ class ForkedProcess(Process):
         self._server._children.pop(self._pid, None)
 
     async def aclose(self) -> None:
-        for stream in (self._stdin, self._stderr):
+        for stream in (self._stdin, self._stderr, self._stdout):
             if stream is not None:
                 await stream.aclose()
         if self._pidfd >= 0:
@@ -292,7 +295,7 @@ class ForkedProcess(Process):
 
     @property
     def stdout(self) -> ByteReceiveStream | None:
-        return None
+        return self._stdout
 
     @property
     def stderr(self) -> ByteReceiveStream | None:

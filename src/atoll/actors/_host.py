@@ -44,6 +44,7 @@ from ._lifecycle import Restart, check_idle, restart_for_extension
 from ._limits import Limits, limits_for_extension
 from ._node import Node
 from ._options import HostOptions
+from ._output import Output
 from ._processes import KILL_WAIT, TERMINATE_WAIT, Processes, host_closed_error
 from ._ref import ACTOR_OID, ActorRef
 from ._registry import REGISTRY_OID, Registry, RegistryService, Subscription, class_key
@@ -83,7 +84,9 @@ class Host:
         self._node.poll_for = self._hub.socket.poll_for
         self._registry = Registry(self._node)
         self._node.export(RegistryService(self._registry), "registry", oid=REGISTRY_OID, actor=True)
-        self._processes = Processes(self._hub, self._node, self._registry, self._shm_prefix)
+        self._processes = Processes(
+            self._hub, self._node, self._registry, self._shm_prefix, Output(options.output)
+        )
         self._node.on_bye = self._processes.on_bye
         self._spawner = Spawner(options, self._hub, self._node, self._processes, self._shm_prefix)
         self._supervisor = Supervisor(
@@ -408,12 +411,9 @@ class Host:
         self._supervisor.supervise([self._id_of(ref, "supervise") for ref in refs], strategy)
 
     async def reload(self, ref: Any, *, drain: float = 30.0) -> None:
-        """Start an actor again, under the same ref, from its code as it is
-        on disk now (a class sent by value: as this process has it). The new
-        code is tried aside first: if it fails, the old keeps running and
-        this raises the new code's error. Calls to it then wait while those
-        it runs end (``drain`` seconds at most), and the new process takes
-        its place."""
+        """Start an actor again, same ref, from its code as it is on disk now:
+        tried aside first (if it fails, the old code runs on and this raises
+        why), then swapped in once its calls end (``drain`` seconds at most)."""
         await self._supervisor.reload(self._id_of(ref, "reload"), drain)
 
     def _id_of(self, ref: Any, what: str) -> bytes:
@@ -475,11 +475,13 @@ class Host:
                 self._tg = self._processes.tg = self._spawner.tg = tg
                 self._node.start(tg)
                 tg.start_soon(self._hub.serve, self._on_message, self._waiting.unroutable)
+                tg.start_soon(self._processes.output.serve)
                 self._ready.set()
                 try:
                     await self._close_requested.wait()
                 finally:
                     await self._shutdown()
+                    self._processes.output.flush()
                     tg.cancel_scope.cancel()
         except Exception as exc:  # a failed reader: aclose() raises it
             self._crash = exc

@@ -11,6 +11,7 @@ from typing import ParamSpec, TypeVar
 from ..tensors import check_transfer
 from ..transport._plain import PlainLimits
 from ..venvs import Progress
+from ._output import OutputTo, check_output
 from ._sandbox import Sandbox
 
 P = ParamSpec("P")
@@ -83,6 +84,13 @@ class HostOptions:
     ``spawn(trusted=False)``): its bytes, nesting depth and items. Past them
     the payload is a :class:`~atoll.ProtocolError` for its call alone."""
 
+    output: str | OutputTo = "prefixed"
+    """Where actors' stdout and stderr go, line by line: ``"prefixed"`` (the
+    host's stderr, each line after ``[name pid]``), ``"inherit"`` (the
+    host's stdout and stderr, unchanged), ``"logging"`` (records of the
+    ``atoll.actor.<name>`` logger), or a callable ``output(actor, pid,
+    stream, line)``. See ``atoll.actors._output``."""
+
     sandbox: Sandbox | None = None
     """The sandbox every extension loads in (:meth:`Host.load_extension`),
     unless its call gives another. A manifest may ask for more than it
@@ -100,6 +108,7 @@ class HostOptions:
                 f"spawn_timeout must be a number of seconds above 0, got {self.spawn_timeout!r}"
             )
         check_transfer(self.transfer)
+        check_output(self.output)
         if not isinstance(self.plain_limits, PlainLimits):
             raise TypeError(f"plain_limits takes an atoll.PlainLimits, got {self.plain_limits!r}")
 

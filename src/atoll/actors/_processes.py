@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import sys
 from collections import deque
 from collections.abc import Callable
 
@@ -28,6 +27,7 @@ from ..transport._hub import Hub
 from ._errors_wire import pack_error
 from ._limits import Cgroup, Limits, limit_hit
 from ._node import Node, _fresh
+from ._output import Output
 from ._registry import Registry
 
 _logger = logging.getLogger(__name__)
@@ -53,6 +53,7 @@ class ActorProcess:
         # (asyncio.run cancels every task left when main() returns).
         self.watch_ended = anyio.Event()
         self.stderr_done = anyio.Event()
+        self.stdout_done = anyio.Event()
         self.compatible = False
         self.box: str | None = None
         """Its sandbox's /dev/shm folder, if it is sandboxed."""
@@ -89,7 +90,10 @@ class Processes:
     """The host's actor processes, by identity: started by the spawner,
     watched and stopped here."""
 
-    def __init__(self, hub: Hub, node: Node, registry: Registry, shm_prefix: str) -> None:
+    def __init__(
+        self, hub: Hub, node: Node, registry: Registry, shm_prefix: str, output: Output
+    ) -> None:
+        self.output = output
         self._hub = hub
         self._node = node
         self._registry = registry
@@ -119,12 +123,14 @@ class Processes:
             # cancelled; the stop path makes sure the process does exit.
             with anyio.CancelScope(shield=True):
                 async with anyio.create_task_group() as tg:
-                    tg.start_soon(self._pump_stderr, actor)
+                    tg.start_soon(self._pump, actor, "stdout")
+                    tg.start_soon(self._pump, actor, "stderr")
                     code = await process.wait()
                     kill_group(process.pid)
-                    # Let the last lines of stderr arrive, unless a grandchild holds the pipe.
+                    # Let the last lines arrive, unless a grandchild holds the pipes.
                     with anyio.move_on_after(0.05):
                         await actor.stderr_done.wait()
+                        await actor.stdout_done.wait()
                     tg.cancel_scope.cancel()
                 await process.aclose()
             actor.exitcode = code
@@ -134,23 +140,26 @@ class Processes:
         finally:
             actor.watch_ended.set()
 
-    async def _pump_stderr(self, actor: ActorProcess) -> None:
-        assert actor.process is not None and actor.process.stderr is not None
-        partial = b""
+    async def _pump(self, actor: ActorProcess, which: str) -> None:
+        """Pass ``actor``'s stdout or stderr on, line by line (see ``_output``);
+        keep the tail of its stderr (and a dump of its threads' stacks)."""
+        assert actor.process is not None
+        stream = getattr(actor.process, which)
+        pid = actor.process.pid
+
+        def keep(line: str) -> None:
+            actor.stderr_tail.append(line)
+            if actor.dump is not None:
+                actor.dump.append(line)
+
         try:
-            async for chunk in actor.process.stderr:
-                sys.stderr.write(chunk.decode(errors="replace"))
-                lines = (partial + chunk).split(b"\n")
-                partial = lines.pop()
-                actor.stderr_tail.extend(line.decode(errors="replace") for line in lines)
-                if actor.dump is not None:
-                    actor.dump.extend(line.decode(errors="replace") for line in lines)
-        except (anyio.ClosedResourceError, anyio.BrokenResourceError):
-            pass
+            if stream is not None:
+                stderr = which == "stderr"
+                await self.output.read(
+                    stream, which, lambda: (actor.name, pid), keep if stderr else None
+                )
         finally:
-            if partial:
-                actor.stderr_tail.append(partial.decode(errors="replace"))
-            actor.stderr_done.set()
+            (actor.stderr_done if which == "stderr" else actor.stdout_done).set()
 
     def on_exit(self, actor: ActorProcess) -> None:
         if actor.exited.is_set():

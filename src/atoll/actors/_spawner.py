@@ -412,7 +412,7 @@ class Spawner:
             process = await anyio.open_process(
                 argv,
                 stdin=subprocess.PIPE,
-                stdout=None,
+                stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 env=env,
                 start_new_session=True,  # its process group: what it forks dies with it
