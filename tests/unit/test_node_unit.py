@@ -14,6 +14,7 @@ import atoll
 from atoll.actors._calling import STREAM_WINDOW
 from atoll.actors._node_state import Pending
 from atoll.transport import _messages as m
+from atoll.transport._socket import run_job
 
 pytestmark = pytest.mark.anyio
 
@@ -159,6 +160,22 @@ async def test_a_call_given_up_while_queued_never_runs() -> None:
                 assert not b._exports[ACTOR].gate.queue  # type: ignore[union-attr]
                 tg.cancel_scope.cancel()
         assert "never" not in service.log
+
+
+async def test_a_call_given_up_before_its_job_starts_never_runs() -> None:
+    # A slow process reads a call, then its Cancel, before the call's job
+    # has started: the Cancel must not be lost (the job would then run, and
+    # hold the actor's turn, for a caller long gone).
+    async with wire() as w:
+        a, b, service = _caller_and_service(w)
+        call_id, frames = a._encode_call(b.identity, ACTOR, "record", ("never",), {})
+        job = b.on_message(a.identity, list(frames))
+        assert job is not None  # its turn is taken; its job not started
+        assert b.on_message(a.identity, [m.encode(m.Cancel(call_id))]) is None
+        with anyio.fail_after(5):
+            await run_job(job)
+            assert await a.call(b.identity, ACTOR, "double", (2,), {}) == 4  # turn let go
+        assert "never" not in service.log and b._running == {}
 
 
 async def test_a_peer_gone_fails_what_waits_on_it() -> None:

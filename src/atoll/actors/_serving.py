@@ -33,6 +33,18 @@ from ._turns import TurnGate
 _log = logging.getLogger(__name__)
 
 
+class NotStarted:
+    """Stands for a call's cancel scope until its job starts."""
+
+    __slots__ = ("cancel_called",)
+
+    def __init__(self) -> None:
+        self.cancel_called = False
+
+    def cancel(self) -> None:
+        self.cancel_called = True
+
+
 class Serving(Callbacks):
     """Serves calls in to exported objects: turns, threads, streams out."""
 
@@ -57,6 +69,9 @@ class Serving(Callbacks):
             # Not its turn: it waits as data, not as a parked task.
             gate.queue.append((msg.chain, (src, msg, frames)))
             return None
+        # Until its job starts, a Cancel for it is noted here (else, with
+        # nothing running nor queued to cancel, it would be lost).
+        self._running[(src, msg.call_id)] = NotStarted()
         return functools.partial(self._serve_turns, src, msg, frames, export)
 
     async def _serve_turns(
@@ -119,6 +134,11 @@ class Serving(Callbacks):
             # Cancelling the scope cancels the call; the Cancelled exception
             # goes past this method (no reply: nobody wants one) to the scope.
             key = (src, msg.call_id)
+            early = self._running.get(key)
+            if type(early) is NotStarted and early.cancel_called:
+                del self._running[key]  # its caller gave up before it started
+                self.codec.discard(msg.payload, src)
+                return
             self._running[key] = scope
             try:
                 result = await self._invoke(src, export, msg, frames)
