@@ -8,8 +8,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from .._errors import ExtensionError
-from ._limits import parse_size
+from ._limits import from_manifest, parse_size
 
 LIFECYCLE = "atoll.lifecycle"
 """The topic of :class:`Lifecycle` events (``host.subscribe(LIFECYCLE)``)."""
@@ -83,9 +82,4 @@ def check_idle(idle: float | None) -> None:
 
 def restart_for_extension(asked: dict[str, Any] | None, manifest: str) -> Restart | None:
     """``[tool.atoll.restart]`` of an extension's manifest, checked."""
-    if asked is None:
-        return None
-    try:
-        return Restart(**asked)
-    except (TypeError, ValueError) as exc:
-        raise ExtensionError(f"{manifest}: [tool.atoll.restart]: {exc}") from None
+    return from_manifest(Restart, asked, manifest, "restart")

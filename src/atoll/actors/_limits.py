@@ -34,7 +34,8 @@ import logging
 import os
 import re
 import signal
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from .._errors import ExtensionError
 
@@ -102,12 +103,23 @@ class Limits:
 
 def limits_for_extension(asked: dict[str, Any] | None, manifest: str) -> Limits | None:
     """``[tool.atoll.limits]`` of an extension's manifest, checked."""
+    return from_manifest(Limits, asked, manifest, "limits")
+
+
+T = TypeVar("T")
+
+
+def from_manifest(
+    cls: Callable[..., T], asked: dict[str, Any] | None, manifest: str, table: str
+) -> T | None:
+    """``cls(**asked)``, ``asked`` being a manifest's ``[tool.atoll.<table>]``;
+    a wrong key or value is an :class:`ExtensionError` naming the table."""
     if asked is None:
         return None
     try:
-        return Limits(**asked)
+        return cls(**asked)
     except (TypeError, ValueError) as exc:
-        raise ExtensionError(f"{manifest}: [tool.atoll.limits]: {exc}") from None
+        raise ExtensionError(f"{manifest}: [tool.atoll.{table}]: {exc}") from None
 
 
 def _own_cgroup(controller: str) -> str | None:
