@@ -815,3 +815,26 @@ class Talker(atoll.Actor):
 
     async def pid(self) -> int:
         return os.getpid()
+
+
+class Logger(atoll.Actor):
+    """Logs, as a plugin does, without configuring logging."""
+
+    async def log(self, message: str) -> None:
+        import logging
+
+        logger = logging.getLogger("plugin.part")
+        logger.debug("too fine to be sent")
+        logger.warning("%s", message)
+        try:
+            raise ValueError("boom")
+        except ValueError:
+            logger.exception("it failed")
+
+    def log_from_a_thread(self, message: str) -> None:
+        import logging
+
+        logging.getLogger("plugin.thread").error("%s", message)
+
+    async def pid(self) -> int:
+        return os.getpid()

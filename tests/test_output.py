@@ -10,7 +10,7 @@ import anyio
 import pytest
 
 import atoll
-from helpers import Talker
+from helpers import Logger, Talker
 
 pytestmark = pytest.mark.anyio
 
@@ -98,3 +98,50 @@ async def test_a_flood_of_output_never_holds_its_actor_up() -> None:
 def test_output_takes_a_mode_or_a_callable() -> None:
     with pytest.raises(ValueError, match="prefixed"):
         atoll.HostOptions(output="loud")
+
+
+class _Records(logging.Handler):
+    """Keeps the records it is given; wakes a waiter on each."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+        self._changed = anyio.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+        self._changed.set()
+
+    async def wait_for(self, message: str) -> logging.LogRecord:
+        while True:
+            for record in self.records:
+                if record.getMessage() == message:
+                    return record
+            await self._changed.wait()
+            self._changed = anyio.Event()
+
+
+async def test_log_records_reach_the_hosts_logging_with_their_actor() -> None:
+    records = _Records()
+    actors = logging.getLogger("atoll.actor")
+    actors.addHandler(records)
+    actors.setLevel(logging.INFO)
+    try:
+        async with atoll.open_host() as host:
+            logger = await host.spawn(Logger, name="plugin")
+            with anyio.fail_after(20):
+                await logger.log("from a method")
+                await logger.log_from_a_thread("from a thread")
+                record = await records.wait_for("from a method")
+                failed = await records.wait_for("it failed")
+                threaded = await records.wait_for("from a thread")
+                pid = await logger.pid()
+    finally:
+        actors.removeHandler(records)
+        actors.setLevel(logging.NOTSET)
+    assert record.name == "atoll.actor.plugin" and record.levelno == logging.WARNING
+    assert (record.actor, record.pid, record.origin) == ("plugin", pid, "plugin.part")  # type: ignore[attr-defined]
+    assert record.call > 0  # type: ignore[attr-defined]  # made inside a call
+    assert "ValueError: boom" in (failed.exc_text or "")
+    assert threaded.levelno == logging.ERROR and threaded.origin == "plugin.thread"  # type: ignore[attr-defined]
+    assert not any(r.getMessage() == "too fine to be sent" for r in records.records)

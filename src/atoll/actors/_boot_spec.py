@@ -39,6 +39,8 @@ class BootSpec(msgspec.Struct, frozen=True, kw_only=True):
     rlimits: dict[str, int] = {}
     """Resource limits it sets on itself before its actor's code runs."""
     nice: int = 0
+    log_level: int = 0
+    """Its records at this level and above go to the host's logging (0: none)."""
     """How much less urgent it makes itself (see ``Limits.nice``)."""
     shm_limit: int | None = None
     """Bytes its arena of shared memory may hold."""

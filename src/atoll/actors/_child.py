@@ -31,6 +31,7 @@ from . import _runtime
 from ._actor import Actor, ref_kinds
 from ._boot_spec import BootSpec, decode_boot
 from ._limits import apply_rlimits, lower_priority
+from ._log_forwarding import forward
 from ._node import Node
 from ._ref import ACTOR_OID, BOOT_OID, STATUS_OID
 from ._registry import class_key
@@ -82,6 +83,7 @@ class _Child:
         _runtime.child_node = self.node
         self.stop = anyio.Event()
         self.node.on_bye = self._bye
+        forward(self.node, boot.log_level)
         self.node.on_exit = self._exit_requested
         self.exit_code = 0
         self.actor: Any = None

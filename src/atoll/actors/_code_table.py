@@ -36,6 +36,7 @@ CHILD_MODULES = (
     "atoll.actors._errors_wire",
     "atoll.actors._fork_server",
     "atoll.actors._limits",
+    "atoll.actors._log_forwarding",
     "atoll.actors._node",
     "atoll.actors._node_state",
     "atoll.actors._ref",

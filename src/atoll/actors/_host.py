@@ -44,9 +44,9 @@ from ._lifecycle import Restart, check_idle, restart_for_extension
 from ._limits import Limits, limits_for_extension
 from ._node import Node
 from ._options import HostOptions
-from ._output import Output
+from ._output import LogSink, Output
 from ._processes import KILL_WAIT, TERMINATE_WAIT, Processes, host_closed_error
-from ._ref import ACTOR_OID, ActorRef
+from ._ref import ACTOR_OID, LOG_OID, ActorRef
 from ._registry import REGISTRY_OID, Registry, RegistryService, Subscription, class_key
 from ._sandbox import Sandbox, for_extension, sandbox_of
 from ._spawner import FORK_SERVER_WAIT, Launched, Spawner
@@ -84,6 +84,7 @@ class Host:
         self._node.poll_for = self._hub.socket.poll_for
         self._registry = Registry(self._node)
         self._node.export(RegistryService(self._registry), "registry", oid=REGISTRY_OID, actor=True)
+        self._node.export(LogSink(), "log", oid=LOG_OID, actor=True)
         self._processes = Processes(
             self._hub, self._node, self._registry, self._shm_prefix, Output(options.output)
         )
@@ -405,9 +406,8 @@ class Host:
         return ActorRef(self._node, identity, name, kinds)
 
     def supervise(self, refs: Sequence[Any], strategy: str = "one_for_all") -> None:
-        """Restart the actors of ``refs`` (each spawned with ``restart=``)
-        together: ``one_for_all`` all when one dies, ``rest_for_one`` the one
-        that died and those after it, ``one_for_one`` each alone."""
+        """Restart ``refs`` (spawned with ``restart=``) together, as OTP's
+        ``one_for_all``, ``rest_for_one`` or ``one_for_one`` says."""
         self._supervisor.supervise([self._id_of(ref, "supervise") for ref in refs], strategy)
 
     async def reload(self, ref: Any, *, drain: float = 30.0) -> None:

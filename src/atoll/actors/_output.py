@@ -141,3 +141,40 @@ class Output:
         else:
             assert callable(output)
             output(name, pid, which, line)
+
+
+class LogSink:
+    """Takes the log records actors forward (see ``_log_forwarding``) and
+    hands each to the host's ``atoll.actor.<name>`` logger."""
+
+    dropped = 0
+    """Records that were not what an actor's forwarder makes."""
+
+    async def record(self, fields: Any) -> None:
+        try:
+            actor, level, message = fields["actor"], fields["level"], fields["message"]
+            if not (type(actor) is str and type(level) is int and type(message) is str):
+                raise TypeError(fields)
+            logger = logging.getLogger(f"atoll.actor.{actor}")
+            if not logger.isEnabledFor(level):
+                return
+            record = logger.makeRecord(
+                logger.name,
+                level,
+                str(fields.get("file", "")),
+                int(fields.get("line", 0)),
+                message,
+                (),
+                None,
+                str(fields.get("function", "")),
+            )
+        except (KeyError, TypeError, ValueError):
+            LogSink.dropped += 1  # not from atoll's forwarder: a hostile or broken actor
+            return
+        record.actor = actor
+        record.pid = fields.get("pid")
+        record.origin = fields.get("logger")
+        record.call = fields.get("call")
+        if fields.get("exc"):
+            record.exc_text = str(fields["exc"])
+        logger.handle(record)

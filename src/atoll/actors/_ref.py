@@ -24,6 +24,9 @@ STATUS_OID = 3
 """Object id, in an actor process, of what tells the host how busy it is
 (its health probe, and whether it is idle): calls running, streams open."""
 
+LOG_OID = 4
+"""Object id, in the host, of what takes the log records actors forward."""
+
 
 class ActorRef(Generic[A]):
     """A handle on an actor; ``ref.method(...)`` calls it in its process.
