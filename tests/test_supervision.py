@@ -307,3 +307,31 @@ async def test_an_actor_past_its_rss_limit_is_restarted_when_idle() -> None:
         events.close()
     with pytest.raises(ValueError, match=r"Restart\(rss_limit="):
         atoll.Restart(rss_limit="lots")
+
+
+async def test_status_says_what_runs_and_what_waits() -> None:
+    async with atoll.open_host() as host:
+        runner = await host.spawn(Phoenix, name="runner", restart=QUICK)
+        await host.spawn(Phoenix, name="sleeper", lazy=True)
+        untrusted = await host.spawn(Phoenix, name="untrusted", trusted=False)
+        with anyio.fail_after(20):
+            pid = await runner.pid()
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(runner.nap, 30.0)
+                await anyio.wait_all_tasks_blocked()
+                status = host.status()
+                tg.cancel_scope.cancel()
+            assert isinstance(status, atoll.HostStatus)
+            run = status.actor("runner")
+            assert (run.pid, run.state, run.trusted, run.incarnation) == (pid, "running", True, 1)
+            assert run.calls_in_flight == 1
+            assert run.uptime > 0 and run.resident_bytes > 1 << 20
+            assert (status.actor("sleeper").state, status.actor("sleeper").pid) == ("asleep", None)
+            assert not status.actor("untrusted").trusted
+            with pytest.raises(atoll.ActorDiedError):
+                await runner.crash()
+            assert host.status().actor("runner").state == "restarting"
+            assert await untrusted.add(1) == 1
+            assert await runner.add(0) == 0  # waits for the new process
+            assert host.status().actor("runner").incarnation == 2
+            assert host.status().actor("runner").calls_in_flight == 0

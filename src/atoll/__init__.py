@@ -49,6 +49,8 @@ if TYPE_CHECKING:
     from .actors._runtime import publish as publish
     from .actors._runtime import share as share
     from .actors._sandbox import Sandbox as Sandbox
+    from .actors._status import ActorStatus as ActorStatus
+    from .actors._status import HostStatus as HostStatus
     from .tensors._sending import copy_on_send as copy_on_send
     from .tensors._shm import SharedMemoryError as SharedMemoryError
     from .transport._plain import PlainLimits as PlainLimits
@@ -61,11 +63,13 @@ if TYPE_CHECKING:
 # milliseconds before its first call.
 _LAZY = {
     "ActorRef": "atoll.actors._ref",
+    "ActorStatus": "atoll.actors._status",
     "BlockingHost": "atoll.actors._blocking",
     "Env": "atoll.venvs._env",
     "Host": "atoll.actors._host",
     "HostOpener": "atoll.actors._opener",
     "HostOptions": "atoll.actors._options",
+    "HostStatus": "atoll.actors._status",
     "Lifecycle": "atoll.actors._lifecycle",
     "Limits": "atoll.actors._limits",
     "PlainLimits": "atoll.transport._plain",
@@ -106,6 +110,7 @@ __all__ = [
     "ActorClosedError",
     "ActorDiedError",
     "ActorRef",
+    "ActorStatus",
     "AtollError",
     "BlockingHost",
     "Env",
@@ -114,6 +119,7 @@ __all__ = [
     "Host",
     "HostOpener",
     "HostOptions",
+    "HostStatus",
     "Lifecycle",
     "Limits",
     "PlainLimits",

@@ -50,19 +50,12 @@ from ._ref import ACTOR_OID, LOG_OID, ActorRef
 from ._registry import REGISTRY_OID, Registry, RegistryService, Subscription, class_key
 from ._sandbox import Sandbox, for_extension, sandbox_of
 from ._spawner import FORK_SERVER_WAIT, Launched, Spawner
+from ._status import HostStatus, snapshot
 from ._supervisor import Supervisor
 
 A = TypeVar("A", bound=Actor)
 
 _logger = logging.getLogger(__name__)
-
-_STDERR_TAIL_LINES = 20
-_TERMINATE_WAIT = 1.0  # how long a stop waits after SIGTERM, and then after SIGKILL
-_KILL_WAIT = 1.0
-_FORK_SERVER_WAIT = 2.0
-_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
-_SRC_ROOT = os.path.dirname(_PACKAGE_DIR)
-_BOOT_SCRIPT = os.path.join(_PACKAGE_DIR, "actors", "_boot.py")
 
 
 class Host:
@@ -164,6 +157,10 @@ class Host:
             assert self._tg is not None
             self._tg.start_soon(_deliver, subscription, callback)
         return subscription
+
+    def status(self) -> HostStatus:
+        """A snapshot of every actor: process, state, age, memory, calls in flight."""
+        return snapshot(self._registry, self._processes, self._supervisor, self._node, self.dropped)
 
     @property
     def dropped(self) -> dict[str, int]:

@@ -71,6 +71,8 @@ class ActorProcess:
         """The name of the actor whose death took this one along (a group)."""
         self.dump: list[str] | None = None
         """Lines of stderr kept whole while it dumps its threads' stacks."""
+        self.started = anyio.current_time()
+        """When its process was started (the host's clock)."""
         self.node_no = int(identity[1:])
         """Where its call ids start (a new one for each incarnation)."""
 

@@ -15,6 +15,7 @@ from typing import Any
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
+from ..transport._hub import HOST
 from ._actor import Kind
 from ._node import Node
 from ._node_state import ExcFactory
@@ -160,6 +161,15 @@ class Registry:
             oldest = self._entries.get(name)
             if oldest is not None and oldest.gone is not None:
                 del self._entries[name]
+
+    def actors(self) -> list[tuple[str, bytes]]:
+        """``(name, identity)`` of each registered actor that is not gone
+        (services living in the host aside)."""
+        return [
+            (name, e.identity)
+            for name, e in self._entries.items()
+            if e.gone is None and e.identity != HOST
+        ]
 
     def class_of(self, name: str) -> str | None:
         """The class (``module.QualName``) of what is registered as ``name``."""

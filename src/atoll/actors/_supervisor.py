@@ -463,6 +463,10 @@ class Supervisor:
         if stopped:
             self._publish("stopped", watched.name, watched.incarnation)
 
+    def watched(self, identity: bytes) -> _Watched | None:
+        """What the supervisor keeps of ``identity`` (its incarnation, whether it sleeps)."""
+        return self._watched.get(identity)
+
     def restarting(self, identity: bytes) -> bool:
         """Whether ``identity`` has no process now (restarting, asleep)."""
         return identity in self.waiting
