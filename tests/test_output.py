@@ -145,3 +145,18 @@ async def test_log_records_reach_the_hosts_logging_with_their_actor() -> None:
     assert "ValueError: boom" in (failed.exc_text or "")
     assert threaded.levelno == logging.ERROR and threaded.origin == "plugin.thread"  # type: ignore[attr-defined]
     assert not any(r.getMessage() == "too fine to be sent" for r in records.records)
+
+
+async def test_an_actors_stacks_without_stopping_it() -> None:
+    out = _Lines()
+    async with atoll.open_host(output=out) as host:
+        talker = await host.spawn(Talker, name="talker")
+        with anyio.fail_after(20):
+            pid = await talker.pid()
+            stacks = await host.dump_stacks(talker)
+            assert "most recent call first" in stacks
+            assert "_child.py" in stacks  # its main thread, in atoll's loop
+            assert await talker.pid() == pid  # still running, the same process
+            await talker.say(1, "")
+            await out.wait_for(2)
+    assert not any("most recent call first" in line for *_, line in out.lines)

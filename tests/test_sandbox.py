@@ -197,3 +197,11 @@ async def test_no_bubblewrap_is_an_error_that_says_how_to_get_it(
                 assert os.getpid() in await loose.pids()  # and truly unconfined
     finally:
         _sandbox.bwrap.cache_clear()
+
+
+async def test_a_sandboxed_actors_stacks_without_ending_its_sandbox() -> None:
+    async with atoll.open_host() as host:
+        prisoner = await host.spawn(Prisoner, sandbox=atoll.Sandbox())
+        with anyio.fail_after(20):
+            assert "most recent call first" in await host.dump_stacks(prisoner)
+            assert await prisoner.pids() == [1, 2]  # alive, in its sandbox

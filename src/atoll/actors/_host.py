@@ -86,8 +86,7 @@ class Host:
         self._supervisor = Supervisor(
             self._processes, self._hub, self._node, self._registry, lambda: self._tg
         )
-        self._waiting = self._supervisor.waiting
-        self._names = itertools.count(1)
+        self._waiting, self._names = self._supervisor.waiting, itertools.count(1)
         self._tg: TaskGroup | None = None
         self._closed = False
         self._ready = anyio.Event()  # its tasks run (or failed to start)
@@ -157,6 +156,10 @@ class Host:
             assert self._tg is not None
             self._tg.start_soon(_deliver, subscription, callback)
         return subscription
+
+    async def dump_stacks(self, ref: Any) -> str:
+        """The stack of each thread of an actor's process, without stopping it."""
+        return await self._processes.stacks(self._id_of(ref, "dump_stacks"))
 
     def status(self) -> HostStatus:
         """A snapshot of every actor: process, state, age, memory, calls in flight."""

@@ -67,11 +67,11 @@ class Output:
         stream: ByteReceiveStream,
         which: str,
         source: Callable[[], tuple[str, int]],
-        keep: Callable[[str], None] | None = None,
+        keep: Callable[[str], bool] | None = None,
     ) -> None:
         """Read ``stream`` (an actor's stdout or stderr) to its end; each
-        line is queued with ``source()`` (the actor's name and pid then),
-        and given to ``keep`` too."""
+        line is given to ``keep``, then, unless it kept it for itself
+        (True), queued with ``source()`` (the actor's name and pid then)."""
         partial = b""
         try:
             async for chunk in stream:
@@ -93,10 +93,10 @@ class Output:
         which: str,
         source: Callable[[], tuple[str, int]],
         text: str,
-        keep: Callable[[str], None] | None,
+        keep: Callable[[str], bool] | None,
     ) -> None:
-        if keep is not None:
-            keep(text)
+        if keep is not None and keep(text):
+            return
         name, pid = source()
         for start in range(0, max(len(text), 1), LONGEST):
             if len(self._lines) >= QUEUE_LINES:

@@ -149,10 +149,12 @@ class Processes:
         stream = getattr(actor.process, which)
         pid = actor.process.pid
 
-        def keep(line: str) -> None:
-            actor.stderr_tail.append(line)
-            if actor.dump is not None:
+        def keep(line: str) -> bool:
+            if actor.dump is not None:  # the stacks it was asked for: kept aside
                 actor.dump.append(line)
+                return True
+            actor.stderr_tail.append(line)
+            return False
 
         try:
             if stream is not None:
@@ -210,28 +212,41 @@ class Processes:
                 except TransportError:
                     pass
 
-    async def kill_hung(self, actor: ActorProcess, why: str) -> None:
-        """Kill ``actor``, alive but not answering: first it writes the stack
-        of each thread (faulthandler, on SIGUSR1), which its death quotes."""
+    async def stacks(self, actor: ActorProcess | bytes) -> str:
+        """The stack of each of ``actor``'s threads (an identity will do),
+        written by its process (faulthandler, on SIGUSR1) without stopping
+        it; "" if it wrote none, or has no process now."""
+        if type(actor) is bytes:
+            found = self.actors.get(actor)
+            if found is None:
+                return ""
+            actor = found
+        assert isinstance(actor, ActorProcess)
         process = actor.process
         if process is None or actor.exited.is_set():
-            return
+            return ""
         actor.dump = []
         try:
-            process.send_signal(signal.SIGUSR1)
+            for pid in _actor_pids(process.pid):
+                os.kill(pid, signal.SIGUSR1)
+            with anyio.move_on_after(_DUMP_WAIT):
+                seen = -1
+                while len(actor.dump) != seen or not actor.dump:  # until it stops writing
+                    seen = len(actor.dump)
+                    await anyio.sleep(0.05)
+            return "\n".join(actor.dump)
         except ProcessLookupError:
-            return
-        with anyio.move_on_after(_DUMP_WAIT):
-            seen = -1
-            while len(actor.dump) != seen or not actor.dump:  # until it has stopped writing
-                seen = len(actor.dump)
-                await anyio.sleep(0.05)
-        stacks = "\n".join(actor.dump[:_DUMP_LINES])
-        for _ in range(min(len(actor.dump), len(actor.stderr_tail))):
-            actor.stderr_tail.pop()  # quoted once, in the error itself
-        actor.dump = None
+            return ""
+        finally:
+            actor.dump = None
+
+    async def kill_hung(self, actor: ActorProcess, why: str) -> None:
+        """Kill ``actor``, alive but not answering; its death quotes the
+        stack of each of its threads."""
+        stacks = "\n".join((await self.stacks(actor)).split("\n")[:_DUMP_LINES])
         actor.limit_hit = why + (f"; the stacks of its threads then:\n{stacks}" if stacks else "")
-        signal_process(process, "kill")
+        if actor.process is not None:
+            signal_process(actor.process, "kill")
 
     async def stop(self, actor: ActorProcess, grace: float, *, again: bool = False) -> None:
         """Stop ``actor``: ``Bye`` and ``grace`` seconds (longer if it waits for
@@ -332,3 +347,22 @@ def signal_process(process: Process, how: str) -> None:
         getattr(process, how)()
     except ProcessLookupError:
         pass
+
+
+def _actor_pids(pid: int) -> list[int]:
+    """The actor's own process under ``pid``: ``pid`` itself, or for a
+    sandboxed actor the interpreter bubblewrap runs (a signal to bubblewrap
+    would end the sandbox)."""
+    todo = [pid]
+    while todo:
+        one = todo.pop(0)
+        try:
+            with open(f"/proc/{one}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+            if not argv[0].endswith(b"bwrap"):  # (it retitles itself "atoll: <name>")
+                return [one]
+            with open(f"/proc/{one}/task/{one}/children") as f:
+                todo += [int(child) for child in f.read().split()]
+        except (OSError, ValueError):
+            continue
+    return [pid]
