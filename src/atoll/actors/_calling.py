@@ -171,12 +171,12 @@ class Calling(Serving):
         return _BlockingStream(stream, self._token)
 
     def _on_reply(self, src: bytes, msg: m.Result | m.Error, frames: list[zmq.Frame]) -> None:
-        pending = self._pending.get(msg.call_id)
+        pending = self._pending.pop(msg.call_id, None)
         if pending is not None and pending.dest != src:
             # Call ids are guessable: only the peer a call went to answers it.
+            self._pending[msg.call_id] = pending
             self.dropped["misaddressed"] += 1
             return
-        self._pending.pop(msg.call_id, None)
         if type(pending) is Pending:
             # Its caller settles the leases given back once it has loaded the
             # result: a storage of ours may come back in it, and must not be

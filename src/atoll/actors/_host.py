@@ -87,19 +87,19 @@ class Host:
             self._processes, self._hub, self._node, self._registry, lambda: self._tg
         )
         self._waiting, self._names = self._supervisor.waiting, itertools.count(1)
+        self._traffic, self._held = self._hub.traffic, self._waiting.held  # read on each send
         self._tg: TaskGroup | None = None
         self._closed = False
-        self._ready = anyio.Event()  # its tasks run (or failed to start)
-        self._close_requested = anyio.Event()
+        self._ready, self._close_requested = anyio.Event(), anyio.Event()  # ready: tasks run
         self._finished = anyio.Event()  # stopped, and its transport closed
         self._crash: BaseException | None = None
         self._context_token: Any = None
 
     def _transmit(self, dest: bytes, frames: Sequence[Any]) -> None:
         if dest != HOST:
-            if self._hub.traffic and dest in self._hub.traffic:
-                self._hub.traffic[dest] += 1
-            if self._waiting.held and self._waiting.hold(dest, HOST, frames):
+            if self._traffic and dest in self._traffic:
+                self._traffic[dest] += 1
+            if self._held and self._waiting.hold(dest, HOST, frames):
                 return  # it is being restarted, or sleeps: this waits for it
             self._hub.send(dest, frames)
             return
