@@ -744,6 +744,12 @@ class Phoenix(atoll.Actor):
     async def pid(self) -> int:
         return os.getpid()
 
+    async def imported(self, module: str) -> bool:
+        return module in sys.modules
+
+    async def forget(self, module: str) -> None:
+        del sys.modules[module]
+
     def crash(self, code: int = 3) -> None:
         os._exit(code)
 

@@ -66,6 +66,31 @@ async def test_other_actors_keep_their_ref_through_a_restart() -> None:
             assert await caller.add_by_name("phoenix", 1) == 6
 
 
+async def test_a_restart_takes_a_warm_process_when_one_waits() -> None:
+    async with atoll.open_host() as host:
+        again = atoll.Restart(limit=10, backoff=0.0)
+        phoenix = await host.spawn(Phoenix, 10, name="phoenix", restart=again)
+        caller = await host.spawn(Caller)
+        with anyio.fail_after(30):
+            await caller.keep(phoenix)
+            for incarnation in (2, 3):
+                await host.prewarm(count=1, imports=["colorsys"])  # (the second: its refill)
+                assert not await phoenix.imported("colorsys")
+                with pytest.raises(atoll.ActorDiedError, match="being restarted"):
+                    await phoenix.crash()
+                assert await phoenix.add(1) == 11
+                # The warm process, serving under the dead one's identity:
+                # the host's ref, another actor's and lookups all reach it.
+                assert await phoenix.imported("colorsys"), incarnation
+                assert await caller.add(1) == 12
+                assert await (await host.lookup("phoenix")).add(1) == 13
+                await phoenix.forget("colorsys")
+            for _ in range(4):  # each takes the refill the last started, perhaps still starting
+                with pytest.raises(atoll.ActorDiedError, match="being restarted"):
+                    await phoenix.crash()
+                assert await phoenix.add(1) == 11
+
+
 async def test_the_host_gives_up_after_too_many_deaths() -> None:
     async with atoll.open_host() as host:
         events = host.subscribe("atoll.lifecycle")

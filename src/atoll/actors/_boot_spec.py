@@ -2,7 +2,9 @@
 
 The host writes it as one line of JSON to the process's stdin (never argv:
 it carries the per-spawn secret) and keeps the pipe open; the process reads
-it before anything else (``_child.main``).
+it before anything else (``_child.main``). A warm process taken to restart
+an actor gets one more line there (:class:`Become`): the identity it serves
+under from then on.
 """
 
 from __future__ import annotations
@@ -34,17 +36,17 @@ class BootSpec(msgspec.Struct, frozen=True, kw_only=True):
     stop_timeout: float
     device_lease_timeout: float
     trusted: bool = True
+    """Not: everything it sends goes on the plain wire (``transport._plain``)."""
     sandboxed: bool = False
     """It shares memory with its host only (see ``_sandbox``)."""
     rlimits: dict[str, int] = {}
     """Resource limits it sets on itself before its actor's code runs."""
     nice: int = 0
+    """How much less urgent it makes itself (see ``Limits.nice``)."""
     log_level: int = 0
     """Its records at this level and above go to the host's logging (0: none)."""
-    """How much less urgent it makes itself (see ``Limits.nice``)."""
     shm_limit: int | None = None
     """Bytes its arena of shared memory may hold."""
-    """Not: everything it sends goes on the plain wire (``transport._plain``)."""
     environ: dict[str, str] | None = None
     """For a fork: the environment variables a fresh start would have had."""
     cwd: str | None = None
@@ -57,3 +59,20 @@ def encode_boot(spec: BootSpec) -> bytes:
 
 def decode_boot(line: bytes) -> BootSpec:
     return msgspec.json.decode(line, type=BootSpec)
+
+
+class Become(msgspec.Struct, frozen=True):
+    """A warm process, not yet serving an actor, taken to be the new
+    incarnation of one that died: it reconnects under the dead one's
+    identity and proves a new secret."""
+
+    identity: str
+    secret: bytes
+
+
+def encode_become(become: Become) -> bytes:
+    return msgspec.json.encode(become) + b"\n"
+
+
+def decode_become(line: bytes) -> Become:
+    return msgspec.json.decode(line, type=Become)

@@ -29,7 +29,7 @@ from ..transport._hub import HOST, remove_hub_dir
 from ..transport._socket import AsyncSocket, Job
 from . import _runtime
 from ._actor import Actor, ref_kinds
-from ._boot_spec import BootSpec, decode_boot
+from ._boot_spec import Become, BootSpec, decode_become, decode_boot
 from ._limits import apply_rlimits, lower_priority
 from ._log_forwarding import forward
 from ._node import Node
@@ -160,15 +160,35 @@ class _Child:
         self.stop.set()
 
     async def _watch_host(self) -> None:
+        data = b""
         while True:
             await anyio.wait_readable(0)
-            if not os.read(0, 4096):
+            chunk = os.read(0, 4096)
+            if not chunk:
                 # The host died without saying goodbye: nobody is left to
                 # answer, so leave at once, whatever the actor is doing, and
                 # take the host's private directory along.
                 remove_hub_dir(self.boot.hub)
                 _shm.sweep(self.shm_prefix)
                 os._exit(0)
+            data += chunk
+            while b"\n" in data:
+                line, data = data.split(b"\n", 1)
+                self._become(decode_become(line))
+
+    def _become(self, become: Become) -> None:
+        """Serve under another identity from now (a warm process taken to
+        restart an actor): reconnect under it and prove the new secret."""
+        if self.actor is not None:
+            _log.warning("atoll: actor %r: already serves an actor; stays itself", self.name)
+            return
+        identity = become.identity.encode()
+        sock = self.socket.zmq_socket
+        sock.disconnect(self.boot.hub)  # (nothing waits on the old connection)
+        sock.setsockopt(zmq.IDENTITY, identity)
+        sock.connect(self.boot.hub)
+        self.node.rename(identity)
+        self.socket.send([HOST, m.encode(m.Hello(become.secret, os.getpid(), m.WIRE_VERSION))])
 
     async def run(self) -> None:
         async with anyio.create_task_group() as tg:

@@ -147,11 +147,10 @@ class NodeState:
         *,
         untrusted: bool = False,
     ) -> None:
-        self.identity = identity
         self.name = name
         self._wire = transmit
         self.plane = plane
-        plane.connect(identity, self._send_quietly)
+        self.rename(identity)
         self._next_id = itertools.count((node_no << 40) + 1).__next__
         self._next_oid = itertools.count(16).__next__  # below 16: well-known objects
         self._pending: dict[int, Pending | StreamIn] = {}
@@ -205,6 +204,12 @@ class NodeState:
         if self.plane.dead:
             self.plane.drain()
         self._wire(dest, frames)
+
+    def rename(self, identity: bytes) -> None:
+        """Serve under ``identity`` (a process's own, or, once, the identity
+        of the actor it becomes; see ``_child``)."""
+        self.identity = identity
+        self.plane.connect(identity, self._send_quietly)
 
     def _send_quietly(self, dest: bytes, frames: Sequence[Any]) -> None:
         """Send a message whose loss only matters to a peer that is gone."""

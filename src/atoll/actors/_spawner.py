@@ -38,7 +38,7 @@ from ..transport._plain import SANDBOXED, UNTRUSTED, UNTRUSTED_MARKS
 from ..venvs import BuiltEnv, Env, build
 from ..venvs._env import user_cache_dir
 from ._actor import Kind
-from ._boot_spec import BootSpec, encode_boot
+from ._boot_spec import Become, BootSpec, encode_become, encode_boot
 from ._code_table import cached_table, write_table
 from ._forks import ForkServer, ForkServerError, supported
 from ._limits import Limits, rlimits
@@ -207,7 +207,8 @@ class Spawner:
         in a process for ``built``: its identity, methods and class. An
         untrusted or sandboxed actor gets a process of its own (warm ones
         are trusted and unconfined). ``again``: the identity of an actor
-        that died, for its new incarnation (a new process, from scratch).
+        that died, for its new incarnation (a warm process if one waits,
+        else a new process from scratch).
         ``trial``: a process to try an actor's code in, stopped after."""
         if trial:
             name = f"trial-{name}"  # its own name: the actor's stays with the actor
@@ -227,14 +228,14 @@ class Spawner:
         # Warm processes are trusted, unconfined and unlimited; a sandbox
         # used before has a spare process started in it.
         confined = Confined(sandbox, paths, limits)
-        if again is not None:
-            actor = None
-        elif sandbox is not None:
+        if sandbox is not None:
             spare: SpareKey = (_pool_key(built), sandbox, tuple(paths), limits)
-            actor = self._spares.take(spare)
+            actor = None if again is not None else self._spares.take(spare)
         else:
             actor = self._take_warm(built) if trusted and limits is None else None
-        if again is not None:
+        if again is not None and actor is not None:
+            actor = await self._become(actor, again, name)
+        if again is not None and actor is None:
             actor = ActorProcess(again, name)
             actor.node_no = next(self._numbers)  # call ids unlike its last incarnation's
             fresh = True
@@ -290,6 +291,35 @@ class Spawner:
                 await self._processes.stop(actor, grace=0)
             raise
         await self._await_hello(actor)
+
+    async def _become(self, actor: ActorProcess, identity: bytes, name: str) -> ActorProcess | None:
+        """Make warm process ``actor`` the new incarnation of ``identity``:
+        it reconnects under that identity, proving a new secret (see
+        ``_boot_spec.Become``). None if it could not be used (start one
+        from scratch instead)."""
+        try:
+            await self._await_hello(actor)  # it may still be starting
+        except AtollError as exc:
+            _logger.warning("atoll: a warm process for %s was lost: %s", name, exc)
+            return None
+        process = actor.process
+        assert process is not None and process.stdin is not None
+        self._hub.forget(actor.identity)
+        self._processes.actors.pop(actor.identity, None)
+        self._node.peer_names.pop(actor.identity, None)
+        secret = os.urandom(32)
+        actor.identity, actor.name = identity, name
+        # A new wait for its hello (compatible it stays: the same process;
+        # the start that made it may only now see its first hello).
+        actor.ready = anyio.Event()
+        self._processes.actors[identity] = actor
+        self._node.peer_names[identity] = name
+        self._hub.expect(identity, secret, actor.on_hello)
+        try:
+            await process.stdin.send(encode_become(Become(identity.decode(), secret)))
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+            pass  # it exited meanwhile: the wait for its hello says how
+        return actor
 
     async def _await_hello(self, actor: ActorProcess) -> None:
         try:
