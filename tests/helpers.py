@@ -781,6 +781,18 @@ class Phoenix(atoll.Actor):
 
         time.sleep(seconds)  # noqa: ASYNC251
 
+    async def nap_telling(self, started: Any, seconds: float) -> None:
+        """Say it has started (``await started()``), then nap."""
+        await started()
+        await anyio.sleep(seconds)
+
+    async def hang_telling(self, started: Any, seconds: float) -> None:
+        """Say it has started, then block its own event loop."""
+        import time
+
+        await started()
+        time.sleep(seconds)  # noqa: ASYNC251
+
 
 class Caller(atoll.Actor):
     """Calls another actor through a ref it keeps."""

@@ -156,6 +156,9 @@ async def test_an_actors_stacks_without_stopping_it() -> None:
             stacks = await host.dump_stacks(talker)
             assert "most recent call first" in stacks
             assert "_child.py" in stacks  # its main thread, in atoll's loop
+            tasks = stacks.split("Tasks of its event loop:\n")[1]
+            assert "task " in tasks and "_Child.run" in tasks  # the tree, from its root
+            assert "    task " in tasks  # tasks the root started, indented under it
             assert await talker.pid() == pid  # still running, the same process
             await talker.say(1, "")
             await out.wait_for(2)

@@ -344,7 +344,7 @@ async def test_status_says_what_runs_and_what_waits() -> None:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(runner.nap, 30.0)
                 await anyio.wait_all_tasks_blocked()
-                status = host.status()
+                status = await host.status()
                 tg.cancel_scope.cancel()
             assert isinstance(status, atoll.HostStatus)
             run = status.actor("runner")
@@ -355,8 +355,51 @@ async def test_status_says_what_runs_and_what_waits() -> None:
             assert not status.actor("untrusted").trusted
             with pytest.raises(atoll.ActorDiedError):
                 await runner.crash()
-            assert host.status().actor("runner").state == "restarting"
+            assert (await host.status()).actor("runner").state == "restarting"
             assert await untrusted.add(1) == 1
             assert await runner.add(0) == 0  # waits for the new process
-            assert host.status().actor("runner").incarnation == 2
-            assert host.status().actor("runner").calls_in_flight == 0
+            assert (await host.status()).actor("runner").incarnation == 2
+            assert (await host.status()).actor("runner").calls_in_flight == 0
+
+
+async def test_status_shows_the_calls_an_actor_serves_and_its_methods_figures() -> None:
+    async with atoll.open_host() as host:
+        phoenix = await host.spawn(Phoenix, name="phoenix")
+        caller = await host.spawn(Caller, name="caller")
+        hung = await host.spawn(Phoenix, name="hung")
+        started = anyio.Event()
+        hanging = anyio.Event()
+
+        async def say_started() -> None:
+            started.set()
+
+        async def say_hanging() -> None:
+            hanging.set()
+
+        with anyio.fail_after(30):
+            await caller.keep(phoenix)
+            for _ in range(20):
+                await phoenix.add(1)
+            with pytest.raises(TypeError):
+                await phoenix.add("one")
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(caller.call, "nap_telling", say_started, 30.0)
+                tg.start_soon(hung.hang_telling, say_hanging, 3.0)
+                await started.wait()
+                await hanging.wait()
+                status = await host.status()
+                tg.cancel_scope.cancel()
+            served = status.actor("phoenix")
+            assert served.answering and served.environment
+            (call,) = served.calls
+            assert (call.method, call.caller) == ("nap_telling", "caller")
+            assert 0 <= call.age < 30
+            (through,) = status.actor("caller").calls  # the same chain, one process up
+            assert (through.method, through.caller, through.chain) == ("call", "host", call.chain)
+            add = served.methods["add"]
+            assert (add.calls, add.errors) == (21, 1)
+            assert 0 < add.p50 <= add.p90 <= add.p99 <= add.max
+            assert "nap_telling" not in served.methods  # still running: counted when it ends
+            assert served.leases == 0
+            blocked = status.actor("hung")
+            assert blocked.state == "running" and not blocked.answering  # its loop is blocked

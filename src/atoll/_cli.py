@@ -1,5 +1,6 @@
 """``atoll env list | prune | build PATH``: see and manage the caches of
-environments (``atoll.venvs``) and of compiled code (``atoll.actors._code_table``)."""
+environments (``atoll.venvs``) and of compiled code (``atoll.actors._code_table``);
+``atoll status | top | stack NAME``: see into a running host (``_cli_observe``)."""
 
 from __future__ import annotations
 
@@ -201,7 +202,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     build_cmd.add_argument(
         "--quiet", action="store_true", help="print only the result (default: show uv's progress)"
     )
+    pid_option = argparse.ArgumentParser(add_help=False)
+    pid_option.add_argument(
+        "--pid", type=int, default=None, help="the host's pid (needed when several run)"
+    )
+    status = commands.add_parser(
+        "status", help="what a running host runs: actors, calls, methods", parents=[pid_option]
+    )
+    status.add_argument("--json", action="store_true", help="the status as JSON")
+    top = commands.add_parser("top", help="a live view of a running host", parents=[pid_option])
+    top.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
+    top.add_argument("--once", action="store_true", help="show it once and exit")
+    stack = commands.add_parser(
+        "stack", help="an actor's thread stacks and task tree", parents=[pid_option]
+    )
+    stack.add_argument("name", help="the actor's name")
     args = parser.parse_args(argv)
+    if args.command != "env":
+        return _observe(args)
     cache = os.path.abspath(getattr(args, "cache_dir", None) or default_cache)
     try:
         if args.action == "list":
@@ -211,6 +229,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         return cmd_build(cache, args.path, args.quiet)
     except AtollError as exc:
         print(f"atoll: {exc}", file=sys.stderr)
+        return 1
+
+
+def _observe(args: argparse.Namespace) -> int:
+    from . import _cli_observe as observe
+    from .actors._control import ControlError
+
+    try:
+        if args.command == "status":
+            return observe.cmd_status(args.pid, args.json)
+        if args.command == "top":
+            return observe.cmd_top(args.pid, args.interval, args.once)
+        return observe.cmd_stack(args.pid, args.name)
+    except ControlError as exc:
+        print(f"atoll {args.command}: {exc}", file=sys.stderr)
         return 1
 
 

@@ -33,7 +33,7 @@ from ._boot_spec import Become, BootSpec, decode_become, decode_boot
 from ._limits import apply_rlimits, lower_priority
 from ._log_forwarding import forward
 from ._node import Node
-from ._ref import ACTOR_OID, BOOT_OID, STATUS_OID
+from ._ref import ACTOR_OID, BOOT_OID, REPORT_OID, STATUS_OID
 from ._registry import class_key
 from ._title import set_actor_title
 
@@ -95,6 +95,20 @@ class _Child:
         node = self.node
         queued = sum(len(e.gate.queue) for e in node._exports.values() if e.gate is not None)
         return len(node._running) - 1 + queued, len(node._streams_out)
+
+    async def _report(self, what: str = "status") -> Any:
+        """What the host's status asks (``status``): plain data, see
+        ``_call_stats``; or (``tasks``) the tasks of this event loop."""
+        if what == "tasks":
+            return task_tree()
+        plane = self.node.plane.stats()
+        return {
+            **self.node.calls.report(),
+            "leases": plane["leases"],
+            "shared_memory_bytes": plane["segment_bytes"],
+            "mapped_bytes": plane["mapped_bytes"],
+            "threads": len(self.node._threads),
+        }
 
     def _bye(self, src: bytes, bye: m.Bye) -> None:
         if src == HOST:
@@ -196,6 +210,7 @@ class _Child:
             self.node.start(tg)
             self.node.export(self._build_actor, "build", oid=BOOT_OID)
             self.node.export(self._status, "status", oid=STATUS_OID)
+            self.node.export(self._report, "report", oid=REPORT_OID)
             tg.start_soon(self.socket.serve, self._on_message)
             tg.start_soon(self._watch_host)
             hello = m.Hello(self.boot.secret, os.getpid(), m.WIRE_VERSION)
@@ -250,6 +265,44 @@ class _Child:
                 self.name,
                 left,
             )
+
+
+def task_tree() -> str:
+    """Each task of this process's event loop, under the task that started
+    it, with where it waits: what the stack of a thread does not show."""
+    tasks = anyio.get_running_tasks()
+    known = {task.id for task in tasks}
+    children: dict[int | None, list[Any]] = {}
+    for task in tasks:
+        parent = task.parent_id if task.parent_id in known else None
+        children.setdefault(parent, []).append(task)
+    lines: list[str] = []
+
+    def show(parent: int | None, depth: int) -> None:
+        for task in children.get(parent, ()):
+            lines.append(f"{'  ' * depth}task {task.name}")
+            for where in _awaiting(task.coro):
+                lines.append(f"{'  ' * depth}    {where}")
+            show(task.id, depth + 1)
+
+    show(None, 0)
+    return "\n".join(lines)
+
+
+def _awaiting(coro: Any) -> list[str]:
+    """Where a task's coroutine waits: each frame of its ``await`` chain
+    (through the transport's ``Resumed``, which runs a call's coroutine)."""
+    where: list[str] = []
+    while coro is not None and len(where) < 24:
+        frame = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None)
+        if frame is None:
+            break
+        code = frame.f_code
+        if code.co_qualname != "Resumed.__await__":
+            where.append(f"{code.co_qualname} ({code.co_filename}:{frame.f_lineno})")
+        inner = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
+        coro = inner if inner is not None else frame.f_locals.get("coro")
+    return where
 
 
 def _missing_module(exc: BaseException) -> str | None:

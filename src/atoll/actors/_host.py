@@ -9,7 +9,6 @@ allowed a little over the size the others keep to.
 from __future__ import annotations
 
 import functools
-import inspect
 import itertools
 import logging
 import os
@@ -40,6 +39,7 @@ from . import _runtime, _signals
 from ._actor import Actor, method_kinds, ref_kinds
 from ._background import start_background
 from ._class_spec import ByValue, installed
+from ._control import Control
 from ._lifecycle import Restart, check_idle, restart_for_extension
 from ._limits import Limits, limits_for_extension
 from ._node import Node
@@ -50,7 +50,7 @@ from ._ref import ACTOR_OID, LOG_OID, ActorRef
 from ._registry import REGISTRY_OID, Registry, RegistryService, Subscription, class_key
 from ._sandbox import Sandbox, for_extension, sandbox_of
 from ._spawner import FORK_SERVER_WAIT, Launched, Spawner
-from ._status import HostStatus, snapshot
+from ._status import HostStatus, Observer
 from ._supervisor import Supervisor
 
 A = TypeVar("A", bound=Actor)
@@ -87,6 +87,10 @@ class Host:
             self._processes, self._hub, self._node, self._registry, lambda: self._tg
         )
         self._waiting, self._names = self._supervisor.waiting, itertools.count(1)
+        self._observer = Observer(
+            self._registry, self._processes, self._supervisor, self._node, lambda: self.dropped
+        )
+        self._control = Control(self._hub.dir, self._observer) if options.control else None
         self._traffic, self._held = self._hub.traffic, self._waiting.held  # read on each send
         self._tg: TaskGroup | None = None
         self._closed = False
@@ -154,16 +158,17 @@ class Host:
         subscription = self._registry.subscribe(topic)
         if callback is not None:
             assert self._tg is not None
-            self._tg.start_soon(_deliver, subscription, callback)
+            self._tg.start_soon(subscription.deliver, callback)
         return subscription
 
     async def dump_stacks(self, ref: Any) -> str:
-        """The stack of each thread of an actor's process, without stopping it."""
-        return await self._processes.stacks(self._id_of(ref, "dump_stacks"))
+        """The stack of each thread of an actor's process, and the task tree
+        of its event loop (if the loop answers), without stopping it."""
+        return await self._observer.stacks(self._id_of(ref, "dump_stacks"))
 
-    def status(self) -> HostStatus:
-        """A snapshot of every actor: process, state, age, memory, calls in flight."""
-        return snapshot(self._registry, self._processes, self._supervisor, self._node, self.dropped)
+    async def status(self) -> HostStatus:
+        """Every actor's process, state, memory, calls and methods' figures."""
+        return await self._observer.status()
 
     @property
     def dropped(self) -> dict[str, int]:
@@ -386,7 +391,7 @@ class Host:
         if isinstance(env, (str, os.PathLike)):
             env = read_extension(env).env
         built = await self._spawner.built(env)
-        await self._spawner.prewarm(built, count, imports)
+        await self._spawner.warm.prewarm(built, count, imports)
 
     def _registered(
         self,
@@ -476,6 +481,8 @@ class Host:
                 self._node.start(tg)
                 tg.start_soon(self._hub.serve, self._on_message, self._waiting.unroutable)
                 tg.start_soon(self._processes.output.serve)
+                if self._control is not None:
+                    tg.start_soon(self._control.serve)
                 self._ready.set()
                 try:
                     await self._close_requested.wait()
@@ -548,13 +555,6 @@ class Host:
         self._ctx.term()
         self._node.plane.close()
         _shm.sweep(self._shm_prefix)
-
-
-async def _deliver(subscription: Subscription, callback: Callable[[Any], Any]) -> None:
-    async for value in subscription:
-        result = callback(value)
-        if inspect.isawaitable(result):
-            await result
 
 
 __all__ = ["Host"]

@@ -28,6 +28,7 @@ from ..transport import _messages as m
 from ..transport._codec import Codec, Reducer
 from ..transport._socket import Job, PeerUnreachableError
 from ._actor import Kind, kind_of
+from ._call_stats import CallStats
 from ._turns import TurnGate
 
 CallContext = tuple[int, int]
@@ -155,6 +156,8 @@ class NodeState:
         self._next_oid = itertools.count(16).__next__  # below 16: well-known objects
         self._pending: dict[int, Pending | StreamIn] = {}
         self._running: dict[tuple[bytes, int], Any] = {}  # the calls' cancel scopes
+        self.calls = CallStats()
+        """The calls it served and serves, by method (see ``_call_stats``)."""
         self._streams_out: dict[tuple[bytes, int], StreamOut] = {}
         self._exports: dict[int, Export] = {}
         self._retired: dict[int, str] = {}  # names of unexported services, for errors

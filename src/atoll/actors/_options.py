@@ -91,6 +91,11 @@ class HostOptions:
     ``atoll.actor.<name>`` logger), or a callable ``output(actor, pid,
     stream, line)``. See ``atoll.actors._output``."""
 
+    control: bool = True
+    """Serve ``atoll status``, ``atoll top`` and ``atoll stack`` on a control
+    socket in the host's private directory: owner-only, keyed, and checked
+    to be the same user (see ``atoll.actors._control``)."""
+
     sandbox: Sandbox | None = None
     """The sandbox every extension loads in (:meth:`Host.load_extension`),
     unless its call gives another. A manifest may ask for more than it

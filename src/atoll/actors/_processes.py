@@ -73,6 +73,8 @@ class ActorProcess:
         """Lines of stderr kept whole while it dumps its threads' stacks."""
         self.started = anyio.current_time()
         """When its process was started (the host's clock)."""
+        self.env = ""
+        """Its environment's folder."""
         self.node_no = int(identity[1:])
         """Where its call ids start (a new one for each incarnation)."""
 

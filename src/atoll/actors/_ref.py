@@ -27,6 +27,11 @@ STATUS_OID = 3
 LOG_OID = 4
 """Object id, in the host, of what takes the log records actors forward."""
 
+REPORT_OID = 5
+"""Object id, in an actor process, of what tells the host what it serves
+(calls running, per-method counts and latencies, shared memory held), and
+the tasks of its event loop."""
+
 
 class ActorRef(Generic[A]):
     """A handle on an actor; ``ref.method(...)`` calls it in its process.

@@ -7,9 +7,10 @@ is how :func:`atoll.lookup` and :func:`atoll.publish` work from anywhere.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import anyio
@@ -74,6 +75,13 @@ class Subscription:
     async def receive(self) -> Any:
         """The next event; raises ``anyio.EndOfStream`` once closed."""
         return await self._receive.receive()
+
+    async def deliver(self, callback: Callable[[Any], Any]) -> None:
+        """Call ``callback`` (sync or async) with each event until closed."""
+        async for value in self:
+            result = callback(value)
+            if inspect.isawaitable(result):
+                await result
 
     def close(self) -> None:
         """Stop receiving events; iteration ends after those already queued."""

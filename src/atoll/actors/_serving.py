@@ -130,16 +130,23 @@ class Serving(Callbacks):
         plane.call_started()
         # Workers run one call after another: reset what this one set.
         token = current_call.set((msg.call_id, msg.chain))
+        key = (src, msg.call_id)
+        # Counted: the actor's methods and callbacks, not the well-known
+        # objects the host asks (its health probe, the status report).
+        method = msg.method if msg.target == 0 else export.name if msg.target >= 16 else ""
+        start = 0.0
+        failed = True
         try:
             # Cancelling the scope cancels the call; the Cancelled exception
             # goes past this method (no reply: nobody wants one) to the scope.
-            key = (src, msg.call_id)
             early = self._running.get(key)
             if type(early) is NotStarted and early.cancel_called:
                 del self._running[key]  # its caller gave up before it started
                 self.codec.discard(msg.payload, src)
                 return
             self._running[key] = scope
+            if method:
+                start = self.calls.started(key, method, msg.chain)
             try:
                 result = await self._invoke(src, export, msg, frames)
             finally:
@@ -154,11 +161,14 @@ class Serving(Callbacks):
                 raise
             self.on_exit(exc, f"{export.name}.{msg.method}()")
         else:
+            failed = False
             if not msg.credit:
                 self._reply(src, msg.call_id, result, export.name)
         finally:
             current_call.reset(token)
             plane.call_ended()
+            if start:
+                self.calls.ended(key, method, start, failed)
 
     async def _invoke(
         self, src: bytes, export: Export, msg: m.Call, frames: list[zmq.Frame]

@@ -1,5 +1,5 @@
-"""Starting actor processes: environments, warm pools, fork servers, the
-code table, and building the actor in its new process.
+"""Starting actor processes: environments, warm pools (``_warm``), fork
+servers, the code table, and building the actor in its new process.
 
 A spawn takes a process from the environment's warm pool if one waits,
 else a fork of the environment's fork server, else a process started from
@@ -15,7 +15,6 @@ import logging
 import os
 import subprocess
 import sys
-from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
@@ -27,7 +26,6 @@ from anyio.abc import Process, TaskGroup
 from .._errors import (
     ActorClosedError,
     ActorDiedError,
-    AtollError,
     SandboxUnavailableError,
     SerializationError,
     SpawnError,
@@ -38,7 +36,7 @@ from ..transport._plain import SANDBOXED, UNTRUSTED, UNTRUSTED_MARKS
 from ..venvs import BuiltEnv, Env, build
 from ..venvs._env import user_cache_dir
 from ._actor import Kind
-from ._boot_spec import Become, BootSpec, encode_become, encode_boot
+from ._boot_spec import BootSpec, encode_boot
 from ._code_table import cached_table, write_table
 from ._forks import ForkServer, ForkServerError, supported
 from ._limits import Limits, rlimits
@@ -54,6 +52,7 @@ from ._processes import (
 from ._ref import BOOT_OID
 from ._sandbox import Confined, Sandbox, bwrap
 from ._spares import SpareKey, Spares
+from ._warm import WarmPools, pool_key
 
 _logger = logging.getLogger(__name__)
 
@@ -92,8 +91,6 @@ class Spawner:
         self._use_forks = options.fork_server and supported()
         self._numbers = itertools.count(1)
         self._envs: dict[Env, BuiltEnv] = {}
-        self._warm: dict[str | None, deque[ActorProcess]] = {}
-        self._warm_imports: dict[str | None, tuple[str, ...]] = {}
         self._code_table: str | None = None
         self._code_table_lock = anyio.Lock()
         self.fork_servers: dict[str | None, ForkServer] = {}
@@ -103,6 +100,16 @@ class Spawner:
         """The host's task group, once it runs."""
         self.closed = False
         """The host is closing: no more processes."""
+        self.warm = WarmPools(
+            hub,
+            node,
+            processes,
+            self.new_identity,
+            self._boot,
+            self._await_hello,
+            lambda: self.closed,
+            lambda: self.tg,
+        )
         self._spares = Spares(
             lambda: ActorProcess(self.new_identity(False, True), "spare-sandboxed"),
             lambda actor, built, confined: self._boot(actor, built, (), confined),
@@ -118,56 +125,6 @@ class Spawner:
         for server in self.fork_servers.values():
             with anyio.move_on_after(FORK_SERVER_WAIT):
                 await server.aclose()
-
-    async def prewarm(self, built: BuiltEnv | None, count: int, imports: Sequence[str]) -> None:
-        """Have ``count`` processes for ``built`` waiting (see Host.prewarm)."""
-        key = _pool_key(built)
-        self._warm_imports[key] = tuple(imports)
-        waiting = [a for a in self._warm.get(key, ()) if not a.exited.is_set()]
-        errors: list[Exception] = []
-
-        async def one(actor: ActorProcess | None) -> None:
-            try:
-                await (self._add_warm(built) if actor is None else self._await_hello(actor))
-            except AtollError as exc:
-                errors.append(exc)
-
-        async with anyio.create_task_group() as tg:
-            for actor in [*waiting[:count], *[None] * (count - len(waiting))]:
-                tg.start_soon(one, actor)
-        if errors:
-            raise errors[0]
-
-    async def _add_warm(self, built: BuiltEnv | None) -> None:
-        key = _pool_key(built)
-        actor = ActorProcess(self.new_identity(), f"warm-{key or 'host'}")
-        # In the pool while it starts: a spawn that comes meanwhile takes it
-        # and waits for its hello, rather than starting a cold process.
-        pool = self._warm.setdefault(key, deque())
-        pool.append(actor)
-        try:
-            await self._boot(actor, built, self._warm_imports.get(key, ()))
-        except BaseException:
-            if actor in pool:
-                pool.remove(actor)
-            raise
-
-    async def _refill(self, built: BuiltEnv | None) -> None:
-        try:
-            await self._add_warm(built)
-        except Exception as exc:  # nobody waits for a refill: say it here
-            if not self.closed:
-                _logger.warning("atoll: could not start a warm actor process: %s", exc)
-
-    def _take_warm(self, built: BuiltEnv | None) -> ActorProcess | None:
-        pool = self._warm.get(_pool_key(built))
-        while pool:
-            actor = pool.popleft()
-            if not actor.exited.is_set():
-                assert self.tg is not None
-                self.tg.start_soon(self._refill, built)
-                return actor  # perhaps still starting: the caller waits for its hello
-        return None
 
     async def built(self, env: Env | None) -> BuiltEnv | None:
         if env is None:
@@ -229,12 +186,12 @@ class Spawner:
         # used before has a spare process started in it.
         confined = Confined(sandbox, paths, limits)
         if sandbox is not None:
-            spare: SpareKey = (_pool_key(built), sandbox, tuple(paths), limits)
+            spare: SpareKey = (pool_key(built), sandbox, tuple(paths), limits)
             actor = None if again is not None else self._spares.take(spare)
         else:
-            actor = self._take_warm(built) if trusted and limits is None else None
+            actor = self.warm.take(built) if trusted and limits is None else None
         if again is not None and actor is not None:
-            actor = await self._become(actor, again, name)
+            actor = await self.warm.become(actor, again, name)
         if again is not None and actor is None:
             actor = ActorProcess(again, name)
             actor.node_no = next(self._numbers)  # call ids unlike its last incarnation's
@@ -246,6 +203,7 @@ class Spawner:
             actor.name = name
             self._node.peer_names[actor.identity] = name
             fresh = False
+        actor.env = built.path if built is not None else sys.prefix
         try:
             with anyio.fail_after(self._spawn_timeout):
                 if fresh:
@@ -291,35 +249,6 @@ class Spawner:
                 await self._processes.stop(actor, grace=0)
             raise
         await self._await_hello(actor)
-
-    async def _become(self, actor: ActorProcess, identity: bytes, name: str) -> ActorProcess | None:
-        """Make warm process ``actor`` the new incarnation of ``identity``:
-        it reconnects under that identity, proving a new secret (see
-        ``_boot_spec.Become``). None if it could not be used (start one
-        from scratch instead)."""
-        try:
-            await self._await_hello(actor)  # it may still be starting
-        except AtollError as exc:
-            _logger.warning("atoll: a warm process for %s was lost: %s", name, exc)
-            return None
-        process = actor.process
-        assert process is not None and process.stdin is not None
-        self._hub.forget(actor.identity)
-        self._processes.actors.pop(actor.identity, None)
-        self._node.peer_names.pop(actor.identity, None)
-        secret = os.urandom(32)
-        actor.identity, actor.name = identity, name
-        # A new wait for its hello (compatible it stays: the same process;
-        # the start that made it may only now see its first hello).
-        actor.ready = anyio.Event()
-        self._processes.actors[identity] = actor
-        self._node.peer_names[identity] = name
-        self._hub.expect(identity, secret, actor.on_hello)
-        try:
-            await process.stdin.send(encode_become(Become(identity.decode(), secret)))
-        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
-            pass  # it exited meanwhile: the wait for its hello says how
-        return actor
 
     async def _await_hello(self, actor: ActorProcess) -> None:
         try:
@@ -476,7 +405,7 @@ class Spawner:
         that come while it starts wait for it."""
         if not self._use_forks:
             return None
-        key = _pool_key(built)
+        key = pool_key(built)
         server = self.fork_servers.get(key)
         if server is None or not server.alive:
             if key in self._fork_failed:
@@ -535,11 +464,6 @@ class Spawner:
         except Exception as exc:
             raise SpawnError(f"actor {actor.name!r} failed to start: {exc!r}") from exc
         return {k: Kind(v) for k, v in kinds.items()}, cls_key
-
-
-def _pool_key(built: BuiltEnv | None) -> str | None:
-    """Which warm pool serves spawns into ``built`` (None: this interpreter)."""
-    return built.key if built is not None else None
 
 
 def drop_bytecode(folders: Sequence[str]) -> None:
