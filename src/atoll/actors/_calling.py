@@ -10,6 +10,7 @@ stream is a call whose items come back one by one, under credit.
 from __future__ import annotations
 
 import threading
+from collections.abc import Coroutine
 from typing import Any
 
 import anyio
@@ -75,15 +76,31 @@ class Calling(Serving):
                 raise
         return await self.call(dest, target, method, args, kwargs)
 
-    async def call(
+    def call(
         self, dest: bytes, target: int, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Coroutine[Any, Any, Any]:
+        """Call ``method`` of object ``target`` in peer ``dest``: await it for
+        its result. Traced when calls are (not atoll's own well-known objects)."""
+        tracer = self.tracer
+        if tracer is not None and (target == 0 or target >= 16):
+            callee = self.peer_names.get(dest) or dest.decode(errors="replace")
+            return tracer.client(self._call, callee, method, dest, target, method, args, kwargs)  # type: ignore[no-any-return]
+        return self._call(dest, target, method, args, kwargs)
+
+    async def _call(
+        self,
+        dest: bytes,
+        target: int,
+        method: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        trace: bytes = b"",
     ) -> Any:
-        """Call ``method`` of object ``target`` in peer ``dest`` and return its result."""
         if self._closed is not None or dest in self._gone:
             self.check_open(dest)
         if self._deferred:
             self._flush_deferred()
-        call_id, frames = self._encode_call(dest, target, method, args, kwargs)
+        call_id, frames = self._encode_call(dest, target, method, args, kwargs, trace=trace)
         pending = Pending(dest, self._new_event)
         self._pending[call_id] = pending
         try:
@@ -129,6 +146,7 @@ class Calling(Serving):
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
         credit: int = 0,
+        trace: bytes = b"",
     ) -> tuple[int, list[Any]]:
         """A new call id and the frames of its Call, linked to the call this
         task is serving (if any) so that its chain can re-enter."""
@@ -138,7 +156,7 @@ class Calling(Serving):
         payload, buffers = self.codec.dumps_call(
             args, kwargs, self.mark, f"arguments of {method}()", dest
         )
-        header = m.encode(m.Call(call_id, parent, chain, target, method, payload, credit))
+        header = m.encode(m.Call(call_id, parent, chain, target, method, payload, credit, trace))
         return call_id, [header, *buffers]
 
     def notify(
@@ -146,7 +164,9 @@ class Calling(Serving):
     ) -> None:
         """Call without waiting for (or hearing of) the result."""
         self.check_open(dest)
-        _, frames = self._encode_call(dest, target, method, args, kwargs)
+        tracer = self.tracer
+        trace = tracer.wire() if tracer is not None and (target == 0 or target >= 16) else b""
+        _, frames = self._encode_call(dest, target, method, args, kwargs, trace=trace)
         try:
             self._transmit(dest, frames)
         except TransportError as exc:
@@ -235,7 +255,10 @@ class RemoteStream:
     def _open(self) -> StreamIn:
         node = self._node
         node.check_open(self._dest)
-        call_id, frames = node._encode_call(self._dest, *self._request, credit=self._window)
+        trace = node.tracer.wire() if node.tracer is not None else b""  # (no span of its own)
+        call_id, frames = node._encode_call(
+            self._dest, *self._request, credit=self._window, trace=trace
+        )
         state = StreamIn(self._dest)
         node._pending[call_id] = state
         self._call_id = call_id

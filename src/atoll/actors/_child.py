@@ -19,6 +19,7 @@ import traceback
 from typing import Any
 
 import anyio
+import msgspec
 import zmq
 
 from .._errors import ActorClosedError, ExtensionError, TransportError
@@ -33,9 +34,10 @@ from ._boot_spec import Become, BootSpec, decode_become, decode_boot
 from ._limits import apply_rlimits, lower_priority
 from ._log_forwarding import forward
 from ._node import Node
-from ._ref import ACTOR_OID, BOOT_OID, REPORT_OID, STATUS_OID
+from ._ref import ACTOR_OID, BOOT_OID, REPORT_OID, SPAN_OID, STATUS_OID
 from ._registry import class_key
 from ._title import set_actor_title
+from ._tracing import Recorder, Spans
 
 _log = logging.getLogger(__name__)
 
@@ -84,6 +86,8 @@ class _Child:
         self.stop = anyio.Event()
         self.node.on_bye = self._bye
         forward(self.node, boot.log_level)
+        if boot.tracing:
+            self.node.tracer = Recorder(self._send_spans)
         self.node.on_exit = self._exit_requested
         self.exit_code = 0
         self.actor: Any = None
@@ -109,6 +113,10 @@ class _Child:
             "mapped_bytes": plane["mapped_bytes"],
             "threads": len(self.node._threads),
         }
+
+    def _send_spans(self, spans: Spans) -> None:
+        data = msgspec.msgpack.encode(spans)
+        self.node.notify(HOST, SPAN_OID, "spans", (self.name, data), {})
 
     def _bye(self, src: bytes, bye: m.Bye) -> None:
         if src == HOST:
@@ -213,9 +221,13 @@ class _Child:
             self.node.export(self._report, "report", oid=REPORT_OID)
             tg.start_soon(self.socket.serve, self._on_message)
             tg.start_soon(self._watch_host)
+            if self.node.tracer is not None:
+                tg.start_soon(self.node.tracer.serve)
             hello = m.Hello(self.boot.secret, os.getpid(), m.WIRE_VERSION)
             self.socket.send([HOST, m.encode(hello)])
             await self.stop.wait()
+            if self.node.tracer is not None:
+                self.node.tracer.flush()  # what it recorded last, while it may still send
             self.node.close(lambda: ActorClosedError(f"actor {self.name!r} is stopping"))
             if self.actor is not None:
                 with anyio.move_on_after(self.on_stop_timeout) as scope:

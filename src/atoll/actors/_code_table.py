@@ -45,6 +45,7 @@ CHILD_MODULES = (
     "atoll.actors._runtime",
     "atoll.actors._serving",
     "atoll.actors._title",
+    "atoll.actors._tracing",
     "atoll.actors._turns",
     "atoll.tensors",
     "atoll.tensors._adapters",

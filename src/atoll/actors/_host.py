@@ -46,12 +46,13 @@ from ._node import Node
 from ._options import HostOptions
 from ._output import LogSink, Output
 from ._processes import KILL_WAIT, TERMINATE_WAIT, Processes, host_closed_error
-from ._ref import ACTOR_OID, LOG_OID, ActorRef
+from ._ref import ACTOR_OID, LOG_OID, SPAN_OID, ActorRef
 from ._registry import REGISTRY_OID, Registry, RegistryService, Subscription, class_key
 from ._sandbox import Sandbox, for_extension, sandbox_of
 from ._spawner import FORK_SERVER_WAIT, Launched, Spawner
 from ._status import HostStatus, Observer
 from ._supervisor import Supervisor
+from ._tracing import trace_host
 
 A = TypeVar("A", bound=Actor)
 
@@ -78,6 +79,7 @@ class Host:
         self._registry = Registry(self._node)
         self._node.export(RegistryService(self._registry), "registry", oid=REGISTRY_OID, actor=True)
         self._node.export(LogSink(), "log", oid=LOG_OID, actor=True)
+        trace_host(self._node, SPAN_OID, options.tracer_provider)
         self._processes = Processes(
             self._hub, self._node, self._registry, self._shm_prefix, Output(options.output)
         )
@@ -94,9 +96,9 @@ class Host:
         self._traffic, self._held = self._hub.traffic, self._waiting.held  # read on each send
         self._tg: TaskGroup | None = None
         self._closed = False
+        self._crash: BaseException | None = None
         self._ready, self._close_requested = anyio.Event(), anyio.Event()  # ready: tasks run
         self._finished = anyio.Event()  # stopped, and its transport closed
-        self._crash: BaseException | None = None
         self._context_token: Any = None
 
     def _transmit(self, dest: bytes, frames: Sequence[Any]) -> None:
@@ -427,10 +429,8 @@ class Host:
         return ref._id
 
     async def stop(self, ref: Any) -> None:
-        """Stop one actor: gracefully, then terminate, then kill, each with a deadline.
-
-        Calls to it that are in flight fail with :class:`ActorClosedError`.
-        """
+        """Stop one actor: gracefully, then terminate, then kill, each with a
+        deadline. Calls to it in flight fail with :class:`ActorClosedError`."""
         self._id_of(ref, "stop")
         if self._supervisor.restarting(ref._id):
             await self._supervisor.stop(ref._id)
@@ -469,11 +469,10 @@ class Host:
         """The host's own task: it owns every task of the host (the hub's
         reader, the actors' watchers) until :meth:`aclose` asks it to stop.
 
-        It is not a task of the caller's task group, so the host may be
-        closed from another task or context than the one that opened it (two
-        notebook cells). Cancelled from outside (``asyncio.run`` cancels the
-        tasks left when ``main()`` returns), it stops everything all the same,
-        within the stop deadlines.
+        Not a task of the caller's task group: the host may be closed from
+        another task or context than the one that opened it (two notebook
+        cells). Cancelled from outside (``asyncio.run`` cancels the tasks left
+        when ``main()`` returns), it stops everything within the deadlines.
         """
         try:
             async with anyio.create_task_group() as tg:

@@ -157,6 +157,9 @@ class NodeState:
         self._pending: dict[int, Pending | StreamIn] = {}
         self._running: dict[tuple[bytes, int], Any] = {}  # the calls' cancel scopes
         self.calls = CallStats()
+        self.tracer: Any = None
+        """Set when calls are traced: an ``OtelTracer`` in the host, a
+        ``Recorder`` in an actor process (see ``_tracing``)."""
         """The calls it served and serves, by method (see ``_call_stats``)."""
         self._streams_out: dict[tuple[bytes, int], StreamOut] = {}
         self._exports: dict[int, Export] = {}

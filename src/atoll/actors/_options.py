@@ -6,7 +6,7 @@ import dataclasses
 import functools
 import inspect
 from collections.abc import Callable
-from typing import ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 from ..tensors import check_transfer
 from ..transport._plain import PlainLimits
@@ -95,6 +95,11 @@ class HostOptions:
     """Serve ``atoll status``, ``atoll top`` and ``atoll stack`` on a control
     socket in the host's private directory: owner-only, keyed, and checked
     to be the same user (see ``atoll.actors._control``)."""
+
+    tracer_provider: Any = None
+    """An OpenTelemetry SDK ``TracerProvider`` to trace every call with (see
+    ``atoll.actors._tracing``); None: the global one, if the application has
+    set the SDK's (``trace.set_tracer_provider``) before opening the host."""
 
     sandbox: Sandbox | None = None
     """The sandbox every extension loads in (:meth:`Host.load_extension`),

@@ -27,6 +27,9 @@ STATUS_OID = 3
 LOG_OID = 4
 """Object id, in the host, of what takes the log records actors forward."""
 
+SPAN_OID = 6
+"""Object id, in the host, of what takes the spans actors recorded."""
+
 REPORT_OID = 5
 """Object id, in an actor process, of what tells the host what it serves
 (calls running, per-method counts and latencies, shared memory held), and

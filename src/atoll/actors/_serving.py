@@ -22,12 +22,14 @@ import zmq
 
 from .._errors import ActorClosedError, AtollError
 from ..transport import _messages as m
+from ..transport._hub import HOST
 from ..transport._plain import UNTRUSTED_MARKS
 from ..transport._socket import Job, job_scope, run_job
 from ._actor import Kind
 from ._callbacks import Callbacks
 from ._errors_wire import pack_error
 from ._node_state import Export, StreamOut, current_call
+from ._tracing import call_attributes
 from ._turns import TurnGate
 
 _log = logging.getLogger(__name__)
@@ -136,6 +138,8 @@ class Serving(Callbacks):
         method = msg.method if msg.target == 0 else export.name if msg.target >= 16 else ""
         start = 0.0
         failed = True
+        traced = self.tracer.server_start(msg.trace) if msg.trace and self.tracer else None
+        error = "cancelled"
         try:
             # Cancelling the scope cancels the call; the Cancelled exception
             # goes past this method (no reply: nobody wants one) to the scope.
@@ -155,6 +159,7 @@ class Serving(Callbacks):
             # A KeyboardInterrupt here was raised by the method itself (actor
             # processes ignore SIGINT): the call fails with it, reported as
             # what it was (a RemoteError: never re-raised as a Ctrl-C here).
+            error = f"{type(exc).__name__}: {exc}"
             self._send_error(src, msg.call_id, exc, export.name)
         except SystemExit as exc:
             if self.on_exit is None:
@@ -169,6 +174,16 @@ class Serving(Callbacks):
             plane.call_ended()
             if start:
                 self.calls.ended(key, method, start, failed)
+            if traced is not None:
+                self._end_span(traced, src, msg, export, error if failed else "")
+
+    def _end_span(self, traced: Any, src: bytes, msg: m.Call, export: Export, error: str) -> None:
+        caller = self.peer_names.get(src) or (
+            "host" if src == HOST else src.decode(errors="replace")
+        )
+        attributes = call_attributes(export.name, msg.method, msg.call_id, caller)
+        attributes["atoll.chain"] = msg.chain
+        self.tracer.server_end(traced, f"{export.name}.{msg.method}", attributes, error)
 
     async def _invoke(
         self, src: bytes, export: Export, msg: m.Call, frames: list[zmq.Frame]

@@ -343,6 +343,7 @@ class Spawner:
             rlimits={} if limits is None else rlimits(limits, cgroup),
             nice=0 if limits is None else limits.nice,
             log_level=logging.getLogger("atoll.actor").getEffectiveLevel(),
+            tracing=self._node.tracer is not None,
             shm_limit=None if limits is None else limits.shared_memory_bytes,
             stop_timeout=self._stop_timeout,
             device_lease_timeout=self._device_lease_timeout,

@@ -12,7 +12,7 @@ from typing import Any
 
 import msgspec
 
-WIRE_VERSION = 4
+WIRE_VERSION = 5
 
 
 class _Msg(msgspec.Struct, tag=True, frozen=True, array_like=True, gc=False):
@@ -32,7 +32,8 @@ class Call(_Msg, frozen=True):
 
     ``parent`` is the call this one was made from (0: none) and ``chain`` the
     root of the whole call chain, which decides re-entrancy. ``credit`` > 0
-    asks for a stream and is its initial window.
+    asks for a stream and is its initial window. ``trace``: the caller's
+    span context when calls are traced (see ``actors._tracing``).
     """
 
     call_id: int
@@ -42,6 +43,7 @@ class Call(_Msg, frozen=True):
     method: str
     payload: bytes
     credit: int = 0
+    trace: bytes = b""
 
 
 class Result(_Msg, frozen=True):
