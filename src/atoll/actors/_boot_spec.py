@@ -47,6 +47,8 @@ class BootSpec(msgspec.Struct, frozen=True, kw_only=True):
     """Its records at this level and above go to the host's logging (0: none)."""
     shm_limit: int | None = None
     """Bytes its arena of shared memory may hold."""
+    debug: str = ""
+    """The host's debug socket, where ``breakpoint()`` goes (empty: none)."""
     tracing: bool = False
     """The host traces calls: record spans and send them to it (``_tracing``)."""
     environ: dict[str, str] | None = None

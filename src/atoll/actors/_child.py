@@ -28,7 +28,7 @@ from ..transport import _messages as m
 from ..transport._codec import Codec
 from ..transport._hub import HOST, remove_hub_dir
 from ..transport._socket import AsyncSocket, Job
-from . import _runtime
+from . import _breakpoint, _runtime
 from ._actor import Actor, ref_kinds
 from ._boot_spec import Become, BootSpec, decode_become, decode_boot
 from ._limits import apply_rlimits, lower_priority
@@ -141,6 +141,7 @@ class _Child:
         if self.actor is not None:
             raise RuntimeError(f"actor process {self.name!r} already serves an actor")
         self.name = self.node.name = name
+        _breakpoint.rename(name)
         set_actor_title(name, self.boot.host_pid)
         sys.path[:0] = paths  # an extension's folder
         try:
@@ -210,6 +211,7 @@ class _Child:
         sock.setsockopt(zmq.IDENTITY, identity)
         sock.connect(self.boot.hub)
         self.node.rename(identity)
+        _breakpoint.install(self.boot.debug, become.identity, become.secret, self.name)
         self.socket.send([HOST, m.encode(m.Hello(become.secret, os.getpid(), m.WIRE_VERSION))])
 
     async def run(self) -> None:
@@ -382,6 +384,7 @@ def main() -> None:
         os.environ.update(boot.environ)
     if boot.cwd is not None:
         os.chdir(boot.cwd)
+    _breakpoint.install(boot.debug, boot.identity, boot.secret, boot.name)
     apply_rlimits(boot.rlimits)  # before any of the actor's code runs
     lower_priority(boot.nice)
     wanted: list[str] = boot.sys_path

@@ -30,6 +30,7 @@ CHILD_MODULES = (
     "atoll.actors",
     "atoll.actors._actor",
     "atoll.actors._boot_spec",
+    "atoll.actors._breakpoint",
     "atoll.actors._call_stats",
     "atoll.actors._callbacks",
     "atoll.actors._calling",

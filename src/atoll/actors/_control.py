@@ -74,7 +74,7 @@ class Control:
                 return  # not a word to another user
             try:
                 with anyio.fail_after(_ANSWER_WAIT):
-                    request = await _read_line(stream)
+                    request = await read_line(stream)
                     answer = await self._answer(request)
             except (ValueError, TimeoutError, anyio.EndOfStream):
                 self.refused += 1
@@ -103,12 +103,13 @@ class Control:
         return {"error": f"unknown request {op!r}: this host knows `status` and `stack`"}
 
 
-async def _read_line(stream: anyio.abc.ByteReceiveStream) -> bytes:
+async def read_line(stream: anyio.abc.ByteReceiveStream, limit: int = _REQUEST_LIMIT) -> bytes:
+    """One line from ``stream``, of ``limit`` bytes at most (ValueError past it)."""
     data = b""
     while not data.endswith(b"\n"):
         data += await stream.receive()
-        if len(data) > _REQUEST_LIMIT:
-            raise ValueError("request too long")
+        if len(data) > limit:
+            raise ValueError(f"a line longer than {limit} bytes")
     return data
 
 

@@ -40,16 +40,17 @@ from ._actor import Actor, method_kinds, ref_kinds
 from ._background import start_background
 from ._class_spec import ByValue, installed
 from ._control import Control
+from ._debugger import Debugger
 from ._lifecycle import Restart, check_idle, restart_for_extension
 from ._limits import Limits, limits_for_extension
 from ._node import Node
 from ._options import HostOptions
 from ._output import LogSink, Output
-from ._processes import KILL_WAIT, TERMINATE_WAIT, Processes, host_closed_error
+from ._processes import Processes, host_closed_error
 from ._ref import ACTOR_OID, LOG_OID, SPAN_OID, ActorRef
 from ._registry import REGISTRY_OID, Registry, RegistryService, Subscription, class_key
 from ._sandbox import Sandbox, for_extension, sandbox_of
-from ._spawner import FORK_SERVER_WAIT, Launched, Spawner
+from ._spawner import Launched, Spawner, close_deadline
 from ._status import HostStatus, Observer
 from ._supervisor import Supervisor
 from ._tracing import trace_host
@@ -93,6 +94,7 @@ class Host:
             self._registry, self._processes, self._supervisor, self._node, lambda: self.dropped
         )
         self._control = Control(self._hub.dir, self._observer) if options.control else None
+        self._debugger = Debugger(self._hub.dir, self._hub, self._processes)
         self._traffic, self._held = self._hub.traffic, self._waiting.held  # read on each send
         self._tg: TaskGroup | None = None
         self._closed = False
@@ -480,6 +482,7 @@ class Host:
                 self._node.start(tg)
                 tg.start_soon(self._hub.serve, self._on_message, self._waiting.unroutable)
                 tg.start_soon(self._processes.output.serve)
+                tg.start_soon(self._debugger.serve)
                 if self._control is not None:
                     tg.start_soon(self._control.serve)
                 self._ready.set()
@@ -508,29 +511,18 @@ class Host:
         self._closed = True
         self._close_requested.set()
         with anyio.CancelScope(shield=True):
-            with anyio.move_on_after(self._close_deadline()):
+            deadline = close_deadline(self._stop_timeout, self._device_lease_timeout)
+            with anyio.move_on_after(deadline):
                 await self._finished.wait()
             if not self._finished.is_set():
                 _logger.warning(
-                    "atoll: the host did not finish closing within %g s; leaving it",
-                    self._close_deadline(),
+                    "atoll: the host did not finish closing within %g s; leaving it", deadline
                 )
         _runtime.host_closed(self)
         _signals.unwatch(id(self))
         crash, self._crash = self._crash, None
         if crash is not None:
             raise TransportError(f"the host stopped after an internal error: {crash!r}") from crash
-
-    def _close_deadline(self) -> float:
-        """How long closing may take at most: each stop path's deadlines, added up."""
-        return (
-            2 * self._stop_timeout
-            + self._device_lease_timeout
-            + TERMINATE_WAIT
-            + KILL_WAIT
-            + FORK_SERVER_WAIT
-            + 1.0
-        )
 
     async def _shutdown(self) -> None:
         self._closed = self._spawner.closed = True

@@ -75,6 +75,10 @@ class ActorProcess:
         """When its process was started (the host's clock)."""
         self.env = ""
         """Its environment's folder."""
+        self.debugging = 0
+        """Its breakpoints waiting for or holding the host's terminal (see ``_debugger``)."""
+        self.debugged_until = 0.0
+        """When its last debugger session ended (the host's clock)."""
         self.node_no = int(identity[1:])
         """Where its call ids start (a new one for each incarnation)."""
 

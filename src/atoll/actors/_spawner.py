@@ -43,6 +43,8 @@ from ._limits import Limits, rlimits
 from ._node import Node
 from ._options import HostOptions
 from ._processes import (
+    KILL_WAIT,
+    TERMINATE_WAIT,
     ActorProcess,
     Processes,
     host_closed_error,
@@ -344,6 +346,7 @@ class Spawner:
             nice=0 if limits is None else limits.nice,
             log_level=logging.getLogger("atoll.actor").getEffectiveLevel(),
             tracing=self._node.tracer is not None,
+            debug=os.path.join(self._hub.dir, "debug") if box is None else "",
             shm_limit=None if limits is None else limits.shared_memory_bytes,
             stop_timeout=self._stop_timeout,
             device_lease_timeout=self._device_lease_timeout,
@@ -465,6 +468,18 @@ class Spawner:
         except Exception as exc:
             raise SpawnError(f"actor {actor.name!r} failed to start: {exc!r}") from exc
         return {k: Kind(v) for k, v in kinds.items()}, cls_key
+
+
+def close_deadline(stop_timeout: float, device_lease_timeout: float) -> float:
+    """How long closing a host may take at most: each stop path's deadlines, added up."""
+    return (
+        2 * stop_timeout
+        + device_lease_timeout
+        + TERMINATE_WAIT
+        + KILL_WAIT
+        + FORK_SERVER_WAIT
+        + 1.0
+    )
 
 
 def drop_bytecode(folders: Sequence[str]) -> None:

@@ -316,11 +316,14 @@ class Supervisor:
             actor = self._processes.actors.get(identity)
             if identity in self.waiting or actor is None or actor.exited.is_set():
                 continue  # restarting, or dying: nothing to probe now
+            asked = anyio.current_time()
             with anyio.move_on_after(policy.health_timeout) as probe:
                 try:
                     await self._node.call(identity, STATUS_OID, "__call__", (), {})
                 except AtollError:
                     continue  # it died meanwhile: its death is handled there
+            if actor.debugging or actor.debugged_until >= asked:
+                continue  # stopped in a debugger: not hung
             if probe.cancelled_caught and self._watched.get(identity) is watched:
                 why = f"it did not answer a health probe within {policy.health_timeout:g} s"
                 await self._processes.kill_hung(actor, why)

@@ -126,6 +126,13 @@ class Hub:
         """Stop routing to and from ``identity``."""
         self._peers.pop(identity, None)
 
+    def proves(self, identity: bytes, secret: bytes) -> bool:
+        """Whether ``secret`` is the one ``identity`` was announced with."""
+        import hmac
+
+        peer = self._peers.get(identity)
+        return peer is not None and hmac.compare_digest(peer.secret, secret)
+
     def is_routable(self, identity: bytes) -> bool:
         peer = self._peers.get(identity)
         return peer is not None and peer.proved
