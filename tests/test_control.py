@@ -80,10 +80,10 @@ try:
     sock.connect(sys.argv[1])
 except OSError as exc:
     sys.exit(type(exc).__name__)
-sock.sendall(sys.argv[2].encode() + b"\\n")
 try:
+    sock.sendall(sys.argv[2].encode() + b"\\n")
     got = sock.recv(1 << 20)
-except ConnectionResetError:  # closed with the request unread
+except (BrokenPipeError, ConnectionResetError):  # closed on it, the request unread
     got = b""
 print(repr(got))
 """

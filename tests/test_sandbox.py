@@ -46,6 +46,24 @@ async def test_a_sandboxed_actor_cannot_read_the_hosts_files(secrets: list[str])
                 assert not (await prisoner.read(path)).startswith("read"), path
 
 
+async def test_a_sandboxed_actor_cannot_reach_the_hosts_control_and_debug_sockets() -> None:
+    async with atoll.open_host() as host:
+        prisoner = await host.spawn(Prisoner, name="prisoner", sandbox=atoll.Sandbox())
+        directory = os.path.dirname(host._control.path)  # type: ignore[union-attr]
+        with anyio.fail_after(20):
+            # The key to the host's status is not there to read...
+            assert await prisoner.read(os.path.join(directory, "control.key")) == (
+                "FileNotFoundError"
+            )
+            # ...nor the control and debug sockets to connect to (the hub's is).
+            status = b'{"key": "", "op": "status"}\n'
+            for name in ("control", "debug"):
+                got = await prisoner.ask_host(os.path.join(directory, name), status)
+                assert got == "FileNotFoundError", name
+            assert os.path.exists(os.path.join(directory, "hub"))
+            assert "prisoner" in [a.name for a in (await host.status()).actors]
+
+
 async def test_a_sandboxed_actor_writes_only_where_it_may(tmp_path: Path) -> None:
     allowed = tmp_path / "out"
     allowed.mkdir()

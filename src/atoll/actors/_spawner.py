@@ -353,7 +353,14 @@ class Spawner:
         )
         process: Process | None = None
         if confined.sandbox is not None:
-            also = [_SRC_ROOT, self._hub.dir, os.path.dirname(table)]
+            # Of the host's private directory, only the hub's socket: not its
+            # control socket and key, nor the debug socket (``_control``).
+            hub = self._hub.endpoint.removeprefix("ipc://")
+            also = [
+                _SRC_ROOT,
+                *([hub] if hub != self._hub.endpoint else []),
+                *[table][: bool(table)],
+            ]
             if built is not None:
                 also += [built.path, self._overlay()]
             assert box is not None
