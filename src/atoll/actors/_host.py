@@ -366,7 +366,7 @@ class Host:
                 f"{loaded}, not {class_key(actor_class)} (actor_class=): fix one of them"
             )
         if watch:
-            self._supervisor.reload_on_change(ref._id, os.path.dirname(extension.manifest))
+            await self._supervisor.reload_on_change(ref._id, os.path.dirname(extension.manifest))
         return ref
 
     async def prewarm(

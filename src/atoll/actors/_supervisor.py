@@ -48,6 +48,9 @@ from ._waiting import Waiting
 _logger = logging.getLogger("atoll")
 
 _EVICT_GRACE = 5.0
+_WATCH_READY = 200
+"""Milliseconds a file watcher takes to say it watches (and then, between its
+looks at whether its actor is still watched)."""
 """Seconds an idle actor's ``on_stop`` may take."""
 
 
@@ -201,8 +204,9 @@ class Supervisor:
             watched.evicted = actor
             await self._processes.stop(actor, _EVICT_GRACE, again=True)
 
-    def reload_on_change(self, identity: bytes, folder: str) -> None:
-        """Reload ``identity`` whenever a file under ``folder`` changes."""
+    async def reload_on_change(self, identity: bytes, folder: str) -> None:
+        """Reload ``identity`` whenever a file under ``folder`` changes; from
+        when this returns, no change is missed."""
         try:
             import watchfiles
         except ImportError:
@@ -211,14 +215,24 @@ class Supervisor:
             ) from None
         tg = self._task_group()
         assert tg is not None
-        tg.start_soon(self._reload_on_change, identity, folder, watchfiles.awatch)
+        await tg.start(self._reload_on_change, identity, folder, watchfiles.awatch)
 
-    async def _reload_on_change(self, identity: bytes, folder: str, awatch: Any) -> None:
+    async def _reload_on_change(
+        self, identity: bytes, folder: str, awatch: Any, *, task_status: Any
+    ) -> None:
         watched = self._watched[identity]
         stop = anyio.Event()
-        async for _ in awatch(folder, stop_event=stop):
+        # It says it watches by a first empty batch, after rust_timeout.
+        batches = awatch(folder, stop_event=stop, rust_timeout=_WATCH_READY, yield_on_timeout=True)
+        ready = False
+        async for changes in batches:
+            if not ready:
+                ready = True
+                task_status.started()
             if self._watched.get(identity) is not watched:
                 stop.set()  # stopped, or gone for good
+                continue
+            if not changes:
                 continue
             try:
                 await self.reload(identity, _EVICT_GRACE)
